@@ -1,0 +1,16 @@
+"""tfbn: Batch Normalization for TensorFlow/Keras 3, from training to TF Serving.
+
+Public names are re-exported here explicitly; see README.md for the API at a glance.
+"""
+
+__version__ = "0.1.0"
+
+from tfbn import stats  # noqa: E402
+from tfbn.layers import BatchNormalization, SyncBatchNormalization  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "stats",
+    "BatchNormalization",
+    "SyncBatchNormalization",
+]

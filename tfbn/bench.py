@@ -1,0 +1,160 @@
+"""The benchmark behind `tfbn bench`: tfbn vs Keras BatchNormalization vs the raw fused op.
+
+Every implementation is timed in the same process and run, on the same inputs,
+as a compiled `tf.function`: a training step (forward in training mode, backward
+to the input, gamma and beta, moving-statistics update) and an inference call.
+Timings are medians over repeats; the table reports ratios against tfbn measured
+in this run, never absolute targets.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfbn.layers import BatchNormalization
+
+DEFAULT_SHAPES = ((32, 56, 56, 64), (4096, 1024), (64, 256, 128), (8, 16, 32, 32, 32))
+IMPLEMENTATIONS = ("tfbn", "keras", "keras_xla", "raw_fused")
+
+
+def _interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin.
+
+    Interleaving the repeats means CPU frequency, caches and background load
+    affect every implementation alike, so ratios within one run are fair.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _layer_steps(layer: keras.layers.Layer, x: tf.Tensor, jit: bool):
+    """(train_step, infer) tf.functions for one BN layer on input `x`."""
+    layer.build(x.shape)
+    upstream = tf.random.stateless_normal(x.shape, seed=(1, 2))
+
+    @tf.function(jit_compile=jit)
+    def train():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * upstream)
+        grads = tape.gradient(loss, [x] + layer.trainable_weights)
+        return [tf.reduce_sum(g) for g in grads]
+
+    @tf.function(jit_compile=jit)
+    def infer():
+        return tf.reduce_sum(layer(x, training=False))
+
+    return train, infer
+
+
+def _raw_fused_steps(x: tf.Tensor, momentum: float = 0.99, epsilon: float = 1e-3):
+    """The floor: FusedBatchNormV3 on a 4D view of `x`, with its in-kernel EMA update."""
+    channels = x.shape[-1]
+    x4 = tf.reshape(x, [x.shape[0], -1, 1, channels])
+    gamma = tf.Variable(tf.ones([channels]))
+    beta = tf.Variable(tf.zeros([channels]))
+    mean = tf.Variable(tf.zeros([channels]))
+    var = tf.Variable(tf.ones([channels]))
+    upstream = tf.random.stateless_normal(x4.shape, seed=(1, 2))
+
+    @tf.function
+    def train():
+        with tf.GradientTape() as tape:
+            tape.watch(x4)
+            y, m, v, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+                x=x4, scale=gamma, offset=beta, mean=mean, variance=var, epsilon=epsilon,
+                exponential_avg_factor=1.0 - momentum, data_format="NHWC", is_training=True,
+            )
+            loss = tf.reduce_sum(y * upstream)
+        mean.assign(m)
+        var.assign(v)
+        grads = tape.gradient(loss, [x4, gamma, beta])
+        return [tf.reduce_sum(g) for g in grads]
+
+    @tf.function
+    def infer():
+        y, _, _, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+            x=x4, scale=gamma, offset=beta, mean=mean, variance=var, epsilon=epsilon,
+            data_format="NHWC", is_training=False,
+        )
+        return tf.reduce_sum(y)
+
+    return train, infer
+
+
+def run_benchmark(
+    shapes=DEFAULT_SHAPES, repeats: int = 20, implementations=IMPLEMENTATIONS
+) -> list[dict]:
+    """Times every implementation on every shape; returns one row per (shape, impl)."""
+    rows = []
+    for shape in shapes:
+        x = tf.random.stateless_normal(shape, seed=(0, 0))
+        builders = {
+            "tfbn": lambda: _layer_steps(BatchNormalization(), x, jit=False),
+            "keras": lambda: _layer_steps(keras.layers.BatchNormalization(), x, jit=False),
+            "keras_xla": lambda: _layer_steps(keras.layers.BatchNormalization(), x, jit=True),
+            "raw_fused": lambda: _raw_fused_steps(x),
+        }
+        steps = {name: builders[name]() for name in implementations}
+        train = _interleaved_medians({n: s[0] for n, s in steps.items()}, repeats)
+        infer = _interleaved_medians({n: s[1] for n, s in steps.items()}, repeats)
+        timings = {name: (train[name], infer[name]) for name in implementations}
+        base_train, base_infer = timings.get("tfbn", next(iter(timings.values())))
+        for name, (t_train, t_infer) in timings.items():
+            rows.append(
+                {
+                    "shape": list(shape),
+                    "impl": name,
+                    "train_ms": t_train * 1e3,
+                    "infer_ms": t_infer * 1e3,
+                    "train_vs_tfbn": t_train / base_train,
+                    "infer_vs_tfbn": t_infer / base_infer,
+                }
+            )
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table of `run_benchmark` rows (ratios > 1 mean slower than tfbn)."""
+    lines = [
+        "| shape | impl | train step ms | x tfbn | inference ms | x tfbn |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {tuple(r['shape'])} | {r['impl']} | {r['train_ms']:.2f} | "
+            f"{r['train_vs_tfbn']:.2f} | {r['infer_ms']:.2f} | {r['infer_vs_tfbn']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(shapes=DEFAULT_SHAPES, repeats: int = 20, json_path: str | None = None) -> list[dict]:
+    rows = run_benchmark(shapes, repeats)
+    print(format_table(rows))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"tf": tf.__version__, "keras": keras.__version__, "rows": rows}, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":  # pragma: no cover
+    np.set_printoptions(precision=3)
+    main()

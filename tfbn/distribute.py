@@ -1,0 +1,90 @@
+"""The only tfbn module that touches `tf.distribute`.
+
+Cross-replica batch statistics in ONE packed `ReplicaContext.all_reduce` per call:
+each replica computes two-pass moments of its own shard (`tfbn.stats.moments`),
+packs them as float64 moment sums `[n, n*mean, n*(var + mean^2)]`
+(`tfbn.stats.moment_sums`), and a single SUM all-reduce gives every replica the
+count-weighted moments of the global batch (`tfbn.stats.moments_from_sums`).
+
+- Exact for uneven shards: everything is weighted by the per-channel count, so a
+  replica with an empty shard contributes nothing, masks count only what they keep,
+  and an all-empty global batch reports count 0 (callers then skip the update).
+- Stable: shard moments are two-pass and the merge runs in float64, so a channel
+  mean of 1e4 against a std of 1 costs no accuracy (Keras's `synchronized=True`
+  uses float32 `E[x^2] - E[x]^2` and loses it).
+- Differentiable: `ReplicaContext.all_reduce(SUM)` all-reduces its gradient, so
+  gradients flow through the global statistics to every replica's inputs.
+- Groups: `group_size=k` syncs consecutive groups of k replicas. Still one
+  all-reduce: each replica writes its sums into its group's row of a
+  `[num_groups, ...]` buffer and reads its own group's row back.
+
+Outside a strategy (or under the default strategy, or with one replica) the local
+moments are returned unchanged and no collective is issued.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tfbn import stats
+
+
+def replica_context() -> tf.distribute.ReplicaContext | None:
+    """The current replica context when more than one replica is in sync, else None."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync <= 1:
+        return None
+    return ctx
+
+
+def num_replicas() -> int:
+    """Replicas in sync in the current context (1 outside a strategy)."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None:
+        return ctx.num_replicas_in_sync
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def in_strategy() -> bool:
+    """True inside a non-default `tf.distribute` strategy (scope or replica context)."""
+    return tf.distribute.has_strategy()
+
+
+def validate_group_size(group_size: int | None, replicas: int) -> None:
+    """Raises ValueError unless `group_size` is None or divides `replicas`."""
+    if group_size is None:
+        return
+    if not isinstance(group_size, int) or group_size < 1 or replicas % group_size:
+        raise ValueError(
+            "`sync_group_size` must be a positive integer that divides the number of "
+            f"replicas in sync ({replicas}). Received: sync_group_size={group_size!r}"
+        )
+
+
+def global_moments(
+    x: tf.Tensor,
+    axes: list[int],
+    mask: tf.Tensor | None = None,
+    group_size: int | None = None,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Moments of `x` over `axes` and over all replicas (or the replica's group).
+
+    Returns `(mean, variance, count)` like `tfbn.stats.moments`, where `count` is
+    the global number of values per channel. One all-reduce when replicated.
+    """
+    mean, variance, count = stats.moments(x, axes, mask)
+    ctx = replica_context()
+    if ctx is None:
+        return mean, variance, count
+    replicas = ctx.num_replicas_in_sync
+    validate_group_size(group_size, replicas)
+    sums = stats.moment_sums(mean, variance, count)
+    if group_size is None or group_size == replicas:
+        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, sums)
+    else:
+        group = ctx.replica_id_in_sync_group // group_size
+        rows = tf.one_hot(group, replicas // group_size, dtype=sums.dtype)
+        rows = tf.reshape(rows, [-1] + [1] * sums.shape.rank)
+        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, rows * sums[tf.newaxis])
+        total = tf.gather(total, group)
+    return stats.moments_from_sums(total, mean.dtype)

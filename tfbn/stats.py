@@ -1,0 +1,205 @@
+"""Pure tensor functions behind every tfbn layer: moments, moving-average updates,
+Bessel correction, the scale/offset fold and the fused-kernel wrapper.
+
+No layers and no `tf.distribute` here (that is `tfbn.distribute`). Every function
+takes and returns tensors, computes statistics in float32 (float64 stays float64)
+whatever the input dtype, and is safe on empty inputs (no NaN from a zero count).
+
+Numerical choices:
+
+- Variance is two-pass, `mean((x - mean(x))**2)`, never `E[x^2] - E[x]^2`: the
+  latter loses every significant digit when a channel's mean is large against its
+  spread (mean 1e4, std 1 leaves float32 with no correct digit of the variance).
+- Statistics of float16/bfloat16 inputs are accumulated in float32.
+- Cross-replica merging works on *moment sums* (`moment_sums` / `moments_from_sums`)
+  in float64, so a sum over replicas of per-replica two-pass moments stays exact
+  (Chan et al.'s pairwise merge written as sums; see `moments_from_sums`).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+KERAS = "keras"
+PYTORCH = "pytorch"
+MOMENTUM_CONVENTIONS = (KERAS, PYTORCH)
+
+
+def stat_dtype(dtype: tf.DType) -> tf.DType:
+    """The dtype statistics are computed in for inputs of `dtype` (float32 or float64)."""
+    return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
+
+
+def moments(
+    x: tf.Tensor,
+    axes: list[int],
+    mask: tf.Tensor | None = None,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Biased mean and variance of `x` over `axes`, and the number of values used.
+
+    Two-pass and in float32 (float64 inputs stay float64), so the variance is
+    accurate when the mean is large against the spread.
+
+    Args:
+        x: Tensor of any float dtype.
+        axes: Axes to reduce over; the remaining axes are the channels.
+        mask: Optional weights broadcastable to `x` (1 = use, 0 = ignore).
+
+    Returns:
+        `(mean, variance, count)`, each of the channel shape, in the statistics
+        dtype. `count` is the number of (weighted) values per channel; where it is 0
+        the mean and variance are 0, not NaN.
+    """
+    dtype = stat_dtype(x.dtype)
+    x = tf.cast(x, dtype)
+    if mask is None:
+        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), dtype)
+        mean = tf.math.divide_no_nan(tf.reduce_sum(x, axes), count)
+        centred = x - tf.stop_gradient(_expand(mean, axes))
+        variance = tf.math.divide_no_nan(tf.reduce_sum(tf.square(centred), axes), count)
+        count = tf.broadcast_to(count, tf.shape(mean))
+        return mean, variance, count
+    weights = tf.broadcast_to(tf.cast(mask, dtype), tf.shape(x))
+    count = tf.reduce_sum(weights, axes)
+    mean = tf.math.divide_no_nan(tf.reduce_sum(x * weights, axes), count)
+    centred = x - tf.stop_gradient(_expand(mean, axes))
+    variance = tf.math.divide_no_nan(tf.reduce_sum(weights * tf.square(centred), axes), count)
+    return mean, variance, count
+
+
+def _expand(stat: tf.Tensor, axes: list[int]) -> tf.Tensor:
+    """Re-inserts the reduced `axes` (as size 1) into a reduced statistic."""
+    for axis in sorted(axes):
+        stat = tf.expand_dims(stat, axis)
+    return stat
+
+
+def moment_sums(mean: tf.Tensor, variance: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+    """Packs per-shard moments into additive float64 sums `[n, n*mean, n*(var+mean^2)]`.
+
+    Summing these over shards (e.g. one all-reduce) and calling `moments_from_sums`
+    gives the exact moments of the union. In float64 the final subtraction
+    `E[x^2] - E[x]^2` keeps ~9 more digits than float32 two-pass statistics have,
+    so no accuracy is lost even at mean/std ratios of 1e5.
+    """
+    n = tf.cast(count, tf.float64)
+    m = tf.cast(mean, tf.float64)
+    v = tf.cast(variance, tf.float64)
+    return tf.stack([n, n * m, n * (v + tf.square(m))], axis=0)
+
+
+def moments_from_sums(
+    sums: tf.Tensor, dtype: tf.DType = tf.float32
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Inverse of `moment_sums` after summation: `(mean, variance, count)` in `dtype`.
+
+    A zero total count gives mean 0, variance 0 (never NaN).
+    """
+    n, s1, s2 = sums[0], sums[1], sums[2]
+    mean = tf.math.divide_no_nan(s1, n)
+    variance = tf.maximum(tf.math.divide_no_nan(s2, n) - tf.square(mean), 0.0)
+    return tf.cast(mean, dtype), tf.cast(variance, dtype), tf.cast(n, dtype)
+
+
+def bessel_correction(variance: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+    """Biased to unbiased variance: `var * n / (n - 1)`; unchanged where `n <= 1`."""
+    count = tf.cast(count, variance.dtype)
+    factor = tf.where(count > 1, count / tf.maximum(count - 1, 1), tf.ones_like(count))
+    return variance * factor
+
+
+def ema_update(
+    moving: tf.Tensor, batch: tf.Tensor, momentum: float | tf.Tensor, convention: str = KERAS
+) -> tf.Tensor:
+    """Exponential moving average of a statistic.
+
+    `convention="keras"`: `moving * momentum + batch * (1 - momentum)` (Keras/TF,
+    momentum ~0.99). `convention="pytorch"`: `moving * (1 - momentum) + batch * momentum`
+    (PyTorch, momentum ~0.1).
+    """
+    if convention not in MOMENTUM_CONVENTIONS:
+        raise ValueError(
+            f"`convention` must be one of {MOMENTUM_CONVENTIONS}. Received: convention={convention!r}"
+        )
+    momentum = tf.cast(momentum, moving.dtype)
+    keep = momentum if convention == KERAS else 1.0 - momentum
+    return moving * keep + tf.cast(batch, moving.dtype) * (1.0 - keep)
+
+
+def cumulative_average_update(
+    moving: tf.Tensor, batch: tf.Tensor, num_batches: tf.Tensor
+) -> tf.Tensor:
+    """Cumulative (equal-weight) average after `num_batches` earlier batches.
+
+    PyTorch's `momentum=None`: the result is the plain mean of all batch statistics
+    seen so far, `moving + (batch - moving) / (num_batches + 1)`.
+    """
+    n = tf.cast(num_batches, moving.dtype)
+    return moving + (tf.cast(batch, moving.dtype) - moving) / (n + 1.0)
+
+
+def fold_scale_offset(
+    gamma: tf.Tensor | None,
+    beta: tf.Tensor | None,
+    mean: tf.Tensor,
+    variance: tf.Tensor,
+    epsilon: float,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The one formula that turns BatchNorm into an affine map `y = x * scale + offset`.
+
+    `scale = gamma / sqrt(variance + epsilon)`, `offset = beta - mean * scale`;
+    `gamma=None` means 1 and `beta=None` means 0. Used by the unfused path, by
+    frozen BN and when folding BN into the preceding kernel.
+    """
+    scale = tf.math.rsqrt(variance + tf.cast(epsilon, variance.dtype))
+    if gamma is not None:
+        scale = scale * tf.cast(gamma, scale.dtype)
+    offset = -mean * scale
+    if beta is not None:
+        offset = offset + tf.cast(beta, scale.dtype)
+    return scale, offset
+
+
+FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
+
+
+def fused_batch_norm(
+    x: tf.Tensor,
+    scale: tf.Tensor,
+    offset: tf.Tensor,
+    epsilon: float,
+    data_format: str,
+    mean: tf.Tensor | None = None,
+    variance: tf.Tensor | None = None,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """TensorFlow's fused batch-norm kernel (FusedBatchNormV3) on a 4D tensor.
+
+    With `mean`/`variance` omitted it normalises with the batch statistics
+    (training mode) and returns `(y, batch_mean, biased_batch_variance)`; the kernel
+    itself returns the Bessel-corrected variance, which is undone here so every
+    tfbn path hands back the same (biased) statistic. With `mean`/`variance` given
+    it normalises with them (inference mode) and returns them unchanged.
+
+    `x` is float16/bfloat16/float32 in `data_format` "NHWC" or "NCHW"; `scale`,
+    `offset`, statistics and `epsilon` are float32; `y` has `x`'s dtype.
+    """
+    training = mean is None
+    empty = tf.zeros([0], tf.float32)
+    y, batch_mean, batch_var, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+        x=x,
+        scale=scale,
+        offset=offset,
+        mean=empty if training else mean,
+        variance=empty if training else variance,
+        epsilon=epsilon,
+        exponential_avg_factor=1.0,
+        data_format=data_format,
+        is_training=training,
+    )
+    if not training:
+        return y, mean, variance
+    shape = tf.shape(x)
+    channel = 3 if data_format == "NHWC" else 1
+    n = tf.cast(tf.reduce_prod(shape) // tf.maximum(shape[channel], 1), tf.float32)
+    batch_var = batch_var * tf.math.divide_no_nan(n - 1.0, n)
+    return y, batch_mean, batch_var
