@@ -100,6 +100,16 @@ def _raw_fused_steps(x: tf.Tensor, momentum: float = 0.99, epsilon: float = 1e-3
     return train, infer
 
 
+def _builders(x: tf.Tensor) -> dict[str, Callable]:
+    """Constructors of each implementation's (train_step, infer) pair on input `x`."""
+    return {
+        "tfbn": lambda: _layer_steps(BatchNormalization(), x, jit=False),
+        "keras": lambda: _layer_steps(keras.layers.BatchNormalization(), x, jit=False),
+        "keras_xla": lambda: _layer_steps(keras.layers.BatchNormalization(), x, jit=True),
+        "raw_fused": lambda: _raw_fused_steps(x),
+    }
+
+
 def run_benchmark(
     shapes=DEFAULT_SHAPES, repeats: int = 20, implementations=IMPLEMENTATIONS
 ) -> list[dict]:
@@ -107,13 +117,7 @@ def run_benchmark(
     rows = []
     for shape in shapes:
         x = tf.random.stateless_normal(shape, seed=(0, 0))
-        builders = {
-            "tfbn": lambda: _layer_steps(BatchNormalization(), x, jit=False),
-            "keras": lambda: _layer_steps(keras.layers.BatchNormalization(), x, jit=False),
-            "keras_xla": lambda: _layer_steps(keras.layers.BatchNormalization(), x, jit=True),
-            "raw_fused": lambda: _raw_fused_steps(x),
-        }
-        steps = {name: builders[name]() for name in implementations}
+        steps = {name: _builders(x)[name]() for name in implementations}
         train = _interleaved_medians({n: s[0] for n, s in steps.items()}, repeats)
         infer = _interleaved_medians({n: s[1] for n, s in steps.items()}, repeats)
         timings = {name: (train[name], infer[name]) for name in implementations}
