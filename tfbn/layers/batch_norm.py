@@ -50,6 +50,9 @@ class BatchNormalization(keras.layers.Layer):
         momentum: Momentum of the moving averages (Keras convention, above), or
             `None` for a cumulative moving average: the plain mean of every batch
             statistic seen so far (PyTorch's `momentum=None`).
+        momentum_convention: `"keras"` (default; `momentum` is the weight of the
+            old value, ~0.99) or `"pytorch"` (`momentum` is the weight of the new
+            batch, ~0.1): `moving = (1 - momentum) * moving + momentum * batch`.
         epsilon: Small float added to the variance to avoid dividing by zero.
         center: If True, add the learned offset `beta`.
         scale: If True, multiply by the learned scale `gamma`.
@@ -110,6 +113,7 @@ class BatchNormalization(keras.layers.Layer):
         gamma_constraint=None,
         synchronized=False,
         sync_group_size=None,
+        momentum_convention="keras",
         moving_variance_estimator="biased",
         track_running_stats=True,
         virtual_batch_size=None,
@@ -130,6 +134,12 @@ class BatchNormalization(keras.layers.Layer):
                     f"Received: momentum={momentum}"
                 )
         self.momentum = momentum
+        if momentum_convention not in stats.MOMENTUM_CONVENTIONS:
+            raise ValueError(
+                f"`momentum_convention` must be one of {stats.MOMENTUM_CONVENTIONS}. "
+                f"Received: momentum_convention={momentum_convention!r}"
+            )
+        self.momentum_convention = momentum_convention
         self.epsilon = float(epsilon)
         if not self.epsilon > 0:
             raise ValueError(f"`epsilon` must be positive. Received: epsilon={epsilon}")
@@ -396,7 +406,7 @@ class BatchNormalization(keras.layers.Layer):
             )
         else:
             update = lambda moving, batch: stats.ema_update(  # noqa: E731
-                moving, batch, self.momentum
+                moving, batch, self.momentum, self.momentum_convention
             )
         for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
             moving.assign(tf.where(apply, update(moving, batch), moving))
@@ -488,6 +498,7 @@ class BatchNormalization(keras.layers.Layer):
             "gamma_constraint": constraints.serialize(self.gamma_constraint),
             "synchronized": self.synchronized,
             "sync_group_size": self.sync_group_size,
+            "momentum_convention": self.momentum_convention,
             "moving_variance_estimator": self.moving_variance_estimator,
             "track_running_stats": self.track_running_stats,
             "virtual_batch_size": self.virtual_batch_size,
