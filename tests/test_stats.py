@@ -1,0 +1,118 @@
+"""tfbn.stats against float64 NumPy and the worked examples every BatchNorm text uses."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfbn import stats
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("shape,axes", [((7, 5), [0]), ((3, 4, 5, 6), [0, 1, 2]), ((4, 6, 3), [0, 2])])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_moments_match_float64(shape, axes, dtype):
+    x = RNG.normal(2.0, 3.0, size=shape)
+    xt = tf.cast(tf.constant(x), dtype)
+    mean, var, count = stats.moments(xt, axes)
+    assert mean.dtype == tf.float32 and var.dtype == tf.float32  # float32 stats for half inputs
+    xq = tf.cast(xt, tf.float64).numpy()  # the values the function actually saw
+    np.testing.assert_allclose(mean, xq.mean(tuple(axes)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(var, xq.var(tuple(axes)), rtol=1e-5)
+    assert np.all(count.numpy() == np.prod([shape[a] for a in axes]))
+
+
+def test_moments_with_mask_ignore_masked_values():
+    x = RNG.normal(size=(6, 4)).astype("float32")
+    mask = np.array([1, 0, 1, 1, 0, 1], "float32")[:, None]
+    mean, var, count = stats.moments(tf.constant(x), [0], tf.constant(mask))
+    kept = x[mask[:, 0] == 1].astype("float64")
+    np.testing.assert_allclose(mean, kept.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(var, kept.var(0), rtol=1e-5)
+    np.testing.assert_array_equal(count, [4] * 4)
+
+
+def test_large_mean_variance_is_accurate_in_float32():
+    # Channel mean 1e4, std 1: E[x^2] - E[x]^2 in float32 has no correct digit here.
+    x = RNG.normal(1e4, 1.0, size=(4096, 3))
+    _, var, _ = stats.moments(tf.constant(x, tf.float32), [0])
+    expected = x.astype("float32").astype("float64").var(0)
+    assert np.max(np.abs(var.numpy() / expected - 1)) < 1e-3
+    naive = np.mean(np.square(x.astype("float32")), 0) - np.square(np.mean(x.astype("float32"), 0))
+    assert np.max(np.abs(naive / expected - 1)) > 1e-2  # the failure mode being avoided
+
+
+def test_empty_moments_are_zero_not_nan():
+    mean, var, count = stats.moments(tf.zeros([0, 3]), [0])
+    np.testing.assert_array_equal(mean, 0)
+    np.testing.assert_array_equal(var, 0)
+    np.testing.assert_array_equal(count, 0)
+
+
+def test_moment_sums_merge_exactly():
+    parts = [RNG.normal(1e4, 2.0, size=(n, 3)) for n in (5, 3, 0, 8)]
+    sums = sum(
+        stats.moment_sums(*stats.moments(tf.constant(p, tf.float32), [0])) for p in parts
+    )
+    mean, var, count = stats.moments_from_sums(sums)
+    full = np.concatenate(parts).astype("float32").astype("float64")
+    np.testing.assert_allclose(mean, full.mean(0), rtol=1e-7)
+    np.testing.assert_allclose(var, full.var(0), rtol=1e-4)
+    np.testing.assert_array_equal(count, [16] * 3)
+
+
+def test_bessel_correction():
+    var = tf.constant([2.0, 2.0, 2.0])
+    np.testing.assert_allclose(stats.bessel_correction(var, tf.constant([4.0, 1.0, 0.0])), [8 / 3, 2, 2])
+
+
+def test_running_mean_worked_example():
+    # Running mean from 0 with weight 0.9 on each new batch (Keras momentum 0.1,
+    # PyTorch momentum 0.9) over batch means 5, 6, 7 -> 4.5, 5.85, 6.885.
+    # (Issue 2 quotes 6.765 for the third step; 0.1 * 5.85 + 0.9 * 7 = 6.885.)
+    keras_mean = torch_mean = tf.constant(0.0)
+    expected = [4.5, 5.85, 6.885]
+    for batch, want in zip([5.0, 6.0, 7.0], expected):
+        keras_mean = stats.ema_update(keras_mean, batch, 0.1, stats.KERAS)
+        torch_mean = stats.ema_update(torch_mean, batch, 0.9, stats.PYTORCH)
+        assert float(keras_mean) == pytest.approx(want)
+        assert float(torch_mean) == pytest.approx(want)
+
+
+def test_ema_rejects_unknown_convention():
+    with pytest.raises(ValueError, match="convention"):
+        stats.ema_update(tf.constant(0.0), 1.0, 0.9, "jax")
+
+
+def test_cumulative_average_is_plain_mean():
+    moving = tf.constant(123.0)  # the initial value is forgotten after the first batch
+    for n, batch in enumerate([1.0, 2.0, 6.0]):
+        moving = stats.cumulative_average_update(moving, batch, n) if n else tf.constant(batch)
+    assert float(moving) == pytest.approx(3.0)
+
+
+def test_fold_scale_offset_worked_example():
+    # x = [2, 4, 6, 8], gamma = 2, beta = 1, eps = 1e-5 -> [-1.683, 0.106, 1.894, 3.683]
+    x = np.array([2.0, 4.0, 6.0, 8.0])
+    scale, offset = stats.fold_scale_offset(
+        tf.constant(2.0, tf.float64), tf.constant(1.0, tf.float64),
+        tf.constant(x.mean()), tf.constant(x.var()), 1e-5,
+    )
+    np.testing.assert_allclose(x * scale.numpy() + offset.numpy(), [-1.683, 0.106, 1.894, 3.683], atol=5e-4)
+
+
+def test_fold_without_gamma_beta():
+    scale, offset = stats.fold_scale_offset(None, None, tf.constant(3.0), tf.constant(4.0), 0.0)
+    assert float(scale) == pytest.approx(0.5) and float(offset) == pytest.approx(-1.5)
+
+
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+def test_fused_kernel_returns_biased_variance(data_format):
+    x = RNG.normal(5, 2, size=(4, 3, 5, 6)).astype("float32")
+    axes = (0, 1, 2) if data_format == "NHWC" else (0, 2, 3)
+    c = x.shape[3] if data_format == "NHWC" else x.shape[1]
+    _, mean, var = stats.fused_batch_norm(
+        tf.constant(x), tf.ones([c]), tf.zeros([c]), 1e-3, data_format
+    )
+    np.testing.assert_allclose(mean, x.astype("float64").mean(axes), rtol=1e-5)
+    np.testing.assert_allclose(var, x.astype("float64").var(axes), rtol=1e-4)
