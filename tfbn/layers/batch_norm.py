@@ -126,14 +126,8 @@ class BatchNormalization(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.axis = _validate_axis(axis)
-        if momentum is not None:
-            momentum = float(momentum)
-            if not 0.0 <= momentum <= 1.0:
-                raise ValueError(
-                    "`momentum` must be in [0, 1] or None (cumulative average). "
-                    f"Received: momentum={momentum}"
-                )
-        self.momentum = momentum
+        self._momentum_variable = None
+        self.momentum = momentum  # validated by the `momentum` property setter
         if momentum_convention not in stats.MOMENTUM_CONVENTIONS:
             raise ValueError(
                 f"`momentum_convention` must be one of {stats.MOMENTUM_CONVENTIONS}. "
@@ -255,6 +249,15 @@ class BatchNormalization(keras.layers.Layer):
             )
             for name in COUNTER_NAMES
         )
+        if self._momentum is not None:
+            # Read by the update inside the traced train step, so assigning
+            # `layer.momentum` (e.g. a momentum schedule) applies in compiled
+            # `model.fit`. Runtime state only: not in `weights`, not saved (the
+            # config carries `momentum`).
+            with tf.init_scope():
+                self._momentum_variable = tf.Variable(
+                    self._momentum, dtype=tf.float32, trainable=False, name="momentum"
+                )
         self.input_spec = keras.layers.InputSpec(
             ndim=rank, axes={a: input_shape[a] for a in axes}
         )
@@ -280,6 +283,40 @@ class BatchNormalization(keras.layers.Layer):
         if self._channel_axes[0] == 1:
             return "NCHW"
         return None
+
+    @property
+    def momentum(self):
+        """Momentum of the moving averages, or None for a cumulative average.
+
+        Assigning a float after `build` updates the variable the update reads, so
+        the new value applies inside an already compiled `model.fit` (this is how
+        `tfbn.callbacks.BatchNormMomentumScheduler` works). A layer built with
+        `momentum=None` cannot switch to an EMA afterwards, nor the reverse.
+        """
+        return self._momentum
+
+    @momentum.setter
+    def momentum(self, value):
+        if value is not None:
+            received = value
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                value = float("nan")
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(
+                    "`momentum` must be in [0, 1] or None (cumulative average). "
+                    f"Received: momentum={received!r}"
+                )
+        if getattr(self, "built", False) and (value is None) != (self._momentum is None):
+            raise ValueError(
+                f"Layer '{self.name}' was built with momentum={self._momentum!r}; after build "
+                "momentum can change value but not switch between an EMA and the "
+                f"cumulative average (None). Received: momentum={value!r}"
+            )
+        if self._momentum_variable is not None:
+            self._momentum_variable.assign(value)
+        self._momentum = value
 
     @property
     def weights(self):
@@ -406,7 +443,7 @@ class BatchNormalization(keras.layers.Layer):
             )
         else:
             update = lambda moving, batch: stats.ema_update(  # noqa: E731
-                moving, batch, self.momentum, self.momentum_convention
+                moving, batch, self._momentum_variable, self.momentum_convention
             )
         for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
             moving.assign(tf.where(apply, update(moving, batch), moving))
