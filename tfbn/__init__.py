@@ -7,10 +7,12 @@ __version__ = "0.1.0"
 
 from tfbn import stats  # noqa: E402
 from tfbn.layers import BatchNormalization, SyncBatchNormalization  # noqa: E402
+from tfbn.layers import FrozenBatchNormalization  # noqa: E402
 
 __all__ = [
     "__version__",
     "stats",
     "BatchNormalization",
     "SyncBatchNormalization",
+    "FrozenBatchNormalization",
 ]

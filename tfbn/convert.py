@@ -9,12 +9,16 @@ each replaced layer gets its weights from the layer it replaces.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import keras
 import numpy as np
 from keras.src.models.functional import Functional
+from keras.src.ops.function import make_node_key
 
+from tfbn import stats
 from tfbn.layers.batch_norm import COUNTER_NAMES, BatchNormalization
+from tfbn.layers.frozen_batch_norm import FoldedBatchNormalization, FrozenBatchNormalization
 
 BN_TYPES = (keras.layers.BatchNormalization, BatchNormalization)
 # Constructor arguments both BN layers share, so a conversion carries them over.
@@ -123,3 +127,295 @@ def revert_sync_batch_norm(model: keras.Model) -> keras.Model:
 
     return rewrite_layers(model, replace)[0]
 
+
+# ------------------------------------------------------- freeze, unfreeze, fold --
+
+
+def _bn_params(layer: keras.layers.Layer) -> dict:
+    """Axis, epsilon and float64 statistics of a BN or FrozenBN layer (for freezing/folding)."""
+    if not is_batch_norm(layer) and not isinstance(layer, FrozenBatchNormalization):
+        raise ValueError(f"Expected a BatchNormalization layer. Received: {type(layer).__name__}")
+    if layer.moving_mean is None:
+        raise ValueError(
+            f"BatchNormalization layer '{layer.name}' is not built (unknown channel "
+            "dimension); build the model on inputs with a known channel dimension first."
+        )
+    if isinstance(layer, BatchNormalization) and not layer.track_running_stats:
+        raise ValueError(
+            f"Layer '{layer.name}' has track_running_stats=False: it normalises with batch "
+            "statistics even at inference, so it has no statistics to freeze or fold. "
+            "Train it with track_running_stats=True (or calibrate its statistics) first."
+        )
+    axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+
+    def value(v):
+        return None if v is None else np.asarray(keras.ops.convert_to_numpy(v), np.float64)
+
+    return {
+        "axis": list(axis),
+        "epsilon": float(layer.epsilon),
+        "gamma": value(layer.gamma) if layer.scale else None,
+        "beta": value(layer.beta) if layer.center else None,
+        "moving_mean": value(layer.moving_mean),
+        "moving_variance": value(layer.moving_variance),
+    }
+
+
+def _scale_offset64(params: dict) -> tuple[np.ndarray, np.ndarray]:
+    """`stats.fold_scale_offset` of a BN's statistics, computed in float64."""
+    scale, offset = stats.fold_scale_offset(
+        params["gamma"], params["beta"], params["moving_mean"], params["moving_variance"],
+        params["epsilon"],
+    )  # fmt: skip
+    return np.asarray(scale, np.float64), np.asarray(offset, np.float64)
+
+
+def _restore_config(layer: keras.layers.Layer) -> dict | None:
+    """What `unfreeze_batch_norm` needs to rebuild `layer` as a tfbn BatchNormalization."""
+    if isinstance(layer, FrozenBatchNormalization):
+        return layer.restore_config
+    try:
+        config = batch_norm_config(layer)
+    except ValueError:  # renorm: restore a plain BN with the same arguments otherwise
+        config = {k: v for k, v in layer.get_config().items() if k in KERAS_BN_ARGS}
+    return keras.saving.serialize_keras_object(
+        {k: v for k, v in config.items() if k not in ("name", "dtype", "trainable")}
+    )
+
+
+def _frozen_from(layer: keras.layers.Layer, trainable_affine: bool) -> FrozenBatchNormalization:
+    params = _bn_params(layer)
+    return FrozenBatchNormalization(
+        axis=params["axis"] if len(params["axis"]) > 1 else params["axis"][0],
+        epsilon=params["epsilon"],
+        center=layer.center,
+        scale=layer.scale,
+        trainable_affine=trainable_affine,
+        restore_config=_restore_config(layer),
+        name=layer.name,
+        dtype=layer.dtype_policy,
+    )
+
+
+def freeze_batch_norm(model: keras.Model, trainable_affine: bool = False) -> keras.Model:
+    """A new model where every BN layer is a `FrozenBatchNormalization`.
+
+    Keras and tfbn BN layers alike become frozen layers with the same statistics,
+    gamma and beta (and counters); everything else is reused. The frozen layers
+    normalise with their statistics whatever `training` says, which is what
+    fine-tuning a pretrained backbone on small batches needs.
+
+    Args:
+        model: A built Sequential or Functional model (nested ones included).
+        trainable_affine: If True, gamma and beta stay trainable.
+
+    Returns:
+        The new model; `unfreeze_batch_norm` reverses it.
+    """
+
+    def replace(layer):
+        if not is_batch_norm(layer):
+            return None
+        return _frozen_from(layer, trainable_affine)
+
+    return rewrite_layers(model, replace)[0]
+
+
+def unfreeze_batch_norm(model: keras.Model) -> keras.Model:
+    """The reverse of `freeze_batch_norm`: each FrozenBatchNormalization becomes a
+    trainable tfbn `BatchNormalization` with the same statistics, gamma, beta and
+    counters, and the arguments (momentum, synchronisation, ...) of the BN it froze."""
+
+    def replace(layer):
+        if not isinstance(layer, FrozenBatchNormalization):
+            return None
+        config = keras.saving.deserialize_keras_object(layer.restore_config) or {}
+        config = {
+            **config,
+            "axis": layer.axis if len(layer.axis) > 1 else layer.axis[0],
+            "epsilon": layer.epsilon,
+            "center": layer.center,
+            "scale": layer.scale,
+            "name": layer.name,
+            "dtype": layer.dtype_policy,
+            "trainable": True,
+        }
+        return BatchNormalization.from_config(config)
+
+    return rewrite_layers(model, replace)[0]
+
+
+FOLD_TARGETS = (
+    keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+    keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D,
+    keras.layers.SeparableConv1D, keras.layers.SeparableConv2D,
+    keras.layers.Dense,
+)  # fmt: skip
+
+
+@dataclass
+class FoldReport:
+    """What `fold_batch_norm` did: `folded` as (bn, into) layer-name pairs, and the
+    BN layers that could not be folded and became FrozenBatchNormalization."""
+
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+
+    @property
+    def nothing_folded(self) -> bool:
+        return not self.folded
+
+    def __str__(self) -> str:
+        if not self.folded and not self.frozen:
+            return "nothing folded: the model has no BatchNormalization layer"
+        lines = [f"folded {len(self.folded)} BatchNormalization layer(s)"
+                 + (f", froze {len(self.frozen)}" if self.frozen else "")]  # fmt: skip
+        lines += [f"  {bn} -> folded into {into}" for bn, into in self.folded]
+        lines += [f"  {bn} -> FrozenBatchNormalization" for bn in self.frozen]
+        return "\n".join(lines)
+
+
+def _graph_of(model: keras.Model):
+    """The Functional graph behind a Sequential or Functional model, or None."""
+    if isinstance(model, keras.Sequential):
+        return getattr(model, "_functional", None)
+    return model if isinstance(model, Functional) else None
+
+
+def _foldable_into(producer, bn, channel_dim: int | None, rank: int) -> bool:
+    """Whether `bn` (BN over `rank`-D outputs of `producer`) can fold into `producer`."""
+    if not isinstance(producer, FOLD_TARGETS) or getattr(producer, "lora_enabled", False):
+        return False
+    if producer.dtype_policy.quantization_mode is not None:
+        return False
+    if producer.get_config().get("activation") not in ("linear", None):
+        return False
+    axis = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
+    if len(axis) != 1 or channel_dim is None:
+        return False
+    channels_first = getattr(producer, "data_format", "channels_last") == "channels_first"
+    return axis[0] % rank == (1 if channels_first else rank - 1)
+
+
+def find_fold_pairs(model: keras.Model) -> list[tuple[keras.layers.Layer, keras.layers.Layer]]:
+    """(producer, bn) pairs `fold_batch_norm` folds, in Sequential, Functional and nested models.
+
+    A pair is a Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D or Dense layer
+    with a linear activation whose output is consumed only by a BN layer normalising
+    its channel axis; each layer of a pair is called exactly once in the whole model
+    (folding changes the producer's kernel for every call).
+    """
+    graphs, stack = [], [model]
+    while stack:
+        graph = _graph_of(stack.pop())
+        if graph is None:
+            continue
+        graphs.append(graph)
+        stack.extend(op for op in graph.operations if isinstance(op, keras.Model))
+    calls: dict[int, int] = {}
+    candidates = []
+    for graph in graphs:
+        consumers: dict[int, int] = {}
+        nodes = [
+            node
+            for op in graph.operations
+            for i, node in enumerate(op._inbound_nodes)
+            if make_node_key(op, i) in graph._nodes
+        ]
+        for node in nodes:
+            calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
+            for kt in node.input_tensors:
+                consumers[id(kt)] = consumers.get(id(kt), 0) + 1
+        for kt in graph.outputs:
+            consumers[id(kt)] = consumers.get(id(kt), 0) + 1
+        for node in nodes:
+            bn = node.operation
+            if not (is_batch_norm(bn) or isinstance(bn, FrozenBatchNormalization)):
+                continue
+            if len(node.input_tensors) != 1:
+                continue
+            kt = node.input_tensors[0]
+            producer = kt._keras_history.operation
+            rank = len(kt.shape)
+            axis = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
+            channel_dim = kt.shape[axis[0] % rank] if len(axis) == 1 else None
+            if consumers.get(id(kt)) == 1 and _foldable_into(producer, bn, channel_dim, rank):
+                candidates.append((producer, bn))
+    return [(p, bn) for p, bn in candidates if calls[id(p)] == 1 and calls[id(bn)] == 1]
+
+
+def _folded_producer(producer: keras.layers.Layer) -> keras.layers.Layer:
+    """An unbuilt copy of `producer` with a bias (the fold needs one)."""
+    config = {**producer.get_config(), "use_bias": True}
+    return type(producer).from_config(config)
+
+
+def _fold_weights(producer, bn, new: keras.layers.Layer) -> None:
+    """Sets `new`'s weights to `producer`'s with `bn` folded in (float64 arithmetic)."""
+    scale, offset = _scale_offset64(_bn_params(bn))
+    to64 = lambda v: np.asarray(keras.ops.convert_to_numpy(v), np.float64)  # noqa: E731
+    bias = to64(producer.bias) if producer.use_bias else np.zeros_like(offset)
+    if isinstance(producer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
+        new.depthwise_kernel.assign(keras.ops.convert_to_numpy(producer.depthwise_kernel))
+        kernel, target = to64(producer.pointwise_kernel) * scale, new.pointwise_kernel
+    elif isinstance(producer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+        kernel = to64(producer.kernel)  # (..., in, depth_multiplier): out = in * dm + m
+        kernel, target = kernel * scale.reshape(kernel.shape[-2:]), new.kernel
+    else:  # Conv*, Dense: (..., in, out)
+        kernel, target = to64(producer.kernel) * scale, new.kernel
+    target.assign(kernel.astype(target.dtype))
+    new.bias.assign((bias * scale + offset).astype(new.bias.dtype))
+
+
+def fold_batch_norm(
+    model: keras.Model, return_report: bool = False
+) -> keras.Model | tuple[keras.Model, FoldReport]:
+    """An inference model with BatchNorm folded into the preceding kernels.
+
+    Every BN (Keras's, tfbn's or frozen) found by `find_fold_pairs` is folded into
+    its producer: with `scale, offset = stats.fold_scale_offset(gamma, beta,
+    moving_mean, moving_variance, epsilon)`, the producer's kernel is multiplied by
+    `scale` along its output channels and its bias becomes `bias * scale + offset`
+    (a bias is added where `use_bias=False`); the BN layer becomes a
+    `FoldedBatchNormalization` (the identity) of the same name, so input and
+    output names stay. Any other BN becomes (or stays) a
+    `FrozenBatchNormalization`. The result equals `model(x, training=False)` to
+    float32 rounding and never uses batch statistics.
+
+    Args:
+        model: A built Sequential or Functional model (nested ones included).
+        return_report: Also return a `FoldReport` (what was folded into what,
+            what was frozen; `report.nothing_folded` for models without a pair).
+
+    Returns:
+        The new model, or `(model, report)` with `return_report=True`.
+    """
+    if not isinstance(model, keras.Model) or not model.built:
+        rewrite_layers(model, lambda layer: None)  # raises the usual error
+    pairs = find_fold_pairs(model)
+    bn_of = {id(p): bn for p, bn in pairs}
+    folded_bns = {id(bn): p for p, bn in pairs}
+    report = FoldReport()
+
+    def replace(layer):
+        if id(layer) in bn_of:
+            return _folded_producer(layer)
+        if id(layer) in folded_bns:
+            _bn_params(layer)  # same validation as a frozen layer gets
+            report.folded.append((layer.name, folded_bns[id(layer)].name))
+            return FoldedBatchNormalization(
+                folded_into=folded_bns[id(layer)].name, name=layer.name, dtype=layer.dtype_policy
+            )
+        if is_batch_norm(layer):
+            report.frozen.append(layer.name)
+            return _frozen_from(layer, trainable_affine=False)
+        return None
+
+    def transfer(old, new):
+        if id(old) in bn_of:
+            _fold_weights(old, bn_of[id(old)], new)
+        elif isinstance(new, FrozenBatchNormalization):
+            copy_weights(old, new)
+
+    new_model = rewrite_layers(model, replace, transfer)[0]
+    return (new_model, report) if return_report else new_model
