@@ -419,3 +419,68 @@ def fold_batch_norm(
 
     new_model = rewrite_layers(model, replace, transfer)[0]
     return (new_model, report) if return_report else new_model
+
+
+def batch_norm_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """Every Keras and tfbn BN layer in `model`, nested models and layers included,
+    each once, in the order the model tracks them."""
+    if is_batch_norm(model):
+        return [model]
+    flatten = getattr(model, "_flatten_layers", None)
+    layers = flatten(include_self=False, recursive=True) if flatten else getattr(model, "layers", [])
+    return [layer for layer in layers if is_batch_norm(layer)]
+
+
+def reset_running_stats(model: keras.Model, inplace: bool = False) -> keras.Model:
+    """Running statistics back to their initial values (PyTorch's `reset_running_stats`).
+
+    Every BN layer's `moving_mean`/`moving_variance` are set from its
+    `moving_mean_initializer`/`moving_variance_initializer` (zeros/ones by
+    default) and tfbn's counters to 0; gamma, beta and every other weight are kept.
+    Use it before `tfbn.recalibrate` or before training on a new domain.
+
+    Args:
+        model: A built model with at least one BN layer.
+        inplace: False (default) returns a new model like the other rewrites here
+            (Sequential/Functional only; untouched layers are shared). True resets
+            the layers of `model` itself (any model, subclassed ones too) and
+            returns `model`.
+
+    Returns:
+        The model with reset running statistics.
+    """
+    if not isinstance(model, keras.layers.Layer) or not model.built:
+        raise ValueError(
+            "reset_running_stats needs a built keras.Model. Received: "
+            f"{type(model).__name__}{'' if getattr(model, 'built', False) else ' (not built)'}"
+        )
+    layers = batch_norm_layers(model)
+    if not layers:
+        raise ValueError(
+            f"Model '{model.name}' has no BatchNormalization layer (Keras or tfbn): "
+            "there are no running statistics to reset."
+        )
+    if inplace:
+        for layer in layers:
+            _reset_layer_stats(layer)
+        return model
+
+    def replace(layer):
+        return type(layer).from_config(layer.get_config()) if is_batch_norm(layer) else None
+
+    def transfer(old, new):
+        copy_weights(old, new)
+        _reset_layer_stats(new)
+
+    return rewrite_layers(model, replace, transfer)[0]
+
+
+def _reset_layer_stats(layer: keras.layers.Layer) -> None:
+    for name in ("moving_mean", "moving_variance"):
+        variable = getattr(layer, name)
+        initializer = getattr(layer, f"{name}_initializer")
+        variable.assign(initializer(variable.shape, variable.dtype))
+    for name in COUNTER_NAMES:
+        counter = getattr(layer, name, None)
+        if counter is not None:
+            counter.assign(0)

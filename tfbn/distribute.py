@@ -88,3 +88,42 @@ def global_moments(
         total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, rows * sums[tf.newaxis])
         total = tf.gather(total, group)
     return stats.moments_from_sums(total, mean.dtype)
+
+
+# ------------------------------------------------- whole-dataset reductions --
+# For `tfbn.calibrate`: run a function on every replica and sum its outputs.
+
+
+def model_strategy(model) -> tf.distribute.Strategy | None:
+    """The strategy `model` was created under (Keras records it), else the one in
+    scope, else None (no strategy: run locally)."""
+    strategy = getattr(model, "_distribute_strategy", None)
+    if strategy is None and tf.distribute.has_strategy():
+        strategy = tf.distribute.get_strategy()
+    return strategy
+
+
+def strategy_replicas(strategy: tf.distribute.Strategy | None) -> int:
+    """Replicas in sync of `strategy` (1 for None)."""
+    return 1 if strategy is None else strategy.num_replicas_in_sync
+
+
+def distribute_dataset(strategy: tf.distribute.Strategy | None, dataset):
+    """`dataset` split into per-replica shards of each global batch (unchanged for None)."""
+    return dataset if strategy is None else strategy.experimental_distribute_dataset(dataset)
+
+
+def run_and_sum(strategy: tf.distribute.Strategy | None, fn, *args):
+    """Runs `fn(*args)` on every replica of `strategy` and returns the SUM of its
+    outputs (a structure of tensors) over replicas; `fn(*args)` without a strategy.
+
+    Cross-replica SUM of float64 moment sums is what makes whole-dataset statistics
+    global and exact (`tfbn.stats.moments_from_sums`). Call it inside a
+    `tf.function`; `args` come from a dataset made by `distribute_dataset`.
+    """
+    if strategy is None:
+        return fn(*args)
+    per_replica = strategy.run(fn, args=args)
+    return tf.nest.map_structure(
+        lambda value: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None), per_replica
+    )
