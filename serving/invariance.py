@@ -17,7 +17,7 @@ dict of named arrays, so the check runs against an in-process SavedModel
 
 Verdict per row of the report: every output element within `atol + rtol * |reference|`
 (NumPy's `allclose` rule). Deviations are also reported as max absolute and max
-relative (|y - ref| / max(|ref|, tiny)) differences, with the worst example's index.
+relative (|y - ref| / max(|ref|, atol)) differences, with the worst example's index.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ __all__ = [
     "check_batch_invariance",
     "load_golden",
     "saved_model_predictor",
+    "run_check",
     "synthetic_inputs",
 ]
 
@@ -177,7 +178,7 @@ def _deviation(pred: Arrays, ref: Arrays, names: list[str], atol: float, rtol: f
             both_nan = np.isnan(y64) & np.isnan(r64)
             diff = np.where(both_nan, 0.0, diff)
             diff = np.where(np.isnan(diff), np.inf, diff)
-            rel = diff / np.maximum(np.abs(r64), tiny)
+            rel = diff / np.maximum(np.abs(r64), max(atol, tiny))
             tol = atol + rtol * np.abs(r64)
             with np.errstate(divide="ignore", invalid="ignore"):
                 el_ratio = np.where(diff == 0, 0.0, diff / np.where(tol > 0, tol, tiny))
@@ -387,3 +388,100 @@ def synthetic_inputs(signature_inputs: Mapping, num_examples: int = 64, seed: in
             raise ValueError(f"cannot synthesise input {name!r} of dtype {dtype}; pass inputs "
                              "explicitly (--inputs file.npz)")
     return out
+
+
+def _load_inputs_file(path: str) -> dict[str, np.ndarray]:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"--inputs {path!r} is not a readable .npz file: {err}") from None
+    if not hasattr(data, "files"):
+        raise ValueError(f"--inputs {path!r} must be an .npz archive of named arrays")
+    with data:
+        return {k.removeprefix("inputs/"): data[k] for k in data.files
+                if not k.startswith("outputs/")}
+
+
+def run_check(
+    model_path: str | None = None,
+    *,
+    rest: str | None = None,
+    grpc: str | None = None,
+    model_name: str | None = None,
+    version: int | None = None,
+    label: str | None = None,
+    signature_name: str = "serving_default",
+    golden: str | None = None,
+    inputs_file: str | None = None,
+    num_examples: int = 64,
+    batch_sizes: Sequence[int | None] = (1, 2, 3, 7, None),
+    orders: int = 3,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    concurrent: bool = False,
+    concurrent_rounds: int = 1,
+    max_workers: int = 32,
+    batching=None,
+    timeout: float = 10.0,
+    seed: int = 0,
+) -> InvarianceReport:
+    """The check behind `tfbn check`: pick the backend, the examples and the reference.
+
+    Backend: `rest` URL or `grpc` target (with `model_name`, optional `version`/`label`),
+    else the SavedModel at `model_path` in process (optionally behind the batching
+    emulation, `batching=BatchingParameters`). Examples and reference: the golden file
+    (`golden`, else the one inside `model_path`'s version directory), else
+    `inputs_file` (.npz of named arrays) with the full-batch reference, else
+    `num_examples` synthetic examples built from the signature.
+    """
+    if sum(x is not None for x in (model_path, rest, grpc)) != 1:
+        raise ValueError("pass exactly one of a SavedModel path, --rest URL or --grpc target")
+    gold = None
+    if model_path is not None:
+        if version is not None or label is not None:
+            raise ValueError("--model_version / --model_version_label select versions on a server; "
+                             "for a local SavedModel pass its version directory")
+        predict, version_dir = saved_model_predictor(model_path, signature_name, batching=batching)
+        sig = predict.servable.signature_defs[signature_name]  # type: ignore[attr-defined]
+        from serving import _tensor
+
+        spec = {k: (_tensor.numpy_dtype(v.dtype),
+                    None if v.tensor_shape.unknown_rank else [d.size for d in v.tensor_shape.dim])
+                for k, v in sig.inputs.items()}
+        gold = load_golden(golden or version_dir)
+    else:
+        if not model_name:
+            raise ValueError("--model_name is required with --rest / --grpc")
+        if batching is not None:
+            raise ValueError("batching is the server's business; configure it on the server")
+        from serving.client import GrpcClient, RestClient
+
+        client_cls, address = (RestClient, rest) if rest is not None else (GrpcClient, grpc)
+        client = client_cls(address, model_name, version=version, label=label,
+                            signature_name=signature_name, timeout=timeout)
+        sig_info = client.metadata().signature(signature_name)
+        spec = {k: (v.numpy_dtype, None if v.shape is None else list(v.shape))
+                for k, v in sig_info.inputs.items()}
+
+        def predict(batch):
+            return client.predict(batch)
+
+        if golden:
+            gold = load_golden(golden)
+            if gold is None:
+                raise FileNotFoundError(f"no golden file at {golden!r} (expected an .npz or a "
+                                        f"version directory with {GOLDEN_RELPATH})")
+    if gold is not None:
+        inputs, reference = gold
+        missing = sorted(set(spec) - set(inputs))
+        if missing:
+            raise ValueError(f"the golden file has no inputs for {missing}; it has {sorted(inputs)}")
+        inputs = {k: inputs[k] for k in spec}
+        return check_batch_invariance(predict, inputs, reference, batch_sizes, orders, atol, rtol,
+                                      concurrent, concurrent_rounds, max_workers, seed, "golden")
+    if inputs_file:
+        inputs = _load_inputs_file(inputs_file)
+    else:
+        inputs = synthetic_inputs(spec, num_examples, seed)
+    return check_batch_invariance(predict, inputs, None, batch_sizes, orders, atol, rtol,
+                                  concurrent, concurrent_rounds, max_workers, seed)

@@ -1283,3 +1283,21 @@ def get_state_name(state: int) -> str:
     from tensorflow_serving.apis import get_model_status_pb2
 
     return get_model_status_pb2.ModelVersionStatus.State.Name(state)
+
+
+def models_from_flags(model_name: str | None, model_base_path: str | None,
+                      model_config_file: str | None) -> list[ModelConfig]:
+    """The served models from tensorflow_model_server's flags: either
+    --model_config_file, or --model_name (default "default") with --model_base_path."""
+    from serving._config import load_model_config_file
+
+    if model_config_file:
+        if model_base_path:
+            raise ValueError("pass --model_config_file or --model_base_path, not both")
+        return load_model_config_file(model_config_file)
+    if not model_base_path:
+        raise ValueError("pass --model_base_path (with --model_name) or --model_config_file")
+    base = os.path.abspath(model_base_path)
+    if not os.path.isdir(base):
+        raise FileNotFoundError(f"--model_base_path {model_base_path!r} is not a directory")
+    return [ModelConfig(name=model_name or "default", base_path=base)]

@@ -47,7 +47,224 @@ def _run_bench(args) -> int:
     return 0
 
 
-SUBCOMMANDS = (_add_bench,)
+def _flag_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false; got {text!r}")
+
+
+def _batch_sizes(text: str) -> tuple[int | None, ...]:
+    sizes: list[int | None] = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        if part == "all":
+            sizes.append(None)
+            continue
+        try:
+            size = int(part)
+        except ValueError:
+            size = 0
+        if size <= 0:
+            raise argparse.ArgumentTypeError(
+                f"batch sizes are positive integers or 'all', comma-separated; got {text!r}")
+        sizes.append(size)
+    return tuple(sizes)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the TF-Serving-protocol development server (not TF Serving)",
+        description="A development server speaking TF Serving's gRPC and REST protocols over "
+                    "SavedModels, with tensorflow_model_server's flag names. For local checks and "
+                    "tests, not production. Binds 127.0.0.1 unless --host says otherwise.",
+    )
+    p.add_argument("--port", type=int, default=8500,
+                   help="gRPC port (default 8500; 0 picks a free port)")
+    p.add_argument("--rest_api_port", type=int, default=0,
+                   help="REST port (default 0: REST disabled, as in tensorflow_model_server)")
+    p.add_argument("--model_name", default="default", help="model name (default: default)")
+    p.add_argument("--model_base_path", help="directory holding integer version directories")
+    p.add_argument("--model_config_file", help="ModelServerConfig text proto (instead of the two above)")
+    p.add_argument("--enable_batching", type=_flag_bool, nargs="?", const=True, default=False,
+                   help="emulate server-side batching")
+    p.add_argument("--batching_parameters_file", help="BatchingParameters text proto")
+    p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
+                   help="seconds between polls for new versions (0: poll once at start)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--max_request_bytes", type=int, default=64 * 1024 * 1024,
+                   help="largest accepted request body / message (default 64 MiB)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from serving import _config, server
+
+    models = server.models_from_flags(args.model_name, args.model_base_path, args.model_config_file)
+    batching = None
+    if args.enable_batching:
+        batching = (_config.load_batching_parameters(args.batching_parameters_file)
+                    if args.batching_parameters_file else _config.BatchingParameters())
+    elif args.batching_parameters_file:
+        raise ValueError("--batching_parameters_file needs --enable_batching")
+    return server.serve(models, port=args.port, rest_api_port=args.rest_api_port or None,
+                        host=args.host, batching=batching,
+                        file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
+                        max_request_bytes=args.max_request_bytes,
+                        ready=lambda line: print(line, flush=True))
+
+
+def _add_check(sub) -> None:
+    p = sub.add_parser(
+        "check",
+        help="check that predictions do not depend on the batch (deployment gate)",
+        description="Re-runs the same examples in batches of several sizes and orders (and, with "
+                    "--concurrent, as simultaneous single-row requests) and compares every answer "
+                    "with the golden outputs (else the full-batch answer). Exits 0 if invariant, "
+                    "1 if not (or the server failed), 2 on bad usage.",
+    )
+    p.add_argument("model_path", nargs="?",
+                   help="SavedModel version directory or base path (in-process backend)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--rest", metavar="URL", help="TF Serving REST API, e.g. http://localhost:8501")
+    where.add_argument("--grpc", metavar="HOST:PORT", help="TF Serving gRPC API, e.g. localhost:8500")
+    p.add_argument("--model_name", help="served model name (with --rest / --grpc)")
+    version = p.add_mutually_exclusive_group()
+    version.add_argument("--model_version", type=int, help="pin a version on the server")
+    version.add_argument("--model_version_label", help="pin a version label on the server")
+    p.add_argument("--signature_name", default="serving_default")
+    p.add_argument("--golden", help="golden .npz or version directory (default: the model's own)")
+    p.add_argument("--inputs", dest="inputs_file", help=".npz of named input arrays")
+    p.add_argument("--num_examples", type=int, default=64,
+                   help="synthetic examples when there is no golden file or --inputs (default 64)")
+    p.add_argument("--batch_sizes", type=_batch_sizes, default=(1, 2, 3, 7, None),
+                   help="comma-separated, 'all' for one request (default 1,2,3,7,all)")
+    p.add_argument("--orders", type=int, default=3, help="orders per batch size (default 3)")
+    p.add_argument("--atol", type=float, default=1e-5)
+    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--concurrent", action="store_true",
+                   help="also send all examples as simultaneous single-row requests")
+    p.add_argument("--concurrent_rounds", type=int, default=1)
+    p.add_argument("--enable_batching", type=_flag_bool, nargs="?", const=True, default=False,
+                   help="in-process backend only: emulate TF Serving's server-side batching")
+    p.add_argument("--batching_parameters_file", help="BatchingParameters text proto")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_path", help="also write the report as JSON here")
+    p.set_defaults(func=_run_check)
+
+
+def _run_check(args) -> int:
+    import json
+
+    from serving import _config, invariance
+    from serving.client import TFServingError
+
+    batching = None
+    if args.enable_batching:
+        batching = (_config.load_batching_parameters(args.batching_parameters_file)
+                    if args.batching_parameters_file else _config.BatchingParameters())
+    elif args.batching_parameters_file:
+        raise ValueError("--batching_parameters_file needs --enable_batching")
+    try:
+        report = invariance.run_check(
+            args.model_path, rest=args.rest, grpc=args.grpc, model_name=args.model_name,
+            version=args.model_version, label=args.model_version_label,
+            signature_name=args.signature_name, golden=args.golden, inputs_file=args.inputs_file,
+            num_examples=args.num_examples, batch_sizes=args.batch_sizes, orders=args.orders,
+            atol=args.atol, rtol=args.rtol, concurrent=args.concurrent,
+            concurrent_rounds=args.concurrent_rounds, batching=batching, timeout=args.timeout,
+            seed=args.seed)
+    except TFServingError as err:
+        print(f"tfbn check: the server failed: {err}", file=sys.stderr)
+        return 1
+    print(report.table())
+    if args.json_path:
+        with open(args.json_path, "w", encoding="utf-8") as f:
+            json.dump(report.to_dict(), f, indent=1)
+    return 0 if report.passed else 1
+
+
+def _add_json_flag(p) -> None:
+    p.add_argument("--json", dest="json_path", nargs="?", const="-", metavar="PATH",
+                   help="print the report as JSON instead of the table (--json), "
+                        "or also write it to PATH (--json PATH)")
+
+
+def _emit(report, json_path: str | None) -> None:
+    if json_path == "-":
+        print(report.to_json())
+        return
+    print(report.format() if hasattr(report, "format") else report.table())
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            f.write(report.to_json())
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="report on a model: BN statistics table (.keras) or training-mode lint (SavedModel)",
+        description="For a .keras file: a table of every BatchNormalization layer (momentum, "
+                    "epsilon, batches tracked, min/median/max of moving mean, variance, gamma, "
+                    "beta) flagging never-updated statistics, NaN/Inf, dead channels and "
+                    "variance collapse. For a SavedModel directory (or TF Serving base path): "
+                    "BatchNorm in training mode, state updates and random ops on the serving "
+                    "path. Exit 0 if nothing was found, 1 otherwise, 2 on bad usage.",
+    )
+    p.add_argument("path", help="a .keras model file, a SavedModel directory or a base path")
+    _add_json_flag(p)
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args) -> int:
+    from tfbn import inspect
+
+    if inspect.is_keras_model_file(args.path):
+        report = inspect.inspect_model(args.path)
+        _emit(report, args.json_path)
+        return 0 if report.ok else 1
+    report = inspect.lint_saved_model(args.path)
+    _emit(report, args.json_path)
+    return 0 if report.ok else 1
+
+
+def _add_lint(sub) -> None:
+    p = sub.add_parser(
+        "lint",
+        help="find model wiring that keeps BatchNormalization from working (.keras)",
+        description="Bias before BN, BN in/after recurrent layers, BN after dropout, and, "
+                    "given the training batch size, BN statistics over fewer than 8 examples "
+                    "per replica (unsynchronised BN under a strategy). Each finding says why "
+                    "and what to do. Exit 0 if nothing was found, 1 otherwise, 2 on bad usage.",
+    )
+    p.add_argument("path", help="a .keras model file")
+    p.add_argument("--batch-size", type=int, dest="batch_size",
+                   help="global training batch size (enables the small-batch checks)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="replicas in sync under a tf.distribute strategy (default 1)")
+    _add_json_flag(p)
+    p.set_defaults(func=_run_lint)
+
+
+def _run_lint(args) -> int:
+    from tfbn import inspect
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer; got {args.batch_size}")
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be a positive integer; got {args.replicas}")
+    report = inspect.lint_model(args.path, batch_size=args.batch_size, strategy=args.replicas)
+    _emit(report, args.json_path)
+    return 0 if report.ok else 1
+
+
+SUBCOMMANDS = (_add_bench, _add_serve, _add_check, _add_inspect, _add_lint)
 
 
 def build_parser() -> argparse.ArgumentParser:
