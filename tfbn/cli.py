@@ -264,7 +264,60 @@ def _run_lint(args) -> int:
     return 0 if report.ok else 1
 
 
-SUBCOMMANDS = (_add_bench, _add_serve, _add_check, _add_inspect, _add_lint)
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a .keras model as a TF Serving SavedModel version (BN folded, gated)",
+        description="Folds BatchNorm into the preceding kernels (other BN frozen), writes "
+                    "BASE_PATH/VERSION/ with a serving_default signature named after the model's "
+                    "inputs and outputs, warm-up requests and a golden file, and renames it into "
+                    "place only after parity with Keras, batch-size invariance and the lint "
+                    "passed. Exit 0 on success, 1 if the gate failed (nothing written), 2 on bad "
+                    "usage.",
+    )
+    p.add_argument("model", help="a .keras model file")
+    p.add_argument("base_path", help="the model's base path (TF Serving model_base_path)")
+    p.add_argument("--version", dest="model_version", metavar="N",
+                   help="integer version (default: one more than the highest existing)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    p.add_argument("--no-fold", dest="fold", action="store_false",
+                   help="export the model as it is (inference mode) instead of folding BN")
+    p.add_argument("--samples", metavar="FILE",
+                   help="sample inputs: .npy (one input) or .npz keyed by input name "
+                        "(default: N(0,1) rows)")
+    p.add_argument("--model-name", help="model name in the warm-up requests (default: base dir name)")
+    p.add_argument("--rtol", type=float, default=1e-5,
+                   help="gate tolerance, max relative error (default 1e-5)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    import keras
+    import numpy as np
+
+    import tfbn.layers  # noqa: F401 - registers tfbn's layers for loading
+    from tfbn import export
+
+    if not os.path.isfile(args.model) or not args.model.endswith(".keras"):
+        raise FileNotFoundError(f"MODEL must be an existing .keras file; got {args.model!r}")
+    model = keras.saving.load_model(args.model, compile=False)
+    samples = None
+    if args.samples:
+        with np.load(args.samples) as data:
+            samples = dict(data) if isinstance(data, np.lib.npyio.NpzFile) else np.asarray(data)
+    try:
+        result = export.export_saved_model(
+            model, args.base_path, version=args.model_version, sample_inputs=samples,
+            fold=args.fold, overwrite=args.overwrite, model_name=args.model_name, rtol=args.rtol,
+        )  # fmt: skip
+    except export.ExportGateError as err:
+        print(f"tfbn export: {err}", file=sys.stderr)
+        return 1
+    print(result.format())
+    return 0
+
+
+SUBCOMMANDS = (_add_bench, _add_serve, _add_check, _add_inspect, _add_lint, _add_export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -180,6 +180,7 @@ def lint_saved_model(path: str | os.PathLike) -> SavedModelReport:
             report.findings.extend(_fixed_batch_findings(key, signature))
             roots = [info.name for info in signature.outputs.values() if info.name]
             report.findings.extend(walker.findings(key, roots))
+    report.findings.sort(key=lambda f: (f.signature, f.function or "", f.kind, f.node))
     return report
 
 
