@@ -382,3 +382,576 @@ class _GraphWalker:
                 continue
             return None
         return None
+
+
+# ======================================================= Keras model reports ==
+# `inspect_model` (running statistics table) and `lint_model` (wiring that
+# keeps BN from working). Keras/TensorFlow are imported inside the functions so
+# the SavedModel lint above keeps working without loading TensorFlow.
+
+KERAS_MODEL_SUFFIXES = (".keras",)
+DEAD_GAMMA = 1e-3  # |gamma| below this: the channel's output is ~beta, whatever the input
+COLLAPSED_STD = 0.1  # normalised std sqrt(var / (var + eps)) below this: a ~constant channel
+MIN_BATCH = 8  # Wu & He 2018 (Group Normalization), fig. 1: BN degrades fast below 8
+
+
+def is_keras_model_file(path: str | os.PathLike) -> bool:
+    """True for a path ending in `.keras` (a Keras 3 model archive)."""
+    return os.fspath(path).lower().endswith(KERAS_MODEL_SUFFIXES)
+
+
+def load_keras_model(model_or_path):
+    """A keras.Model as given, or loaded (uncompiled) from a `.keras` file."""
+    import keras
+
+    import tfbn.layers  # noqa: F401 - registers tfbn's layers for deserialisation
+
+    if isinstance(model_or_path, keras.Model):
+        return model_or_path
+    if isinstance(model_or_path, (str, os.PathLike)):
+        path = os.fspath(model_or_path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"No such model file: {path!r}")
+        if os.path.isdir(path) and is_saved_model_dir(path):
+            raise ValueError(
+                f"{path!r} is a SavedModel, not a Keras model: use "
+                "tfbn.inspect.lint_saved_model (or `tfbn inspect` on it)."
+            )
+        if not is_keras_model_file(path):
+            raise ValueError(f"Expected a Keras model file ending in .keras. Received: {path!r}")
+        return keras.saving.load_model(path, compile=False)
+    raise TypeError(
+        "Expected a keras.Model or the path of a .keras file. Received: "
+        f"{type(model_or_path).__name__}"
+    )
+
+
+def _summary(values) -> dict | None:
+    import numpy as np
+
+    if values is None:
+        return None
+    values = np.asarray(values, np.float64).ravel()
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return {"min": None, "median": None, "max": None}
+    return {
+        "min": float(finite.min()),
+        "median": float(np.median(finite)),
+        "max": float(finite.max()),
+    }
+
+
+FLAG_ADVICE = {
+    "never_updated": (
+        "moving mean/variance are still at their initial 0/1: the layer never ran in "
+        "training mode (or was frozen from the start), so inference normalises with "
+        "statistics that describe nothing",
+        "run tfbn.recalibrate(model, dataset) on representative data",
+    ),
+    "nonfinite": (
+        "NaN/Inf in the statistics or the affine weights: every output of these channels "
+        "is NaN/Inf",
+        "find the overflowing batch (mixed precision?), restore a checkpoint and/or "
+        "tfbn.recalibrate; tfbn layers skip non-finite batch updates by default",
+    ),
+    "dead_channels": (
+        "|gamma| is ~0 for some channels: their output is the constant beta whatever the "
+        "input (dead features, or zero-init gamma never trained)",
+        "check weight decay on gamma and the learning rate; prune the channels or re-initialise",
+    ),
+    "variance_collapse": (
+        "moving variance is far below epsilon for some channels: their normalised output "
+        "is ~constant (often a dead ReLU upstream), and epsilon dominates the scale",
+        "check the layer before (dead ReLU?); tfbn.recalibrate if the data changed",
+    ),
+    "negative_variance": (
+        "a negative moving variance is impossible and makes sqrt(var + eps) NaN",
+        "the weights are corrupted: restore them or tfbn.recalibrate",
+    ),
+    "skipped_updates": (
+        "some training batches had non-finite statistics and were skipped "
+        "(num_skipped_updates > 0): a sign of overflow, e.g. under mixed precision",
+        "look for the overflow (loss scaling, input range); the statistics themselves are safe",
+    ),
+}
+
+
+@dataclass
+class BatchNormRow:
+    """One BN layer in `inspect_model`'s report."""
+
+    name: str
+    path: str
+    kind: str  # "tfbn" or "keras"
+    channels: int
+    momentum: float | None
+    epsilon: float
+    estimator: str
+    batches_tracked: int | None
+    skipped_updates: int | None
+    mean: dict
+    variance: dict
+    gamma: dict | None
+    beta: dict | None
+    flags: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelReport:
+    """`inspect_model`'s result: one row per BN layer; `table()` and `to_json()`."""
+
+    model: str
+    rows: list[BatchNormRow] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(row.flags for row in self.rows)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "ok": self.ok,
+            "layers": [asdict(row) for row in self.rows],
+            "flags": {k: {"why": why, "fix": fix} for k, (why, fix) in FLAG_ADVICE.items()},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
+    def table(self) -> str:
+        if not self.rows:
+            return f"{self.model}: no BatchNormalization layer"
+
+        def num(v):
+            return "-" if v is None else f"{v:.4g}"
+
+        def mmm(s):
+            if s is None:
+                return "-"
+            return "/".join(num(s[k]) for k in ("min", "median", "max"))
+
+        header = ["layer", "type", "ch", "momentum", "eps", "estimator", "batches",
+                  "mean min/med/max", "var min/med/max", "gamma min/med/max",
+                  "beta min/med/max", "flags"]  # fmt: skip
+        body = [
+            [row.name, row.kind, str(row.channels), num(row.momentum) if row.momentum is not None
+             else "cumulative", num(row.epsilon), row.estimator,
+             "-" if row.batches_tracked is None else str(row.batches_tracked),
+             mmm(row.mean), mmm(row.variance), mmm(row.gamma), mmm(row.beta),
+             ",".join(row.flags) or "ok"]
+            for row in self.rows
+        ]  # fmt: skip
+        widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+        lines = [f"{self.model}: {len(self.rows)} BatchNormalization layer(s)"]
+        for r in [header, ["-" * w for w in widths], *body]:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        flagged = sorted({f for row in self.rows for f in row.flags})
+        for flag in flagged:
+            why, fix = FLAG_ADVICE[flag]
+            names = [row.name for row in self.rows if flag in row.flags]
+            lines.append(f"\n[{flag}] {', '.join(names)}\n  why: {why}\n  fix: {fix}")
+        lines.append("\nOK: no problem found" if self.ok else "")
+        return "\n".join(lines).rstrip()
+
+    __str__ = table
+
+
+def inspect_model(
+    model_or_path,
+    dead_gamma: float = DEAD_GAMMA,
+    collapsed_std: float = COLLAPSED_STD,
+) -> ModelReport:
+    """A table of every BN layer's running statistics, with what looks wrong.
+
+    For each Keras or tfbn BN layer (nested models included): channels, momentum,
+    epsilon, variance estimator, batches tracked (tfbn), min/median/max of the
+    moving mean, moving variance, gamma and beta, and flags:
+
+    - `never_updated`: moving mean all 0 and variance all 1 (the initial values).
+    - `nonfinite`: NaN/Inf in moving statistics, gamma or beta.
+    - `dead_channels`: `|gamma| < dead_gamma` for some channel.
+    - `variance_collapse`: normalised output std `sqrt(var / (var + eps))` below
+      `collapsed_std` (var < ~eps / 99 at the default 0.1) for some channel.
+    - `negative_variance`, and `skipped_updates` (tfbn skipped non-finite batches).
+
+    Args:
+        model_or_path: A keras.Model or the path of a `.keras` file.
+        dead_gamma, collapsed_std: Thresholds of the two channel flags.
+
+    Returns:
+        A `ModelReport` (`.table()`, `.to_json()`, `.ok`). Channel indices of the
+        channel flags are in each row's `details`.
+    """
+    import numpy as np
+
+    from tfbn.convert import batch_norm_layers
+    from tfbn.layers.batch_norm import BatchNormalization
+
+    model = load_keras_model(model_or_path)
+    report = ModelReport(model=model.name)
+    for layer in batch_norm_layers(model):
+        mean = np.asarray(layer.moving_mean.numpy(), np.float64).ravel()
+        var = np.asarray(layer.moving_variance.numpy(), np.float64).ravel()
+        gamma = (
+            None
+            if getattr(layer, "gamma", None) is None
+            else np.asarray(layer.gamma.numpy(), np.float64).ravel()
+        )
+        beta = (
+            None
+            if getattr(layer, "beta", None) is None
+            else np.asarray(layer.beta.numpy(), np.float64).ravel()
+        )
+        tfbn_layer = isinstance(layer, BatchNormalization)
+        counter = getattr(layer, "num_batches_tracked", None)
+        skipped = getattr(layer, "num_skipped_updates", None)
+        row = BatchNormRow(
+            name=layer.name,
+            path=getattr(layer, "path", layer.name),
+            kind="tfbn" if tfbn_layer else "keras",
+            channels=int(mean.size),
+            momentum=layer.momentum,
+            epsilon=float(layer.epsilon),
+            estimator=getattr(layer, "moving_variance_estimator", "biased"),
+            batches_tracked=None if counter is None else int(counter.numpy()),
+            skipped_updates=None if skipped is None else int(skipped.numpy()),
+            mean=_summary(mean),
+            variance=_summary(var),
+            gamma=_summary(gamma),
+            beta=_summary(beta),
+        )
+        uses_running_stats = getattr(layer, "track_running_stats", True)
+        if uses_running_stats and np.all(mean == 0) and np.all(var == 1):
+            row.flags.append("never_updated")
+        arrays = [a for a in (mean, var, gamma, beta) if a is not None]
+        if not all(np.all(np.isfinite(a)) for a in arrays):
+            row.flags.append("nonfinite")
+            row.details["nonfinite_channels"] = np.flatnonzero(
+                ~np.isfinite(mean)
+                | ~np.isfinite(var)
+                | (~np.isfinite(gamma) if gamma is not None else False)
+                | (~np.isfinite(beta) if beta is not None else False)
+            ).tolist()
+        if gamma is not None:
+            dead = np.flatnonzero(np.abs(gamma) < dead_gamma)
+            if dead.size:
+                row.flags.append("dead_channels")
+                row.details["dead_channels"] = dead.tolist()
+        if uses_running_stats:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                std = np.sqrt(var / (var + layer.epsilon))
+            collapsed = np.flatnonzero((var >= 0) & (std < collapsed_std))
+            if collapsed.size:
+                row.flags.append("variance_collapse")
+                row.details["collapsed_channels"] = collapsed.tolist()
+            negative = np.flatnonzero(var < 0)
+            if negative.size:
+                row.flags.append("negative_variance")
+                row.details["negative_variance_channels"] = negative.tolist()
+        if row.skipped_updates:
+            row.flags.append("skipped_updates")
+        report.rows.append(row)
+    return report
+
+
+@dataclass(frozen=True)
+class LintFinding:
+    """One wiring problem `lint_model` found: which `rule`, at which layer, why, what to do."""
+
+    rule: str
+    layer: str
+    severity: str  # "warning" (BN will misbehave) or "info" (wasteful, harmless)
+    message: str
+    why: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"[{self.rule}] {self.layer}: {self.message}\n  why: {self.why}\n  fix: {self.fix}"
+
+
+@dataclass
+class LintReport:
+    """`lint_model`'s result."""
+
+    model: str
+    batch_size: int | None
+    replicas: int
+    findings: list[LintFinding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def format(self) -> str:
+        setting = f"batch size {self.batch_size}" if self.batch_size else "no batch size given"
+        head = f"{self.model}: {setting}, {self.replicas} replica(s)"
+        if self.ok:
+            return f"{head}\nOK: no BatchNormalization wiring problem found"
+        return "\n".join(
+            [head, f"{len(self.findings)} finding(s):"] + [str(f) for f in self.findings]
+        )
+
+    __str__ = format
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "batch_size": self.batch_size,
+            "replicas": self.replicas,
+            "ok": self.ok,
+            "findings": [asdict(f) for f in self.findings],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def lint_model(
+    model_or_path,
+    batch_size: int | None = None,
+    strategy=None,
+    min_batch: int = MIN_BATCH,
+) -> LintReport:
+    """Finds model wiring that keeps BatchNormalization from working.
+
+    Rules (each finding says why and what to do):
+
+    - `bias-before-bn` (info): a Conv/Dense with `use_bias=True` whose output goes
+      only to a BN over its channel axis: BN subtracts the mean, so the bias cancels.
+    - `bn-in-recurrent`, `bn-after-recurrent`: BN inside a recurrent layer (its
+      cell) or directly on a recurrent layer's output.
+    - `bn-after-dropout`: BN directly after Dropout (variance shift).
+    - `small-batch` (with `batch_size`): BN statistics over fewer than `min_batch`
+      examples per replica (or per virtual batch).
+    - `unsynced-small-batch` (with `batch_size` and > 1 replica): a BN that is not
+      synchronised, under a strategy whose per-replica batch is below `min_batch`.
+
+    Args:
+        model_or_path: A keras.Model or the path of a `.keras` file.
+        batch_size: The global training batch size (as passed to `fit`).
+        strategy: A `tf.distribute.Strategy`, or an int number of replicas; None
+            uses the strategy the model was created under (1 replica without).
+        min_batch: Examples per BN statistics below which batch statistics are
+            too noisy (8, after Wu & He, 2018).
+
+    Returns:
+        A `LintReport` (`.findings`, `.ok`, `.to_json()`).
+    """
+    import keras
+
+    from tfbn import distribute
+    from tfbn.convert import batch_norm_layers, is_batch_norm
+
+    model = load_keras_model(model_or_path)
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(
+            f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}"
+        )
+    if strategy is None:
+        replicas = distribute.strategy_replicas(distribute.model_strategy(model))
+    elif isinstance(strategy, int) and not isinstance(strategy, bool):
+        replicas = strategy
+    else:
+        replicas = getattr(strategy, "num_replicas_in_sync", None)
+    if not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(
+            "`strategy` must be a tf.distribute.Strategy or a positive number of replicas. "
+            f"Received: strategy={strategy!r}"
+        )
+    report = LintReport(model=model.name, batch_size=batch_size, replicas=replicas)
+    bns = batch_norm_layers(model)
+    edges = _layer_edges(model)
+    consumers: dict[int, list] = {}
+    for producer, consumer in edges:
+        consumers.setdefault(id(producer), []).append(consumer)
+    add = report.findings.append
+
+    recurrent = (keras.layers.RNN, keras.layers.Bidirectional)
+    dropout = (keras.layers.Dropout, keras.layers.AlphaDropout, keras.layers.GaussianDropout)
+    biased = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Conv1D,
+              keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Conv1DTranspose,
+              keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose,
+              keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D,
+              keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)  # fmt: skip
+
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, recurrent):
+            for inner in layer._flatten_layers(include_self=False, recursive=True):
+                if is_batch_norm(inner):
+                    add(LintFinding(
+                        "bn-in-recurrent", inner.name, "warning",
+                        f"BatchNormalization '{inner.name}' runs inside recurrent layer '{layer.name}'",
+                        "inside the recurrence one set of running statistics is shared by every "
+                        "time step although each step's activations have their own distribution, "
+                        "and batch statistics of short batches of sequences are noisy; at "
+                        "inference the averaged statistics match no step",
+                        "use keras.layers.LayerNormalization inside the cell (per example, no "
+                        "batch statistics), or per-time-step statistics (recurrent BN, Cooijmans "
+                        "et al. 2016)",
+                    ))  # fmt: skip
+
+    seen_pairs = set()
+    for producer, bn in edges:
+        if not is_batch_norm(bn) or (id(producer), id(bn)) in seen_pairs:
+            continue
+        seen_pairs.add((id(producer), id(bn)))
+        if isinstance(producer, biased) and getattr(producer, "use_bias", False):
+            only_bn = all(is_batch_norm(c) for c in consumers.get(id(producer), []))
+            if only_bn and _normalises_channel_axis(producer, bn):
+                add(LintFinding(
+                    "bias-before-bn", producer.name, "info",
+                    f"'{producer.name}' ({type(producer).__name__}, use_bias=True) feeds "
+                    f"BatchNormalization '{bn.name}' directly",
+                    "BN subtracts each channel's mean, so a per-channel bias added right before "
+                    "it cancels exactly: its gradient is zero and beta already provides the "
+                    "offset; it only costs parameters, memory and a kernel launch",
+                    f"create '{producer.name}' with use_bias=False",
+                ))  # fmt: skip
+        if isinstance(producer, recurrent):
+            add(LintFinding(
+                "bn-after-recurrent", bn.name, "warning",
+                f"BatchNormalization '{bn.name}' directly normalises the output of recurrent "
+                f"layer '{producer.name}'",
+                "over sequence outputs BN pools every time step (and padding, without a mask) "
+                "into one set of statistics; batches of variable-length sequences give "
+                "statistics that change with the padding and the batch composition",
+                "use keras.layers.LayerNormalization after recurrent layers; if you keep BN, "
+                "make sure the mask reaches it (tfbn and Keras BN ignore masked steps)",
+            ))  # fmt: skip
+        if isinstance(producer, dropout):
+            add(LintFinding(
+                "bn-after-dropout", bn.name, "warning",
+                f"BatchNormalization '{bn.name}' directly follows {type(producer).__name__} "
+                f"'{producer.name}'",
+                "dropout changes the variance of its output between training (units dropped, "
+                "the rest scaled by 1/(1-rate)) and inference (nothing dropped), so the running "
+                "variance learned in training does not describe inference inputs: the "
+                "'variance shift' (Li et al., 2019)",
+                "move Dropout after the last BN (e.g. just before the classifier), or run "
+                "tfbn.recalibrate(model, data) after training: it measures the statistics in "
+                "inference mode, without dropout",
+            ))  # fmt: skip
+
+    if batch_size is not None:
+        per_replica = batch_size // replicas
+        for bn in bns:
+            if not bn.trainable:
+                continue  # a frozen BN normalises with running statistics in training too
+            synced = replicas > 1 and bool(getattr(bn, "synchronized", False))
+            group = (getattr(bn, "sync_group_size", None) or replicas) if synced else 1
+            stat_batch = per_replica * group
+            virtual = getattr(bn, "virtual_batch_size", None)
+            if virtual:
+                stat_batch = min(stat_batch, virtual)
+            if stat_batch >= min_batch:
+                continue
+            if replicas > 1 and not synced and not virtual and batch_size >= min_batch:
+                add(LintFinding(
+                    "unsynced-small-batch", bn.name, "warning",
+                    f"BatchNormalization '{bn.name}' is not synchronised: under {replicas} "
+                    f"replicas each one computes statistics over {per_replica} example(s) "
+                    f"(global batch {batch_size})",
+                    f"batch statistics of fewer than {min_batch} examples are noisy and bias "
+                    "training (Wu & He, 2018); each replica normalises with its own noisy "
+                    "statistics although the global batch would be large enough",
+                    "synchronise BN across replicas: build the model in strategy.scope() and "
+                    "model = tfbn.convert.convert_sync_batch_norm(model) (or "
+                    "tfbn.SyncBatchNormalization / keras BatchNormalization(synchronized=True))",
+                ))  # fmt: skip
+            else:
+                where = f"per replica ({replicas} replicas)" if replicas > 1 else "per batch"
+                add(LintFinding(
+                    "small-batch", bn.name, "warning",
+                    f"BatchNormalization '{bn.name}' computes statistics over {stat_batch} "
+                    f"example(s) {where}" + (f" (virtual_batch_size={virtual})" if virtual else ""),
+                    f"batch statistics of fewer than {min_batch} examples are noisy: training "
+                    "is hurt and the running statistics drift from what inference sees "
+                    "(Wu & He, 2018)",
+                    "use keras.layers.GroupNormalization (independent of the batch), a larger "
+                    "batch, or sync BN across replicas (tfbn.convert.convert_sync_batch_norm); for "
+                    "fine-tuning, freeze BN (tfbn.convert.freeze_batch_norm)",
+                ))  # fmt: skip
+    return report
+
+
+def _normalises_channel_axis(producer, bn) -> bool:
+    """Whether `bn` normalises exactly the channel axis `producer` adds its bias on."""
+    try:
+        rank = len(producer.output.shape)
+    except (AttributeError, ValueError):
+        rank = None
+    axes = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
+    if len(axes) != 1:
+        return False
+    channels_first = getattr(producer, "data_format", "channels_last") == "channels_first"
+    if rank is None:
+        return (axes[0] == 1) if channels_first else (axes[0] == -1)
+    return axes[0] % rank == (1 if channels_first else rank - 1)
+
+
+def _layer_edges(model) -> list[tuple]:
+    """(producer, consumer) pairs of layers connected by a tensor, nested models
+    flattened (a nested model's output is produced by its inner layer, its input
+    consumed by its inner layers). Sequential, Functional and nested models; a
+    Sequential without a graph falls back to consecutive layers."""
+    import keras
+    from keras.src.models.functional import Functional
+    from keras.src.ops.function import make_node_key
+
+    def graph_of(m):
+        if isinstance(m, keras.Sequential):
+            return getattr(m, "_functional", None)
+        return m if isinstance(m, Functional) else None
+
+    def producers(op, tensor):
+        graph = graph_of(op) if isinstance(op, keras.Model) else None
+        if graph is None:
+            return [] if isinstance(op, keras.layers.InputLayer) or op is None else [op]
+        index = tensor._keras_history.tensor_index if hasattr(tensor, "_keras_history") else 0
+        outputs = graph.outputs
+        inner = outputs[min(index, len(outputs) - 1)]
+        return producers(inner._keras_history.operation, inner)
+
+    def consumers(op):
+        graph = graph_of(op) if isinstance(op, keras.Model) else None
+        if graph is None:
+            return [op]
+        inputs = {id(t) for t in graph.inputs}
+        found = []
+        for inner in graph.operations:
+            for i, node in enumerate(inner._inbound_nodes):
+                if make_node_key(inner, i) in graph._nodes and any(
+                    id(t) in inputs for t in node.input_tensors
+                ):
+                    found.extend(consumers(inner))
+        return found
+
+    edges, stack, visited = [], [model], set()
+    while stack:
+        current = stack.pop()
+        if id(current) in visited:
+            continue
+        visited.add(id(current))
+        graph = graph_of(current)
+        if graph is None:
+            layers = list(getattr(current, "layers", []))
+            stack.extend(layer for layer in layers if isinstance(layer, keras.Model))
+            if isinstance(current, keras.Sequential):
+                for a, b in zip(layers, layers[1:], strict=False):
+                    for p in producers(a, None) if not isinstance(a, keras.Model) else [a]:
+                        edges.extend((p, c) for c in consumers(b))
+            continue
+        for op in graph.operations:
+            if isinstance(op, keras.Model):
+                stack.append(op)
+            for i, node in enumerate(op._inbound_nodes):
+                if make_node_key(op, i) not in graph._nodes:
+                    continue
+                for tensor in node.input_tensors:
+                    for p in producers(tensor._keras_history.operation, tensor):
+                        edges.extend((p, c) for c in consumers(op))
+    return edges
