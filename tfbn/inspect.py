@@ -48,7 +48,7 @@ RANDOM_OP = re.compile(
 RANDOM_HELPERS = re.compile(r"GetKeyCounter|GetAlg|RngReadAndSkip|RngSkip")
 MOVING_STATS = re.compile(
     r"moving_mean|moving_var|moving_variance|AssignMovingAvg|ExponentialMovingAverage"
-    r"|running_mean|running_var",
+    r"|running_mean|running_var|num_batches_tracked|num_skipped_updates",
     re.IGNORECASE,
 )
 VARIABLE_OPS = ("VarHandleOp", "VariableV2", "Variable")
@@ -292,7 +292,9 @@ class _GraphWalker:
         def finding(kind, message):
             return Finding(kind, signature, name, op, message, frame.body.name)
 
-        if op in FUSED_BATCH_NORM_OPS and node.attr["is_training"].b:
+        # is_training defaults to True, and default-valued attributes are stripped on save.
+        training = node.attr["is_training"].b if "is_training" in node.attr else True
+        if op in FUSED_BATCH_NORM_OPS and training:
             return finding(
                 "training_batch_norm",
                 f"{op} '{name}' runs with is_training=True: it normalises with the statistics "
