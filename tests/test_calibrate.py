@@ -294,3 +294,18 @@ def test_reset_running_stats_returns_a_new_model_and_keeps_gamma_beta():
     np.testing.assert_array_equal(model.get_layer("bn_keras").moving_variance.numpy(), 1.0)
     with pytest.raises(ValueError, match="no BatchNormalization layer"):
         reset_running_stats(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))
+
+
+def test_running_stats_example_recovers_accuracy_after_a_domain_shift(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "running_stats.py"
+    spec = importlib.util.spec_from_file_location("running_stats", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--epochs", "3", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "new domain after recalibrate" in out and "never_updated" in out
+    assert (tmp_path / "momentum.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
