@@ -72,22 +72,95 @@ def global_moments(
     Returns `(mean, variance, count)` like `tfbn.stats.moments`, where `count` is
     the global number of values per channel. One all-reduce when replicated.
     """
-    mean, variance, count = stats.moments(x, axes, mask)
+    return all_reduce_moments(*stats.moments(x, axes, mask), group_size)
+
+
+def all_reduce_moments(
+    mean: tf.Tensor, variance: tf.Tensor, count: tf.Tensor, group_size: int | None = None
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Merges per-replica `(mean, variance, count)` into global ones: one all-reduce.
+
+    The local moments come back unchanged outside a multi-replica context.
+    """
     ctx = replica_context()
     if ctx is None:
         return mean, variance, count
+    total = _all_reduce_sum(ctx, stats.moment_sums(mean, variance, count), group_size)
+    return stats.moments_from_sums(total, mean.dtype)
+
+
+def sync_fused_batch_norm(
+    x: tf.Tensor,
+    gamma: tf.Tensor,
+    beta: tf.Tensor,
+    epsilon: float,
+    data_format: str,
+    group_size: int | None = None,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Synchronised batch norm of a 4D `x` on the fused kernel, with a custom gradient.
+
+    Forward: local moments on the fused kernel (`tfbn.stats.fused_moments`), one
+    all-reduce (`all_reduce_moments`), then the fused kernel normalises with the
+    global statistics held fixed. Backward (as PyTorch's SyncBatchNorm):
+    the fused kernel's fixed-statistics gradient gives `dy * gamma * r` and the
+    local sums `sum(dy)`, `sum(dy * xhat)` in one pass; ONE all-reduce of those
+    two sums, then `tfbn.stats.sync_batch_norm_input_grad` adds the terms that
+    flow through the global mean and variance. gamma/beta gradients stay local
+    (the optimizer sums them over replicas, as for any weight).
+
+    Must run in a replica context (see `replica_context`). `x` is NHWC or NCHW
+    (`data_format`) float16/bfloat16/float32; `gamma`/`beta` float32 tensors.
+
+    Returns:
+        `(y, mean, variance, count)` with the global statistics, as the layer's
+        other paths return them.
+    """
+    ctx = replica_context()
+    if ctx is None:
+        raise RuntimeError("sync_fused_batch_norm needs a replica context with > 1 replica.")
+    local = stats.fused_moments(tf.stop_gradient(x), data_format)
+    mean, variance, count = all_reduce_moments(*local, group_size)
+
+    @tf.custom_gradient
+    def normalize(x, gamma, beta):
+        y, _, _ = stats.fused_batch_norm(x, gamma, beta, epsilon, data_format, mean, variance)
+
+        def grad(dy):
+            dx_frozen, dgamma, dbeta = stats.fused_batch_norm_frozen_grad(
+                dy, x, gamma, mean, variance, epsilon, data_format
+            )
+            sum_dy, sum_dy_xhat = tf.unstack(
+                _all_reduce_sum(ctx, tf.stack([dbeta, dgamma]), group_size)
+            )
+            dx = stats.sync_batch_norm_input_grad(
+                x, dx_frozen, gamma, mean, variance, epsilon, sum_dy, sum_dy_xhat, count,
+                data_format,
+            )
+            return dx, dgamma, dbeta
+
+        return y, grad
+
+    return normalize(x, gamma, beta), mean, variance, count
+
+
+def _all_reduce_sum(
+    ctx: tf.distribute.ReplicaContext, value: tf.Tensor, group_size: int | None
+) -> tf.Tensor:
+    """SUM of `value` over all replicas, or over the replica's group: one all-reduce.
+
+    Groups share the collective: each replica writes `value` into its group's row
+    of a `[num_groups, ...]` zero buffer, all replicas sum the buffer, and each
+    reads its own group's row back.
+    """
     replicas = ctx.num_replicas_in_sync
     validate_group_size(group_size, replicas)
-    sums = stats.moment_sums(mean, variance, count)
     if group_size is None or group_size == replicas:
-        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, sums)
-    else:
-        group = ctx.replica_id_in_sync_group // group_size
-        rows = tf.one_hot(group, replicas // group_size, dtype=sums.dtype)
-        rows = tf.reshape(rows, [-1] + [1] * sums.shape.rank)
-        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, rows * sums[tf.newaxis])
-        total = tf.gather(total, group)
-    return stats.moments_from_sums(total, mean.dtype)
+        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
+    group = ctx.replica_id_in_sync_group // group_size
+    rows = tf.one_hot(group, replicas // group_size, dtype=value.dtype)
+    rows = tf.reshape(rows, [-1] + [1] * value.shape.rank)
+    total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, rows * value[tf.newaxis])
+    return tf.gather(total, group)
 
 
 # ------------------------------------------------- whole-dataset reductions --

@@ -203,3 +203,110 @@ def fused_batch_norm(
     n = tf.cast(tf.reduce_prod(shape) // tf.maximum(shape[channel], 1), tf.float32)
     batch_var = batch_var * tf.math.divide_no_nan(n - 1.0, n)
     return y, batch_mean, batch_var
+
+
+def fused_batch_norm_frozen_grad(
+    dy: tf.Tensor,
+    x: tf.Tensor,
+    scale: tf.Tensor,
+    mean: tf.Tensor,
+    variance: tf.Tensor,
+    epsilon: float,
+    data_format: str,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """FusedBatchNormGradV3 with the statistics held fixed, in one pass over `dy`, `x`.
+
+    With `r = rsqrt(variance + epsilon)` and `xhat = (x - mean) * r`, returns
+
+        (dy * scale * r,  sum(dy * xhat),  sum(dy))
+
+    (the sums over every axis but the channel), the three pieces from which
+    `sync_batch_norm_input_grad` builds the gradient of normalising with global
+    statistics. 4D `x`/`dy` as in `fused_batch_norm`; float32 `scale`/statistics.
+    """
+    nchw = data_format == "NCHW"
+    if nchw:  # the kernel's frozen-statistics gradient is channels-last only
+        x, dy = tf.transpose(x, [0, 2, 3, 1]), tf.transpose(dy, [0, 2, 3, 1])
+    dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+        y_backprop=dy,
+        x=x,
+        scale=scale,
+        reserve_space_1=mean,
+        reserve_space_2=variance,
+        reserve_space_3=tf.zeros([0], tf.float32),
+        epsilon=epsilon,
+        data_format="NHWC",
+        is_training=False,
+    )
+    if nchw:
+        dx = tf.transpose(dx, [0, 3, 1, 2])
+    return dx, dscale, doffset
+
+
+def sync_batch_norm_input_grad(
+    x: tf.Tensor,
+    dx_frozen: tf.Tensor,
+    scale: tf.Tensor,
+    mean: tf.Tensor,
+    variance: tf.Tensor,
+    epsilon: float,
+    sum_dy: tf.Tensor,
+    sum_dy_xhat: tf.Tensor,
+    count: tf.Tensor,
+    data_format: str,
+) -> tf.Tensor:
+    """Input gradient of batch norm whose statistics came from a larger (global) batch.
+
+    `y = scale * xhat + offset` with `xhat = (x - mean) * r`, `r = rsqrt(var + eps)`,
+    where `mean`/`var` are the moments of all `count` values per channel (every
+    replica's). The gradient of the summed loss of all replicas w.r.t. this
+    replica's `x` (Ioffe and Szegedy's formula with global sums, as PyTorch's
+    SyncBatchNorm) is
+
+        dx = scale * r * (dy - sum_dy / count - xhat * sum_dy_xhat / count)
+           = dx_frozen + x * k1 + k0,    per channel:
+        k1 = -scale * r**2 * sum_dy_xhat / count
+        k0 = -scale * r * sum_dy / count - mean * k1
+
+    where `dx_frozen = dy * scale * r` and `sum_dy`, `sum_dy_xhat` are the GLOBAL
+    sums (all-reduced local `fused_batch_norm_frozen_grad` sums). A zero count
+    (all-empty batch) gives `dx_frozen` unchanged. Returns `x`'s dtype.
+    """
+    r = tf.math.rsqrt(variance + tf.cast(epsilon, variance.dtype))
+    g_r = scale * r
+    k1 = -g_r * r * tf.math.divide_no_nan(sum_dy_xhat, count)
+    k0 = -g_r * tf.math.divide_no_nan(sum_dy, count) - mean * k1
+    if data_format == "NCHW":
+        k1, k0 = k1[:, None, None], k0[:, None, None]
+    return _add_channel_affine(dx_frozen, x, k1, k0)
+
+
+@tf.function(jit_compile=True)
+def _add_channel_affine(d: tf.Tensor, x: tf.Tensor, k1: tf.Tensor, k0: tf.Tensor) -> tf.Tensor:
+    """`d + x * k1 + k0` in float32, returned in `x`'s dtype.
+
+    XLA fuses it into one pass over `d` and `x`; unfused TensorFlow runs three
+    elementwise kernels and costs about twice as much on a CPU.
+    """
+    y = tf.cast(d, tf.float32) + tf.cast(x, tf.float32) * k1 + k0
+    return tf.cast(y, x.dtype)
+
+
+def fused_moments(x: tf.Tensor, data_format: str) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """`moments` of a 4D `x` over all but the channel axis, on the fused kernel.
+
+    Same contract as `moments` (biased variance, float32, zeros for an empty
+    batch), at about half the cost of TensorFlow's reductions on a CPU. The
+    kernel's variance is two-pass too: at mean 1e4 / std 1 it is within 1e-4
+    relative of float64 (tested).
+    """
+    channels = x.shape[3] if data_format == "NHWC" else x.shape[1]
+    ones, zeros = tf.ones([channels], tf.float32), tf.zeros([channels], tf.float32)
+    _, mean, variance = fused_batch_norm(x, ones, zeros, 1e-3, data_format)
+    shape = tf.shape(x, out_type=tf.int64)
+    per_channel = tf.size(x, tf.int64) // tf.maximum(shape[3 if data_format == "NHWC" else 1], 1)
+    count = tf.fill([channels], tf.cast(per_channel, tf.float32))
+    empty = count == 0.0  # the kernel returns NaN for an empty batch
+    mean = tf.where(empty, tf.zeros_like(mean), mean)
+    variance = tf.where(empty, tf.zeros_like(variance), variance)
+    return mean, variance, count

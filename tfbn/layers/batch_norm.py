@@ -376,13 +376,14 @@ class BatchNormalization(keras.layers.Layer):
     def _batch_norm(self, x, mask):
         """Normalise with batch statistics; returns (y, mean, variance, count)."""
         distributed = self.synchronized and distribute.replica_context() is not None
-        if (
-            self._fused_format is not None
-            and mask is None
-            and not distributed
-            and x.dtype in stats.FUSED_DTYPES
-        ):
+        if self._fused_format is not None and mask is None and x.dtype in stats.FUSED_DTYPES:
             x4, restore = self._to_4d(x)
+            if distributed:
+                y, mean, variance, count = distribute.sync_fused_batch_norm(
+                    x4, *self._gamma_beta(), self.epsilon, self._fused_format,
+                    self.sync_group_size,
+                )
+                return restore(y), mean, variance, count
             y, mean, variance = stats.fused_batch_norm(
                 x4, *self._gamma_beta(), self.epsilon, self._fused_format
             )
