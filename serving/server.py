@@ -37,6 +37,7 @@ import dataclasses
 import http.server
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -140,6 +141,34 @@ def _read_meta_graph(path: str, tags=("serve",)):
                             "SavedModel, please use the SavedModel CLI: `saved_model_cli`")
 
 
+class _SessionRunner:
+    """TF1 SavedModels run the way TF Serving runs them: a Session over the MetaGraph, fed
+    and fetched by the tensor names in the SignatureDef, with no static-shape check on
+    the feeds (TF's Python loader cannot turn every TF1 signature into a function, e.g.
+    half_plus_three's, and Session.run() rejects feeds TF Serving accepts)."""
+
+    def __init__(self, path: str):
+        import tensorflow as tf
+
+        self.graph = tf.Graph()
+        self.session = tf.compat.v1.Session(graph=self.graph)
+        with self.graph.as_default():
+            tf.compat.v1.saved_model.loader.load(self.session, ["serve"], path)
+
+    def run(self, sig, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        g = self.graph
+        feeds = {}
+        for alias, arr in inputs.items():
+            t = g.get_tensor_by_name(sig.inputs[alias].name)
+            feeds[t._as_tf_output()] = arr  # noqa: SLF001 - see the class docstring
+        fetches = [g.get_tensor_by_name(sig.outputs[a].name)._as_tf_output() for a in outputs]
+        results = self.session._call_tf_sessionrun(None, feeds, fetches, [], None)  # noqa: SLF001
+        return {a: np.asarray(r) for a, r in zip(outputs, results, strict=True)}
+
+    def close(self):
+        self.session.close()
+
+
 class Servable:
     """One version of one model, loaded with `tf.saved_model.load`.
 
@@ -153,15 +182,19 @@ class Servable:
         self.name, self.version, self.path = name, int(version), path
         self.meta_graph = _read_meta_graph(path)
         self.signature_defs = dict(self.meta_graph.signature_def)
+        self._session: _SessionRunner | None = None
+        self._functions, self._flat_names = {}, {}
         try:
-            self._loaded = tf.saved_model.load(path, tags=["serve"])
+            if not self.meta_graph.object_graph_def.nodes:  # a TF1 SavedModel
+                self._session = _SessionRunner(path)
+            else:
+                self._loaded = tf.saved_model.load(path, tags=["serve"])
+                self._functions = dict(self._loaded.signatures)
         except ServingError:
             raise
         except Exception as err:  # noqa: BLE001 - any load failure is reported, not raised through
             raise _tf_error(err) if isinstance(err, tf.errors.OpError) else _err(
                 "INTERNAL", f"Failed to load SavedModel {path}: {type(err).__name__}: {err}") from None
-        self._functions = dict(self._loaded.signatures)
-        self._flat_names = {}
         for key, fn in self._functions.items():
             specs = tf.nest.flatten(fn.structured_input_signature)
             kwargs = fn.structured_input_signature[1]
@@ -215,10 +248,14 @@ class Servable:
         """Run a validated request (no batching)."""
         import tensorflow as tf
 
+        if self._session is not None:
+            try:
+                return self._session.run(self.signature_defs[key], inputs, outputs)
+            except tf.errors.OpError as err:
+                raise _tf_error(err) from None
         fn = self._functions.get(key)
         if fn is None:
-            raise _err("UNIMPLEMENTED", f"signature {key!r} has no callable function in this "
-                                        "SavedModel (TF1 signatures on reference variables?)")
+            raise _err("UNIMPLEMENTED", f"signature {key!r} has no function in this SavedModel")
         try:
             names = self._flat_names[key]
             tensors = []
@@ -246,6 +283,8 @@ class Servable:
     def close(self):
         if self.batcher is not None:
             self.batcher.close()
+        if self._session is not None:
+            self._session.close()
 
 
 # --- batching emulation -------------------------------------------------------------
@@ -642,6 +681,7 @@ def status_json(resp) -> str:
 
 # --- REST JSON -> tensors (TF Serving's json_tensor rules) ---------------------------
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _JSON_TYPES = {type(None): "Null", bool: "Boolean", dict: "Object", list: "Array", str: "String",
                int: "Number", float: "Number"}
 _INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int16": (-(2**31), 2**31 - 1),
@@ -674,7 +714,7 @@ def _check_leaf(v, dt: int):
             raise type_error()
         if dt == T.DT_FLOAT:
             if isinstance(v, int) and abs(v) > 2**24 - 1 or (
-                    isinstance(v, float) and np.isfinite(v) and abs(v) > np.finfo(np.float32).max):
+                    isinstance(v, float) and math.isfinite(v) and abs(v) > _FLOAT32_MAX):
                 raise _err("INVALID_ARGUMENT", f"Cannot convert JSON value: {_json_text(v)} to float "
                                                "without loss of precision.")
         return v
@@ -884,6 +924,17 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args):  # quiet by default
         log.debug("REST %s " + fmt, self.address_string(), *args)
+
+    def send_error(self, code, message=None, explain=None):
+        """Protocol-level errors (bad request line, headers) as JSON, on HTTP/1.1."""
+        if not getattr(self, "request_version", "").startswith("HTTP/1."):
+            self.request_version = "HTTP/1.1"
+        self.close_connection = True
+        text = message or http.server.BaseHTTPRequestHandler.responses.get(code, ("Error",))[0]
+        try:
+            self._reply(code, json.dumps({"error": text}))
+        except OSError:
+            pass
 
     def _reply(self, status: int, body: str):
         data = body.encode("utf-8")
