@@ -198,6 +198,7 @@ class BatchNormMomentumScheduler(keras.callbacks.Callback):
             )
         self._fn = momentum_schedule(self.schedule, self.start, self.end, self._total())
         self._step = 0
+        self._current = None  # re-apply on every fit: the layers may have been changed since
 
     def _total(self) -> int | None:
         if callable(self.schedule) or self.total is not None:
