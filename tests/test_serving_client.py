@@ -1,0 +1,252 @@
+"""serving.client against the development server (and, with TFS_REST_URL / TFS_GRPC_TARGET
+set, against a real TF Serving: `pytest -m tfserving`)."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socket
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from _serving_helpers import HALF_PLUS_TWO, HALF_PLUS_TWO_TF2, TESTDATA, TWO_VERSIONS
+
+from serving import _config, _tensor
+from serving.client import GrpcClient, RestClient, TFServingError, connect
+from serving.server import DevServer
+
+needs_fixtures = pytest.mark.skipif(not os.path.isdir(TESTDATA), reason="TF Serving fixtures missing")
+
+
+@pytest.fixture(scope="module")
+def server():
+    models = [_config.ModelConfig("default", HALF_PLUS_TWO),
+              _config.ModelConfig("tf2", HALF_PLUS_TWO_TF2),
+              _config.ModelConfig("two", TWO_VERSIONS, policy="all", labels={"stable": 123,
+                                                                             "canary": 124})]
+    with DevServer(models, port=0, rest_api_port=0) as srv:
+        yield srv
+
+
+@pytest.fixture(params=["rest", "grpc"])
+def client_for(request, server):
+    made = []
+
+    def make(model="default", **kw):
+        c = (RestClient(server.rest_url, model, **kw) if request.param == "rest"
+             else GrpcClient(server.grpc_target, model, **kw))
+        made.append(c)
+        return c
+
+    make.kind = request.param
+    yield make
+    for c in made:
+        c.close()
+
+
+@needs_fixtures
+def test_predict_half_plus_two(client_for):
+    c = client_for()
+    out = c.predict({"x": np.array([[1.0], [2.0], [5.0]], np.float32)})
+    assert list(out) == ["y"] and out["y"].dtype == np.float32
+    np.testing.assert_array_equal(out["y"], [[2.5], [3.0], [4.5]])
+    # one-input signatures take a bare array; float64 data is cast to the signature's DT_FLOAT
+    np.testing.assert_array_equal(c.predict(np.array([[2.0]]))["y"], [[3.0]])
+    if client_for.kind == "rest":
+        np.testing.assert_array_equal(c.predict({"x": [[1.0], [5.0]]}, format="row")["y"], [[2.5], [4.5]])
+
+
+@needs_fixtures
+def test_metadata_discovers_the_signature(client_for):
+    meta = client_for().metadata()
+    assert meta.model_name == "default" and meta.version == 123
+    sig = meta.signature()
+    assert sig.method_name == "tensorflow/serving/predict"
+    assert sig.inputs["x"].dtype == "DT_FLOAT" and sig.inputs["x"].shape == (-1, 1)
+    assert sig.outputs["y"].numpy_dtype == np.float32
+    assert meta.signatures["classify_x_to_y"].inputs["inputs"].shape is None  # unknown rank
+    with pytest.raises(KeyError, match="nope"):
+        meta.signature("nope")
+
+
+@needs_fixtures
+def test_status_and_version_selection(client_for):
+    c = client_for("two")
+    assert [(s.version, s.state) for s in c.status()] == [(124, "AVAILABLE"), (123, "AVAILABLE")]
+    assert c.metadata().version == 124
+    assert c.metadata(version=123).version == 123
+    assert client_for("two", label="stable").metadata().version == 123
+    assert client_for("two", version=124).status() == [c.status()[0]]
+    x = {"x": np.array([[1.0]], np.float32)}
+    assert client_for("two", label="canary").predict(x)["y"].tolist() == [[2.5]]
+    with pytest.raises(ValueError, match="not both"):
+        client_for("two", version=1, label="stable")
+
+
+@needs_fixtures
+def test_errors_carry_code_status_and_message(client_for):
+    with pytest.raises(TFServingError) as err:
+        client_for("nosuch").predict({"x": np.zeros((1, 1), np.float32)})
+    e = err.value
+    assert e.code == "NOT_FOUND"
+    assert "Servable not found for request: Latest(nosuch)" in e.message
+    if client_for.kind == "rest":
+        assert e.http_status == 404 and e.grpc_code is None
+    else:
+        assert e.grpc_code is grpc.StatusCode.NOT_FOUND and e.http_status is None
+    with pytest.raises(TFServingError) as err:
+        client_for(version=999).status()
+    assert err.value.code == "NOT_FOUND" and "Could not find version 999 of model default" in err.value.message
+    with pytest.raises(TFServingError) as err:
+        client_for().predict({"wrong": np.zeros((1, 1), np.float32)})
+    assert err.value.code == "INVALID_ARGUMENT"
+    assert ("input tensor alias not found in signature: wrong" in err.value.message  # gRPC
+            or "Missing named input: x in 'inputs' object." in err.value.message)  # REST
+
+
+@needs_fixtures
+def test_float32_round_trip_is_exact(server):
+    """Every float32 bit pattern class survives JSON (REST) and TensorProto (gRPC) exactly."""
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, 4000, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32)
+    x = x[np.isfinite(x)]
+    x = np.concatenate([x, np.float32([0.1, 1 / 3, 1e-45, 1.1754942e-38, 3.4028235e38, -0.0, 16777217])])
+    x = x[np.abs(x) < 1e37]  # keep 0.5 * x + 2 finite
+    expected = (x.astype(np.float32) * np.float32(0.5) + np.float32(2.0)).astype(np.float32)
+    # JSON encoding itself: shortest decimal, read back bit-exactly
+    decoded = _tensor.json_to_array(__import__("json").loads(_tensor.array_to_json(x)), np.float32)
+    assert decoded.tobytes() == x.tobytes()
+    for c in (RestClient(server.rest_url, "tf2"), GrpcClient(server.grpc_target, "tf2")):
+        with c:
+            got = c.predict({"x": x})["y"]
+        assert got.dtype == np.float32 and got.tobytes() == expected.tobytes()
+
+
+def test_unreachable_server_fails_clearly_within_the_timeout():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    for c in (RestClient(f"http://127.0.0.1:{port}", "m", timeout=1.5, backoff=0.05),
+              GrpcClient(f"127.0.0.1:{port}", "m", timeout=1.5, backoff=0.05)):
+        t0 = time.monotonic()
+        with pytest.raises(TFServingError) as err:
+            c.status()
+        assert time.monotonic() - t0 < 3.0
+        assert err.value.code == "UNAVAILABLE"
+        assert f"127.0.0.1:{port}" in str(err.value) and "attempts" in str(err.value)
+        c.close()
+
+
+class _Flaky(http.server.BaseHTTPRequestHandler):
+    """503 for the first `fail` requests, then TF Serving's status answer; counts calls."""
+
+    calls = 0
+    fail = 2
+    status = 503
+
+    def do_GET(self):
+        type(self).calls += 1
+        if type(self).calls <= type(self).fail:
+            body, code = b'{"error": "busy"}', type(self).status
+        else:
+            body, code = (b'{"model_version_status": [{"version": "1", "state": "AVAILABLE", '
+                          b'"status": {"error_code": "OK", "error_message": ""}}]}'), 200
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def flaky():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    _Flaky.calls = 0
+    yield srv, _Flaky
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_retries_with_backoff_only_on_unavailable(flaky):
+    srv, handler = flaky
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    handler.fail, handler.status = 2, 503
+    assert RestClient(url, "m", retries=3, backoff=0.01).status()[0].state == "AVAILABLE"
+    assert handler.calls == 3
+    handler.calls, handler.fail, handler.status = 0, 2, 500  # INTERNAL: not retried
+    with pytest.raises(TFServingError) as err:
+        RestClient(url, "m", retries=3, backoff=0.01).status()
+    assert err.value.code == "INTERNAL" and err.value.http_status == 500 and handler.calls == 1
+    handler.calls, handler.fail, handler.status = 0, 10, 503  # gives up after `retries`
+    with pytest.raises(TFServingError) as err:
+        RestClient(url, "m", retries=2, backoff=0.01).status()
+    assert err.value.code == "UNAVAILABLE" and handler.calls == 3
+
+
+def test_timeouts_are_enforced():
+    """A server that accepts but never answers: the call fails at its deadline."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        port = s.getsockname()[1]
+        c = RestClient(f"http://127.0.0.1:{port}", "m", timeout=0.5)
+        t0 = time.monotonic()
+        with pytest.raises(TFServingError) as err:
+            c.status()
+        assert err.value.code == "DEADLINE_EXCEEDED" and time.monotonic() - t0 < 2.0
+        c.close()
+    with pytest.raises(ValueError, match="timeout"):
+        RestClient("http://x", "m", timeout=0)
+
+
+def test_connect_picks_the_transport(server):
+    with connect(server.rest_url, "default") as c:
+        assert isinstance(c, RestClient)
+    with connect(server.grpc_target, "default") as c:
+        assert isinstance(c, GrpcClient)
+
+
+# --- against a real TF Serving (skipped unless pointed at one) ---------------------------
+
+TFS_REST, TFS_GRPC = os.environ.get("TFS_REST_URL"), os.environ.get("TFS_GRPC_TARGET")
+TFS_MODEL = os.environ.get("TFS_MODEL_NAME", "half_plus_two")
+real = [pytest.param("rest", marks=pytest.mark.skipif(not TFS_REST, reason="TFS_REST_URL not set")),
+        pytest.param("grpc", marks=pytest.mark.skipif(not TFS_GRPC, reason="TFS_GRPC_TARGET not set"))]
+
+
+def _real(kind, **kw):
+    return RestClient(TFS_REST, TFS_MODEL, **kw) if kind == "rest" else GrpcClient(TFS_GRPC, TFS_MODEL, **kw)
+
+
+@pytest.mark.tfserving
+@pytest.mark.parametrize("kind", real)
+def test_real_tf_serving_half_plus_two(kind):
+    """Serve /work/shared/tfs_testdata/saved_model_half_plus_two_cpu as TFS_MODEL_NAME."""
+    with _real(kind) as c:
+        assert any(s.state == "AVAILABLE" for s in c.status())
+        sig = c.metadata().signature()
+        assert set(sig.inputs) == {"x"} and sig.inputs["x"].dtype == "DT_FLOAT"
+        np.testing.assert_array_equal(c.predict({"x": np.float32([[1.0], [2.0], [5.0]])})["y"],
+                                      [[2.5], [3.0], [4.5]])
+    with pytest.raises(TFServingError) as err:
+        (RestClient(TFS_REST, "no_such_model") if kind == "rest"
+         else GrpcClient(TFS_GRPC, "no_such_model")).predict({"x": np.float32([[1.0]])})
+    assert err.value.code == "NOT_FOUND"
+
+
+@pytest.mark.tfserving
+@pytest.mark.parametrize("kind", real)
+def test_real_tf_serving_batch_invariance(kind):
+    from serving.invariance import check_batch_invariance
+
+    with _real(kind) as c:
+        x = {"x": np.random.default_rng(0).standard_normal((20, 1)).astype(np.float32)}
+        report = check_batch_invariance(c.predict_fn(), x, concurrent=True)
+    assert report.passed, report.table()
