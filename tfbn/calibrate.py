@@ -91,6 +91,8 @@ def recalibrate(
     correction over the whole dataset; Keras layers and the default are biased).
     tfbn layers get `num_batches_tracked` = batches in the dataset, so a later
     cumulative average (`momentum=None`) continues with the right weight.
+    `tfbn.FrozenBatchNormalization` layers (statistics fixed by design) and tfbn
+    layers with `track_running_stats=False` are left alone.
 
     Args:
         model: A built Keras model with at least one BN layer. Under a
