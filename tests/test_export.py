@@ -261,3 +261,18 @@ def test_cli_export(tmp_path, capsys):
     assert cli.main(["export", path, base, "--version", "two"]) == 2
     assert cli.main(["export", str(tmp_path / "missing.keras"), base]) == 2
     assert cli.main(["inspect", os.path.join(base, "2")]) == 0
+
+
+def test_bench_export_example_runs(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "bench_export.py"
+    spec = importlib.util.spec_from_file_location("bench_export", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = ["--repeats", "3", "--size", "8", "--width", "4", "--steps", "1"]
+    assert module.main(args) == 0
+    table = capsys.readouterr().out
+    for name in ("tfbn folded", "keras export", "no BN (tfbn export)", "no BN (keras export)"):
+        assert f"| 1 | {name} |" in table and f"| 64 | {name} |" in table
