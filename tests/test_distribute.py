@@ -410,38 +410,37 @@ def test_fit_save_and_reload(strategy, tmp_path):
     assert strategy.num_replicas_in_sync == REPLICAS
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 64)
-    images = rng.normal(0, 1, (64, 8, 8, 3)).astype("float32") + labels[:, None, None, None] * 0.5
+    images = rng.normal(0, 1, (64, 8, 8, 3)).astype("float32") + labels[:, None, None, None]
     keras.utils.set_random_seed(0)
     with strategy.scope():
         model = _cnn(lambda: tfbn.SyncBatchNormalization(momentum=0.9))
         model.compile(
-            keras.optimizers.Adam(0.01),
+            keras.optimizers.Adam(0.02),
             keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
-    history = model.fit(images, labels, batch_size=16, epochs=4, verbose=0)
+    history = model.fit(images, labels, batch_size=16, epochs=3, verbose=0)
     losses = history.history["loss"]
-    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     bns = [layer for layer in model.layers if isinstance(layer, tfbn.BatchNormalization)]
-    assert all(int(bn.num_batches_tracked.numpy()) == 16 for bn in bns)
+    assert all(int(bn.num_batches_tracked.numpy()) == 12 for bn in bns)
     assert not np.allclose(np.asarray(bns[0].moving_mean), 0)
 
     path = tmp_path / "sync_cnn.keras"
     model.save(path)
+    x = images[:8]
+    want = np.asarray(model(x, training=False))
     reloaded = keras.models.load_model(path)
-    for old, new in zip(bns, [la for la in reloaded.layers if isinstance(la, tfbn.BatchNormalization)],
-                        strict=True):
+    new_bns = [layer for layer in reloaded.layers if isinstance(layer, tfbn.BatchNormalization)]
+    for old, new in zip(bns, new_bns, strict=True):
         assert new.synchronized
         for a, b in zip(old.get_weights(), new.get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
-        assert int(new.num_batches_tracked.numpy()) == 16
-    np.testing.assert_allclose(
-        reloaded.predict(images[:8], verbose=0), model.predict(images[:8], verbose=0), atol=1e-5
-    )
-    with strategy.scope():  # and it loads back under a strategy
+        assert int(new.num_batches_tracked.numpy()) == 12
+    np.testing.assert_allclose(reloaded(x, training=False), want, atol=1e-5)
+    with strategy.scope():  # and it loads back under a strategy, mirrored
         again = keras.models.load_model(path)
-    np.testing.assert_allclose(
-        again.predict(images[:8], verbose=0), model.predict(images[:8], verbose=0), atol=1e-5
-    )
+    assert isinstance(again.layers[1].moving_mean.value, tf.distribute.DistributedValues)
+    np.testing.assert_allclose(again(x, training=False), want, atol=1e-5)
 
 
 # -------------------------------------------------------------- conversion --
