@@ -217,12 +217,15 @@ class RestClient(_Base):
       timeout: seconds allowed for each call, retries included.
       retries: extra attempts when the server is UNAVAILABLE (connection refused, 503).
       backoff: first pause between attempts (doubles each time, with jitter).
+      session / pool_size: a requests.Session to use, else one with `pool_size` connections.
     """
 
     def __init__(self, url: str, model_name: str, *, version: int | None = None,
                  label: str | None = None, signature_name: str = "serving_default",
-                 timeout: float = 10.0, retries: int = 3, backoff: float = 0.1, session=None):
+                 timeout: float = 10.0, retries: int = 3, backoff: float = 0.1, session=None,
+                 pool_size: int = 64):
         import requests
+        import requests.adapters
 
         url = url.rstrip("/")
         if "://" not in url:
@@ -230,7 +233,12 @@ class RestClient(_Base):
         super().__init__(url, model_name, version=version, label=label,
                          signature_name=signature_name, timeout=timeout, retries=retries,
                          backoff=backoff)
-        self._session = session or requests.Session()
+        if session is None:  # one pool, big enough for the concurrent single-row mode
+            session = requests.Session()
+            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+        self._session = session
         self._requests = requests
 
     def _path(self, version, label, suffix: str) -> str:

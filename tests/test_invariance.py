@@ -1,0 +1,246 @@
+"""The batch-size invariance check: pure (fake predict callables), on real Keras BN exports
+in process, behind the dev server's batching over REST and gRPC, and `tfbn check`."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+from _serving_helpers import INPUT, OUTPUT, examples, export_bn_models
+
+from serving import _config
+from serving.invariance import (
+    check_batch_invariance,
+    load_golden,
+    run_check,
+    saved_model_predictor,
+    synthetic_inputs,
+)
+from tfbn import cli
+
+# --- pure: any predict callable ----------------------------------------------------------
+
+def rowwise(batch):
+    return {"y": batch["x"] * 2.0 + 1.0, "z": batch["x"].sum(axis=1)}
+
+
+def batch_stats(batch):  # what BN in training mode does: normalise with the batch's moments
+    x = batch["x"]
+    return {"y": (x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + 1e-3)}
+
+
+X = {"x": np.random.default_rng(1).standard_normal((20, 3)).astype(np.float32)}
+
+
+def test_rowwise_model_passes_every_batch_size_and_order():
+    report = check_batch_invariance(rowwise, X)
+    assert report.passed and report.reference == "full-batch" and report.outputs == ["y", "z"]
+    assert [(r.batch_size, r.order) for r in report.rows] == [
+        (b, o) for b in (1, 2, 3, 7, 20) for o in range(3)]
+    assert [r.requests for r in report.rows if r.order == 0] == [20, 10, 7, 3, 1]
+    assert all(r.max_abs == 0 and r.passed for r in report.rows)
+    assert "PASSED: 20 examples" in report.table()
+
+
+def test_batch_statistics_fail_and_the_report_says_where():
+    report = check_batch_invariance(batch_stats, X, orders=2)
+    assert not report.passed
+    by_size = {r.batch_size: r for r in report.rows if r.order == 0}
+    assert not by_size[1].passed and not by_size[7].passed
+    assert by_size[20].passed  # the full batch is the reference itself
+    worst = max(report.rows, key=lambda r: r.tolerance_ratio)
+    assert 0 <= worst.worst_index < 20 and worst.worst_output == "y" and worst.max_abs > 0.1
+    table = report.table()
+    assert "| sequential | 7 | 0 | 3 |" in table and "FAIL" in table and "FAILED" in table
+    json.dumps(report.to_dict())  # serialisable for CI artefacts
+
+
+def test_tolerance_and_reference_semantics():
+    def noisy(batch):  # deviation 1e-6 * |x| grows with nothing but the value: passes rtol
+        return {"y": batch["x"] * (1 + 1e-6 * len(batch["x"]))}
+
+    ref = {"y": X["x"].copy()}
+    assert check_batch_invariance(noisy, X, reference=ref, atol=0, rtol=1e-4).passed
+    assert not check_batch_invariance(noisy, X, reference=ref, atol=0, rtol=1e-7).passed
+    report = check_batch_invariance(rowwise, X, reference={"y": X["x"] * 2 + 1}, batch_sizes=(4, 50))
+    assert report.reference == "given" and [r.batch_size for r in report.rows[::3]] == [4, 20]
+
+
+def test_order_matters_is_caught():
+    calls = []
+
+    def position_dependent(batch):
+        calls.append(len(batch["x"]))
+        return {"y": batch["x"] + np.arange(len(batch["x"]), dtype=np.float32)[:, None]}
+
+    report = check_batch_invariance(position_dependent, X, batch_sizes=(None,), orders=3)
+    assert [r.passed for r in report.rows] == [True, False, False]
+
+
+def test_concurrent_single_row_mode_catches_cross_request_mixing():
+    """A fake server that batches whatever arrives together: single-row clients get
+    answers that depend on each other, only in the concurrent mode."""
+    lock, pending = threading.Lock(), []
+
+    def mixing_server(batch):
+        with lock:
+            pending.append(batch["x"])
+            mixed = np.concatenate(pending[-4:])
+        return {"y": batch["x"] - mixed.mean(axis=0)}
+
+    alone = {"y": np.zeros_like(X["x"])}  # each row alone: x - x = 0
+    report = check_batch_invariance(mixing_server, X, reference=alone, batch_sizes=(),
+                                    concurrent=True, reference_name="single-row")
+    assert [r.mode for r in report.rows] == ["concurrent"] and not report.passed
+    assert check_batch_invariance(rowwise, X, batch_sizes=(), concurrent=True,
+                                  concurrent_rounds=2).passed
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"orders": 0}, "orders"), ({"atol": -1}, "atol"), ({"batch_sizes": (0,)}, "batch sizes"),
+    ({"batch_sizes": ()}, "nothing to check"), ({"reference": {"y": np.zeros((3, 3))}}, "rows"),
+])
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        check_batch_invariance(rowwise, X, **kwargs)
+
+
+def test_bad_predict_outputs_are_reported():
+    with pytest.raises(ValueError, match="expected 2 rows"):
+        check_batch_invariance(lambda b: {"y": np.zeros(3)}, {"x": np.zeros((2, 1))})
+    with pytest.raises(ValueError, match="did not return outputs"):
+        check_batch_invariance(lambda b: {"q": b["x"]}, X, reference={"y": X["x"]})
+    with pytest.raises(ValueError, match="same number of rows"):
+        check_batch_invariance(rowwise, {"x": np.zeros((2, 1)), "w": np.zeros((3, 1))})
+
+
+# --- golden files ---------------------------------------------------------------------
+
+def test_load_golden(tmp_path):
+    assert load_golden(tmp_path) is None
+    os.makedirs(tmp_path / "assets.extra")
+    path = tmp_path / "assets.extra" / "tfbn_golden.npz"
+    np.savez(path, **{"inputs/x": X["x"], "outputs/y": X["x"] * 2 + 1, "outputs/z": X["x"].sum(1)})
+    inputs, outputs = load_golden(tmp_path)
+    assert set(inputs) == {"x"} and set(outputs) == {"y", "z"}
+    np.testing.assert_array_equal(inputs["x"], X["x"])
+    assert load_golden(path) is not None  # the .npz path itself works too
+    np.savez(path, **{"inputs/x": X["x"], "extra": X["x"]})
+    with pytest.raises(ValueError, match="unexpected array 'extra'"):
+        load_golden(tmp_path)
+    np.savez(path, **{"inputs/x": X["x"], "outputs/y": X["x"][:3]})
+    with pytest.raises(ValueError, match="different numbers of rows"):
+        load_golden(tmp_path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable"):
+        load_golden(tmp_path)
+
+
+def test_synthetic_inputs_follow_the_signature():
+    out = synthetic_inputs({"a": (np.float32, [-1, 3]), "b": (np.int64, [None, 2, -1]),
+                            "c": (np.bool_, [-1])}, num_examples=5)
+    assert out["a"].shape == (5, 3) and out["a"].dtype == np.float32
+    assert out["b"].shape == (5, 2, 1) and out["b"].dtype == np.int64
+    assert out["c"].shape == (5,) and out["c"].dtype == np.bool_
+    with pytest.raises(ValueError, match="cannot synthesise"):
+        synthetic_inputs({"s": (object, [-1])})
+
+
+# --- real Keras exports: training-mode BN must FAIL, frozen must PASS -----------------------
+
+@pytest.fixture(scope="module")
+def bn(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("bn"))
+    paths = export_bn_models(root)
+    # golden files as the export module writes them: inference-mode outputs of the model
+    x = examples(24, seed=3)
+    golden = {f"inputs/{INPUT}": x[INPUT],
+              f"outputs/{OUTPUT}": np.asarray(paths["model"](x[INPUT], training=False))}
+    for kind in ("frozen", "training"):
+        os.makedirs(os.path.join(paths[kind], "1", "assets.extra"))
+        np.savez(os.path.join(paths[kind], "1", "assets.extra", "tfbn_golden.npz"), **golden)
+    return paths
+
+
+def test_in_process_frozen_passes_training_fails(bn):
+    frozen, _ = saved_model_predictor(bn["frozen"])
+    training, version_dir = saved_model_predictor(bn["training"])
+    assert version_dir.endswith(os.path.join("training", "1"))
+    x = examples(16)
+    assert check_batch_invariance(frozen, x).passed
+    report = check_batch_invariance(training, x)
+    assert not report.passed
+    assert {r.batch_size for r in report.failures()} == {1, 2, 3, 7}
+
+
+def test_run_check_uses_the_golden_file(bn):
+    report = run_check(bn["frozen"], orders=1)
+    assert report.passed and report.reference == "golden" and report.num_examples == 24
+    report = run_check(bn["training"], orders=1)
+    # even the full batch fails: training-mode BN does not reproduce the inference-mode golden
+    assert not report.passed and report.reference == "golden"
+    assert all(not r.passed for r in report.rows)
+
+
+def test_single_row_requests_fail_only_through_server_side_batching(bn):
+    """Every request is one row; only the batching emulation mixes them."""
+    params = _config.BatchingParameters(max_batch_size=8, batch_timeout_micros=100_000,
+                                        allowed_batch_sizes=(4, 8), num_batch_threads=2)
+    x = examples(16)
+    results = {}
+    for kind in ("frozen", "training"):
+        plain, _ = saved_model_predictor(bn[kind])
+        alone = {OUTPUT: np.concatenate([plain({INPUT: x[INPUT][i:i + 1]})[OUTPUT] for i in range(16)])}
+        batched, _ = saved_model_predictor(bn[kind], batching=params)
+        try:
+            for name, fn in (("no batching", plain), ("batching", batched)):
+                results[kind, name] = check_batch_invariance(
+                    fn, x, reference=alone, batch_sizes=(), concurrent=True,
+                    reference_name="single-row").passed
+        finally:
+            batched.servable.close()
+    assert results == {("frozen", "no batching"): True, ("frozen", "batching"): True,
+                       ("training", "no batching"): True, ("training", "batching"): False}
+
+
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+def test_over_the_wire_against_the_dev_server(bn, transport):
+    from serving.server import DevServer
+
+    params = _config.BatchingParameters(max_batch_size=16, batch_timeout_micros=50_000,
+                                        num_batch_threads=2)
+    models = [_config.ModelConfig("frozen", bn["frozen"]), _config.ModelConfig("training", bn["training"])]
+    with DevServer(models, port=0, rest_api_port=0, batching=params) as srv:
+        address = dict(rest=srv.rest_url, grpc=srv.grpc_target)[transport]
+        ok = run_check(**{transport: address}, model_name="frozen", golden=os.path.join(
+            bn["frozen"], "1"), orders=1, batch_sizes=(1, 8), concurrent=True)
+        assert ok.passed, ok.table()
+        bad = run_check(**{transport: address}, model_name="training", num_examples=16, orders=1,
+                        batch_sizes=(1, 3), concurrent=True)
+        assert not bad.passed and {r.mode for r in bad.failures()} >= {"sequential", "concurrent"}
+
+
+# --- tfbn check ---------------------------------------------------------------------------
+
+def test_cli_check_exit_codes_and_table(bn, capsys, tmp_path):
+    out = tmp_path / "report.json"
+    assert cli.main(["check", bn["frozen"], "--orders", "1", "--batch_sizes", "1,7,all",
+                     "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| sequential | 7 | 0 |" in table and "PASSED" in table
+    assert json.loads(out.read_text())["passed"] is True
+    assert cli.main(["check", bn["training"], "--orders", "1", "--concurrent",
+                     "--enable_batching"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    assert cli.main(["check", str(tmp_path / "nowhere")]) == 2
+    assert cli.main(["check", bn["frozen"], "--rest", "http://127.0.0.1:9"]) == 2  # two backends
+    with pytest.raises(SystemExit):
+        cli.main(["check", bn["frozen"], "--batch_sizes", "0"])
+
+
+def test_cli_check_reports_an_unreachable_server(capsys):
+    assert cli.main(["check", "--grpc", "127.0.0.1:9", "--model_name", "m", "--timeout", "1"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
