@@ -10,8 +10,11 @@ from tfbn.calibrate import recalibrate  # noqa: E402
 from tfbn.callbacks import BatchNormMomentumScheduler, BatchNormStatsCallback  # noqa: E402
 from tfbn.convert import reset_running_stats  # noqa: E402
 from tfbn.inspect import inspect_model, lint_model  # noqa: E402
-from tfbn.layers import BatchNormalization, SyncBatchNormalization  # noqa: E402
-from tfbn.layers import FrozenBatchNormalization  # noqa: E402
+from tfbn.layers import (  # noqa: E402
+    BatchNormalization,
+    FrozenBatchNormalization,
+    SyncBatchNormalization,
+)
 
 __all__ = [
     "__version__",
