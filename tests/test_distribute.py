@@ -6,6 +6,7 @@ always a single-device BN on the concatenated global batch.
 """
 
 import collections
+import json
 from unittest import mock
 
 import keras
@@ -505,3 +506,24 @@ def test_convert_sync_batch_norm_and_back_in_scope(strategy, kind):
         for a, b in zip(old.get_weights(), new.get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(local(x, training=False), synced(x, training=False), atol=1e-5)
+
+
+# -------------------------------------------------------------- benchmark --
+
+
+def test_bench_sync_cli_reports_times_ratios_and_collectives(tmp_path, capsys):
+    from tfbn import bench, cli
+
+    out = tmp_path / "sync.json"
+    argv = ["bench", "--sync", "--shape", "2,4,4,3", "--repeats", "1", "--json", str(out)]
+    assert cli.main(argv) == 0
+    table = capsys.readouterr().out
+    for impl in bench.SYNC_IMPLEMENTATIONS:
+        assert f"| {impl} |" in table
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert all(r["replicas"] == REPLICAS for r in rows.values())
+    collectives = {name: r["collectives_per_layer_step"] for name, r in rows.items()}
+    assert collectives == {
+        "tfbn_sync": 2, "tfbn_local": 0, "keras_sync": 5, "keras_local": 0, "tfbn_sync_unfused": 2
+    }
+    assert cli.main(["bench", "--sync", "--replicas", "1"]) == 2

@@ -159,6 +159,164 @@ def main(shapes=DEFAULT_SHAPES, repeats: int = 20, json_path: str | None = None)
     return rows
 
 
+
+# ------------------------------------------------------------------ sync --
+
+SYNC_SHAPES = ((8, 56, 56, 64), (16, 28, 28, 128), (256, 1024))  # per replica
+SYNC_IMPLEMENTATIONS = ("tfbn_sync", "tfbn_local", "keras_sync", "keras_local", "tfbn_sync_unfused")
+COLLECTIVE_OPS = ("CollectiveReduceV2", "NcclAllReduce")
+
+
+def split_cpu(replicas: int) -> list[str]:
+    """Splits the first physical CPU into `replicas` logical devices; returns their names.
+
+    Must run before TensorFlow initialises its runtime (the first op or device
+    query). If it already did, the existing logical CPUs are used when there are
+    enough, and a clear error is raised otherwise.
+    """
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration()] * replicas
+        )
+    except RuntimeError:
+        pass  # already initialised; check what we have
+    logical = tf.config.list_logical_devices("CPU")
+    if len(logical) < replicas:
+        raise ValueError(
+            f"The sync benchmark needs {replicas} logical CPU devices but TensorFlow was "
+            f"initialised with {len(logical)}; run it in a fresh process (`tfbn bench --sync`)."
+        )
+    return [d.name for d in logical[:replicas]]
+
+
+def _sync_layer(name: str) -> keras.layers.Layer:
+    return {
+        "tfbn_sync": lambda: BatchNormalization(synchronized=True),
+        "tfbn_local": lambda: BatchNormalization(),
+        "keras_sync": lambda: keras.layers.BatchNormalization(synchronized=True),
+        "keras_local": lambda: keras.layers.BatchNormalization(),
+        "tfbn_sync_unfused": lambda: BatchNormalization(synchronized=True, fused=False),
+    }[name]()
+
+
+def _sync_train_step(strategy: tf.distribute.Strategy, layer: keras.layers.Layer, shape):
+    """A compiled training step of one BN layer on every replica's `shape` batch."""
+    with strategy.scope():
+        layer.build((None, *shape[1:]))
+
+    def value(seed):
+        return strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.random.stateless_normal(shape, seed=(seed, ctx.replica_id_in_sync_group))
+        )
+
+    x, upstream = value(0), value(1)
+
+    def replica_step(x, upstream):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, training=True) * upstream)
+        grads = tape.gradient(loss, [x] + layer.trainable_weights)
+        return [tf.reduce_sum(g) for g in grads]
+
+    @tf.function
+    def train():
+        return strategy.run(replica_step, (x, upstream))
+
+    return train
+
+
+def count_collectives(fn: Callable) -> int:
+    """All-reduce ops (CollectiveReduceV2/NcclAllReduce) in a traced tf.function's graph."""
+    graph_def = fn.get_concrete_function().graph.as_graph_def()
+    nodes = list(graph_def.node)
+    for function in graph_def.library.function:
+        nodes += list(function.node_def)
+    return sum(node.op in COLLECTIVE_OPS for node in nodes)
+
+
+def run_sync_benchmark(
+    shapes=SYNC_SHAPES, repeats: int = 20, replicas: int = 4, implementations=SYNC_IMPLEMENTATIONS
+) -> list[dict]:
+    """Training-step time of each implementation under MirroredStrategy over `replicas`
+    logical CPUs, per per-replica shape; ratios against tfbn_sync from the same run."""
+    devices = split_cpu(replicas)
+    strategy = tf.distribute.MirroredStrategy(devices)
+    if strategy.num_replicas_in_sync != replicas:
+        raise RuntimeError(f"expected {replicas} replicas, got {strategy.num_replicas_in_sync}")
+    rows = []
+    for shape in shapes:
+        steps = {name: _sync_train_step(strategy, _sync_layer(name), shape) for name in implementations}
+        collectives = {name: count_collectives(fn) / replicas for name, fn in steps.items()}
+        times = _interleaved_medians(steps, repeats)
+        base = times.get("tfbn_sync", next(iter(times.values())))
+        for name in implementations:
+            rows.append(
+                {
+                    "shape": list(shape),
+                    "replicas": replicas,
+                    "impl": name,
+                    "train_ms": times[name] * 1e3,
+                    "vs_tfbn_sync": times[name] / base,
+                    "collectives_per_layer_step": collectives[name],
+                }
+            )
+    return rows
+
+
+def sync_summary(rows: list[dict]) -> list[dict]:
+    """Per shape: Keras sync / tfbn sync (target >= 2) and tfbn sync / tfbn local (<= 1.25)."""
+    by_shape: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        by_shape.setdefault(tuple(r["shape"]), {})[r["impl"]] = r["train_ms"]
+    out = []
+    for shape, t in by_shape.items():
+        entry = {"shape": list(shape)}
+        if "keras_sync" in t and "tfbn_sync" in t:
+            entry["keras_sync_over_tfbn_sync"] = t["keras_sync"] / t["tfbn_sync"]
+        if "tfbn_local" in t and "tfbn_sync" in t:
+            entry["tfbn_sync_over_tfbn_local"] = t["tfbn_sync"] / t["tfbn_local"]
+        out.append(entry)
+    return out
+
+
+def format_sync_table(rows: list[dict]) -> str:
+    """Markdown table of `run_sync_benchmark` rows plus the two target ratios per shape."""
+    replicas = rows[0]["replicas"] if rows else 0
+    lines = [
+        f"| per-replica shape (x{replicas} replicas) | impl | train step ms | x tfbn_sync "
+        "| all-reduces / layer / step |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {tuple(r['shape'])} | {r['impl']} | {r['train_ms']:.2f} | "
+            f"{r['vs_tfbn_sync']:.2f} | {r['collectives_per_layer_step']:g} |"
+        )
+    lines += ["", "| per-replica shape | keras sync / tfbn sync (target >= 2) "
+              "| tfbn sync / tfbn local (target <= 1.25) |", "|---|---:|---:|"]
+    for s in sync_summary(rows):
+        lines.append(
+            f"| {tuple(s['shape'])} | {s.get('keras_sync_over_tfbn_sync', float('nan')):.2f} | "
+            f"{s.get('tfbn_sync_over_tfbn_local', float('nan')):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main_sync(
+    shapes=SYNC_SHAPES, repeats: int = 20, replicas: int = 4, json_path: str | None = None
+) -> list[dict]:
+    rows = run_sync_benchmark(shapes, repeats, replicas)
+    print(format_sync_table(rows))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(
+                {"tf": tf.__version__, "keras": keras.__version__, "rows": rows,
+                 "summary": sync_summary(rows)},
+                f, indent=2,
+            )
+    return rows
+
 if __name__ == "__main__":  # pragma: no cover
     np.set_printoptions(precision=3)
     main()

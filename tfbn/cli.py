@@ -36,12 +36,27 @@ def _add_bench(sub) -> None:
                    help="input shape (repeatable); default: the four README shapes")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per implementation")
     p.add_argument("--json", dest="json_path", help="also write the rows as JSON here")
+    _add_bench_sync_flags(p)
     p.set_defaults(func=_run_bench)
+
+
+def _add_bench_sync_flags(p) -> None:
+    p.add_argument("--sync", action="store_true",
+                   help="synchronised BN under MirroredStrategy on logical CPU replicas: tfbn "
+                        "sync/local vs Keras synchronized=True/local (--shape is per replica)")
+    p.add_argument("--replicas", type=int, default=4,
+                   help="with --sync: logical CPU devices (replicas) to split the CPU into")
 
 
 def _run_bench(args) -> int:
     from tfbn import bench
 
+    if args.sync:
+        if args.replicas < 2:
+            raise ValueError(f"--replicas must be at least 2. Received: {args.replicas}")
+        bench.main_sync(tuple(args.shapes) if args.shapes else bench.SYNC_SHAPES,
+                        args.repeats, args.replicas, args.json_path)
+        return 0
     bench.main(tuple(args.shapes) if args.shapes else bench.DEFAULT_SHAPES,
                args.repeats, args.json_path)
     return 0

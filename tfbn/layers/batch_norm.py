@@ -44,6 +44,23 @@ class BatchNormalization(keras.layers.Layer):
     called with `training=True`, which is what fine-tuning on a new dataset
     needs. (In PyTorch, `requires_grad=False` alone does not do this.)
 
+    **Under a `tf.distribute` strategy.** With `synchronized=True` every replica
+    normalises with the mean and variance of the global batch (or of its group of
+    `sync_group_size` replicas): local two-pass moments are packed as float64
+    moment sums and merged in ONE all-reduce (`tfbn.distribute`), exact for
+    uneven and empty per-replica batches and free of the `E[x^2] - E[x]^2`
+    cancellation. On the fused path the kernel normalises with the global
+    statistics and a custom gradient all-reduces the two backward sums once
+    (as PyTorch's SyncBatchNorm); elsewhere gradients flow through the all-reduce.
+    The moving statistics are mirrored variables with `aggregation="mean"`:
+    each replica's update is averaged over replicas before it is written to
+    every copy, so the copies never drift apart. Unsynchronised, they hold the
+    mean over replicas of the per-replica EMA updates (Keras's layer instead
+    keeps each replica's own, different copy); synchronised, every replica's
+    update is already the same (with groups: the mean over groups). What is
+    saved, exported or used at inference is therefore that replica mean. The
+    counters use `aggregation="only_first_replica"`.
+
     Args:
         axis: Integer or list of integers, the channel axis/axes (not reduced).
             `-1` for channels-last, `1` for channels-first.
@@ -61,10 +78,12 @@ class BatchNormalization(keras.layers.Layer):
         beta_regularizer, gamma_regularizer: Optional regularizers.
         beta_constraint, gamma_constraint: Optional constraints.
         synchronized: If True, under a `tf.distribute` strategy the batch
-            statistics are those of the global batch, all-reduced once per call
-            (`tfbn.distribute.global_moments`). Without a strategy it is a no-op.
+            statistics are those of the global batch: one all-reduce per call
+            forward and one backward (see "Under a strategy" below). Without a
+            strategy (or with one replica) it is a no-op.
         sync_group_size: With `synchronized=True`, synchronise only within
-            consecutive groups of this many replicas (must divide the replica count).
+            consecutive groups of this many replicas (must divide the replica
+            count; ValueError otherwise).
         moving_variance_estimator: `"biased"` (Keras; the default) stores the
             batch variance as used for normalisation; `"unbiased"` (PyTorch)
             stores it Bessel-corrected, `var * n / (n - 1)`.
