@@ -69,7 +69,7 @@ def train_one(strategy, data, synchronized: bool, per_replica: int, seed: int, e
             optimizer=keras.optimizers.Adam(lr),
             loss="sparse_categorical_crossentropy",
         )
-    history = model.fit(dataset, epochs=epochs, verbose=0)
+    history = model.fit(dataset, epochs=epochs, shuffle=False, verbose=0)  # already shuffled
     bns = [la for la in model.layers if isinstance(la, tfbn.BatchNormalization)]
     assert all(bn.synchronized == synchronized for bn in bns)
     probs = model.predict(x_test, batch_size=256, verbose=0)  # inference mode

@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
 
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         acc_rows = [r for r in rows if r["accuracy"] != ""]
-        labels = [f"{r['mode']}\nbatch {r['batch_size']}" for r in acc_rows]
+        labels = [f"{r['mode'].split(' (')[0]}\nbatch {r['batch_size']}" for r in acc_rows]
         colors = ["tab:green" if r["mode"] != "training=True" else "tab:red" for r in acc_rows]
         ax1.bar(range(len(acc_rows)), [100 * r["accuracy"] for r in acc_rows], color=colors)
         ax1.set_xticks(range(len(acc_rows)), labels, rotation=60, ha="right", fontsize=7)
