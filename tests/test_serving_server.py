@@ -538,3 +538,20 @@ def test_cli_serve_runs_and_stops_on_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_bench_example_runs(tmp_path):
+    """examples/bench_serving.py, scaled down (the numbers are not asserted: not a test of speed)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "examples", "bench_serving.py"), "--requests", "50",
+         "--examples", "64", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=root,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert {(r["backend"], r["batch"]) for r in result["throughput"]} == {
+        (b, n) for b in ("in-process", "rest", "grpc") for n in (1, 64)}
+    assert [m["transport"] for m in result["memory"]] == ["rest", "grpc"]
+    assert "| grpc | 64 |" in proc.stdout
