@@ -50,6 +50,7 @@ WARMUP_FILE = "tf_serving_warmup_requests"
 GOLDEN_FILE = "tfbn_golden.npz"
 TMP_PREFIX = ".tfbn-export-"
 DEFAULT_NUM_SAMPLES = 8
+DEFAULT_RTOL = 1e-4
 INVARIANCE_BATCH_SIZES = (1, 3)
 
 
@@ -418,7 +419,7 @@ def export_saved_model(
     extra_signatures: Mapping[str, Callable] | None = None,
     model_name: str | None = None,
     num_samples: int = DEFAULT_NUM_SAMPLES,
-    rtol: float = 1e-5,
+    rtol: float = DEFAULT_RTOL,
     seed: int = 0,
 ) -> ExportResult:
     """Exports `model` as `<base_path>/<version>/` for TF Serving, after a parity gate.
@@ -441,8 +442,13 @@ def export_saved_model(
         model_name: The name in the warm-up requests' ModelSpec (default: the base
             path's directory name).
         num_samples: Rows drawn when `sample_inputs` is None.
-        rtol: Gate tolerance: max |SavedModel - Keras| / max |Keras| per output
-            (at least 1e-2 for float16/bfloat16 outputs).
+        rtol: Gate tolerance, for parity (max |SavedModel - Keras| / max |Keras|
+            per output) and batch-size invariance alike; at least 1e-2 for
+            float16/bfloat16 outputs. The default, 1e-4, is float32 rounding of a
+            deep network (a ResNet50 with random statistics measured 1e-5 for the
+            fold and 2.4e-5 between batch 1 and batch 8, from the convolution
+            kernels TensorFlow picks per batch size) with room to spare, and
+            orders of magnitude below what batch statistics do (~1).
         seed: Seed of the drawn sample inputs.
 
     Returns:
