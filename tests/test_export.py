@@ -254,7 +254,9 @@ def test_cli_export(tmp_path, capsys):
     assert "exported version 2" in out and "folded 2" in out
     assert cli.main(["export", path, base, "--version", "2"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert cli.main(["export", path, base, "--version", "2", "--overwrite"]) == 0
+    npy = str(tmp_path / "samples.npy")
+    np.save(npy, np.ones((3, 8, 8, 3), "float32"))
+    assert cli.main(["export", path, base, "--version", "2", "--overwrite", "--samples", npy]) == 0
     assert cli.main(["export", path, base, "--version", "two"]) == 2
     assert cli.main(["export", str(tmp_path / "missing.keras"), base]) == 2
     assert cli.main(["inspect", os.path.join(base, "2")]) == 0

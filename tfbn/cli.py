@@ -318,8 +318,8 @@ def _run_export(args) -> int:
     model = keras.saving.load_model(args.model, compile=False)
     samples = None
     if args.samples:
-        with np.load(args.samples) as data:
-            samples = dict(data) if isinstance(data, np.lib.npyio.NpzFile) else np.asarray(data)
+        data = np.load(args.samples)  # .npy: an array; .npz: arrays by input name
+        samples = dict(data) if isinstance(data, np.lib.npyio.NpzFile) else data
     try:
         result = export.export_saved_model(
             model, args.base_path, version=args.model_version, sample_inputs=samples,

@@ -1,7 +1,7 @@
 """Reports on models and SavedModels: the training-mode lint for any SavedModel.
 
-`lint_saved_model(path)` reads `saved_model.pb` (no TensorFlow runtime, no
-variables loaded) and walks, for every serving signature, exactly the part of
+`lint_saved_model(path)` parses `saved_model.pb` (nothing is executed, no
+variables are loaded) and walks, for every serving signature, exactly the part of
 the graph a request executes: backwards from the signature's outputs through
 the top-level graph and into every function it calls (`StatefulPartitionedCall`,
 `If`/`While`/`Case` branches, direct calls), following each function's return
