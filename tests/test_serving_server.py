@@ -42,7 +42,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from serving import _config
+from serving import _config, _tensor
 from serving.server import DevServer, ServingError, http_status
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(TESTDATA), reason="TF Serving fixtures missing")
@@ -555,3 +555,23 @@ def test_bench_example_runs(tmp_path):
         (b, n) for b in ("in-process", "rest", "grpc") for n in (1, 64)}
     assert [m["transport"] for m in result["memory"]] == ["rest", "grpc"]
     assert "| grpc | 64 |" in proc.stdout
+
+
+def test_wrong_shape_is_invalid_argument_and_the_server_keeps_serving(bn_models):
+    with DevServer([_config.ModelConfig("m", bn_models["frozen"])], port=0, rest_api_port=0) as srv:
+        r = post(srv, "/v1/models/m:predict", {"instances": [[1.0, 2.0, 3.0]]})  # 3 features, not 4
+        assert r.status_code == 400 and r.json()["error"]
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = "m"
+        req.inputs[INPUT].CopyFrom(_tensor.to_tensor_proto(
+            np.zeros((2, 5), np.float32)))
+        with grpc.insecure_channel(srv.grpc_target) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Predict(req, timeout=5)
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            req.inputs[INPUT].CopyFrom(_tensor.to_tensor_proto(
+                np.zeros((2, 4), np.float32)))
+            assert stub.Predict(req, timeout=5).outputs[OUTPUT].tensor_shape.dim[0].size == 2
+        r = post(srv, "/v1/models/m:predict", {"instances": [[1.0, 2.0, 3.0, 4.0]]})
+        assert r.status_code == 200 and len(r.json()["predictions"][0]) == 2
