@@ -193,8 +193,9 @@ def _fixed_batch_findings(key, signature) -> list[Finding]:
         dims = [d.size if d.size >= 0 else None for d in shape.dim]
         findings.append(
             Finding("fixed_batch_dim", key, name, "-",
-                    f"input '{name}' has a fixed batch dimension {dims[0]} (shape {dims}): "
-                    "requests with another batch size fail and TF Serving cannot batch them")
+                    f"input '{name}' declares a fixed batch dimension {dims[0]} (shape {dims}): "
+                    "other batch sizes are outside the signature (clients reading the metadata "
+                    "and TF Serving's request batching go by it)")
         )  # fmt: skip
     return findings
 
