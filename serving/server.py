@@ -1043,6 +1043,10 @@ class _RestServer(http.server.ThreadingHTTPServer):
                 pass
 
 
+class _RestServer6(_RestServer):
+    address_family = socket.AF_INET6
+
+
 # --- gRPC transport -----------------------------------------------------------------
 
 def _grpc_servicers(dev: DevServer):
@@ -1204,9 +1208,8 @@ class DevServer:
                 self.grpc_port = bound
                 self._grpc.start()
             if self._rest_port_req is not None:
-                family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-                _RestServer.address_family = family
-                self._rest = _RestServer((self.host, self._rest_port_req), self)
+                cls = _RestServer6 if ":" in self.host else _RestServer
+                self._rest = cls((self.host, self._rest_port_req), self)
                 self.rest_port = self._rest.server_address[1]
                 self._rest_thread = threading.Thread(target=self._rest.serve_forever,
                                                      kwargs={"poll_interval": 0.2},

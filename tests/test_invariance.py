@@ -244,3 +244,20 @@ def test_cli_check_exit_codes_and_table(bn, capsys, tmp_path):
 def test_cli_check_reports_an_unreachable_server(capsys):
     assert cli.main(["check", "--grpc", "127.0.0.1:9", "--model_name", "m", "--timeout", "1"]) == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_export_module_golden_file_end_to_end(bn, tmp_path, capsys):
+    """tfbn.export writes the version and its golden file; the dev server serves it (warm-up
+    file and all); `tfbn check` over gRPC against the golden outputs passes."""
+    export = pytest.importorskip("tfbn.export")
+    from serving.server import DevServer
+
+    base = str(tmp_path / "exported")
+    result = export.export_saved_model(bn["model"], base, version=7)
+    inputs, outputs = load_golden(result.path)
+    assert set(inputs) == {INPUT} and len(outputs) == 1
+    with DevServer([_config.ModelConfig("bn", base)], port=0, rest_api_port=None) as srv:
+        assert cli.main(["check", "--grpc", srv.grpc_target, "--model_name", "bn", "--golden",
+                         result.path, "--orders", "1", "--concurrent"]) == 0
+    out = capsys.readouterr().out
+    assert "against the golden reference" in out and "PASSED" in out
