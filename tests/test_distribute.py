@@ -120,15 +120,19 @@ def _batches(rows, inner, channels, steps=3, seed=1, loc=2.0, scale=3.0):
     return out
 
 
-def _parity(strategy, rows, inner, channels, make_layer, steps=3):
+def _parity(strategy, rows, inner, channels, make_layer, steps=3, channels_first=False):
     """Sync BN on 4 replicas vs single-device BN: per-step results and both layers."""
     batches = _batches(rows, inner, channels, steps)
+    shape = (None, *inner, channels)
+    if channels_first:
+        batches = [tuple([np.moveaxis(a, -1, 1) for a in arrays] for arrays in b) for b in batches]
+        shape = (None, channels, *inner)
     with strategy.scope():
         sync = make_layer(synchronized=True)
-        sync.build((None, *inner, channels))
+        sync.build(shape)
     _init_weights(sync, channels)
     ref = make_layer()
-    ref.build((None, *inner, channels))
+    ref.build(shape)
     _init_weights(ref, channels)
     got = _distributed_steps(strategy, sync, batches)
     want = _single_device_steps(ref, batches)
@@ -159,6 +163,68 @@ def test_sync_parity_float32(strategy, inner, fused):
     for g, w in zip(_moving(sync), _moving(ref), strict=True):
         assert _max_diff(g, w) <= 1e-5
     assert int(sync.num_batches_tracked.numpy()) == 3
+
+
+@pytest.mark.parametrize("fused", ["auto", False], ids=["fused", "unfused"])
+def test_sync_parity_channels_first(strategy, fused):
+    assert strategy.num_replicas_in_sync == REPLICAS
+    got, want, sync, ref = _parity(
+        strategy, [3, 2, 4, 3], (4, 5), 6,
+        lambda **kw: tfbn.BatchNormalization(axis=1, fused=fused, **kw), channels_first=True,
+    )
+    assert sync._fused_format == ("NCHW" if fused == "auto" else None)
+    for step_got, step_want in zip(got, want, strict=True):
+        for name, g, w in zip(("y", "dx", "dgamma", "dbeta"), step_got, step_want, strict=True):
+            assert _max_diff(g, w) <= 1e-5 * max(1.0, np.abs(w).max()), name
+    for g, w in zip(_moving(sync), _moving(ref), strict=True):
+        assert _max_diff(g, w) <= 1e-5
+
+
+def test_sync_parity_with_masks(strategy):
+    """Masked-out positions count nowhere: not in any replica's sums, not in the global count."""
+    assert strategy.num_replicas_in_sync == REPLICAS
+    rng = np.random.default_rng(5)
+    rows = [3, 0, 2, 4]
+    xs = [rng.normal(1, 2, (n, 6, 3)).astype("float32") for n in rows]
+    dys = [rng.normal(0, 1, (n, 6, 3)).astype("float32") for n in rows]
+    masks = [rng.uniform(size=(n, 6)) < 0.6 for n in rows]
+    masks[0][0] = False  # a fully masked example
+
+    def step_fn(layer):
+        def step(x, dy, mask):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True, mask=mask)
+                loss = tf.reduce_sum(y * dy * tf.cast(mask, y.dtype)[..., None])
+            return (y, *tape.gradient(loss, [x, layer.gamma, layer.beta]))
+
+        return step
+
+    with strategy.scope():
+        sync = tfbn.SyncBatchNormalization(momentum=0.5)
+        sync.build((None, 6, 3))
+    _init_weights(sync, 3)
+    ref = tfbn.BatchNormalization(momentum=0.5)
+    ref.build((None, 6, 3))
+    _init_weights(ref, 3)
+    y, dx, dg, db = tf.function(lambda *a: strategy.run(step_fn(sync), a))(
+        *(_per_replica(strategy, v) for v in (xs, dys, masks))
+    )
+    want = step_fn(ref)(*(tf.constant(np.concatenate(v)) for v in (xs, dys, masks)))
+    keep = np.concatenate(masks)
+    got = (
+        np.concatenate(_local(strategy, y))[keep],
+        np.concatenate(_local(strategy, dx)),
+        np.sum(_local(strategy, dg), 0),
+        np.sum(_local(strategy, db), 0),
+    )
+    want = (np.asarray(want[0])[keep], *(np.asarray(w) for w in want[1:]))
+    for name, g, w in zip(("y", "dx", "dgamma", "dbeta"), got, want, strict=True):
+        assert _max_diff(g, w) <= 1e-5 * max(1.0, np.abs(w).max()), name
+    for g, w in zip(_moving(sync), _moving(ref), strict=True):
+        assert _max_diff(g, w) <= 1e-5
+    masked_mean = np.concatenate(xs)[keep].mean(0)
+    np.testing.assert_allclose(np.asarray(sync.moving_mean), 0.5 * masked_mean, atol=1e-5)
 
 
 @pytest.mark.parametrize("inner", [(), (4, 4)], ids=["2d", "4d"])
