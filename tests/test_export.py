@@ -217,11 +217,11 @@ class _BatchCentre(keras.layers.Layer):
 def test_gate_failure_leaves_no_version(tmp_path):
     inputs = keras.Input((6,), name="x")
     model = keras.Model(inputs, keras.layers.Dense(3, name="y")(_BatchCentre()(inputs)))
-    base = tmp_path / "never"
+    base = tmp_path / "never" / "made"
     with pytest.raises(ExportGateError, match="changes with the batch") as err:
         export_saved_model(model, base)
     assert not err.value.report.ok and err.value.report.parity["y"] < 1e-5
-    assert not base.exists()  # created for the export, removed with it
+    assert _entries(tmp_path) == []  # directories created for the export, removed with it
 
     # A training-mode extra signature fails the lint part of the gate.
     good = _cnn()

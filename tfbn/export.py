@@ -496,7 +496,10 @@ def export_saved_model(
     if extra_signatures:
         module.source_model = model  # extra functions may close over the original model
 
-    created_base = not os.path.exists(base_path)
+    first_created = None  # the highest directory this export creates, removed on failure
+    probe = base_path
+    while not os.path.exists(probe):
+        first_created, probe = probe, os.path.dirname(probe)
     os.makedirs(base_path, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=base_path)
     target = os.path.join(base_path, str(version))
@@ -533,8 +536,7 @@ def export_saved_model(
         if os.path.isdir(old) and not os.path.exists(target):
             os.rename(old, target)  # put the replaced version back
         shutil.rmtree(tmp, ignore_errors=True)
-        if created_base and not os.listdir(base_path):
-            os.rmdir(base_path)
+        _remove_created(base_path, first_created)
         raise
     shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(
@@ -545,6 +547,17 @@ def export_saved_model(
         fold_report=fold_report,
         gate=gate,
     )
+
+
+def _remove_created(path: str, first_created: str | None) -> None:
+    """Removes the empty directories from `path` up to `first_created` (inclusive)."""
+    if first_created is None:
+        return
+    while not os.listdir(path):
+        os.rmdir(path)
+        if path == first_created:
+            return
+        path = os.path.dirname(path)
 
 
 def load_golden(
