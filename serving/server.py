@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import http.server
 import json
@@ -200,6 +201,9 @@ class Servable:
             kwargs = fn.structured_input_signature[1]
             self._flat_names[key] = [k for k in sorted(kwargs)] if len(specs) == len(kwargs) else None
         self.batcher: _Batcher | None = None
+        self._users = 0
+        self._retired = False
+        self._use_lock = threading.Lock()
 
     def signature(self, name: str | None):
         key = name or DEFAULT_SIGNATURE
@@ -279,6 +283,26 @@ class Servable:
         if self.batcher is not None:
             return key, self.batcher.submit(self, key, inputs, outputs, timeout)
         return key, self.call(key, inputs, outputs)
+
+    def acquire(self) -> Servable:
+        with self._use_lock:
+            self._users += 1
+        return self
+
+    def release(self) -> None:
+        with self._use_lock:
+            self._users -= 1
+            last = self._retired and self._users == 0
+        if last:
+            self.close()
+
+    def retire(self) -> None:
+        """Unload once the last in-flight request lets go (TF Serving's handle refcount)."""
+        with self._use_lock:
+            self._retired = True
+            idle = self._users == 0
+        if idle:
+            threading.Thread(target=self.close, daemon=True).start()
 
     def close(self):
         if self.batcher is not None:
@@ -531,7 +555,7 @@ class ModelManager:
                 servable = states[v].servable
                 states[v] = _VersionState("END", fingerprint=states[v].fingerprint)
                 if servable is not None:
-                    threading.Thread(target=servable.close, daemon=True).start()
+                    servable.retire()
 
     def start_polling(self, interval: float) -> None:
         if interval <= 0 or self._thread is not None:
@@ -590,6 +614,16 @@ class ModelManager:
                 raise _err("FAILED_PRECONDITION", f"Servable not available for request: Latest({name}): "
                            f"version {v} failed to load: {st.error.message}")
             raise _err("NOT_FOUND", f"Servable not found for request: Latest({name})")
+
+    @contextlib.contextmanager
+    def use(self, name: str, version: int | None = None, label: str | None = None):
+        """`get`, holding the servable so a version swap cannot unload it mid-request."""
+        with self._lock:
+            servable = self.get(name, version, label).acquire()
+        try:
+            yield servable
+        finally:
+            servable.release()
 
     def status(self, name: str, version: int | None = None, label: str | None = None):
         """GetModelStatusResponse for a model (all versions it has seen) or one version."""
@@ -1083,15 +1117,16 @@ def _grpc_servicers(dev: DevServer):
         @guard
         def Predict(self, request, context):
             name, version, label = spec_args(request.model_spec)
-            servable = dev.manager.get(name, version, label)
             inputs = {}
             for alias, proto in request.inputs.items():
                 try:
                     inputs[alias] = _tensor.from_tensor_proto(proto)
                 except ValueError as err:
                     raise _err("INVALID_ARGUMENT", f"tensor parsing error: {alias}: {err}") from None
-            key, outputs = servable.run(request.model_spec.signature_name, inputs,
-                                        list(request.output_filter), timeout=context.time_remaining())
+            with dev.manager.use(name, version, label) as servable:
+                key, outputs = servable.run(request.model_spec.signature_name, inputs,
+                                            list(request.output_filter),
+                                            timeout=context.time_remaining())
             resp = predict_pb2.PredictResponse()
             resp.model_spec.name = servable.name
             resp.model_spec.version.value = servable.version
@@ -1268,13 +1303,13 @@ class DevServer:
             if verb.lower() != "predict":
                 raise _err("UNIMPLEMENTED", f"{verb} is not implemented by the tfbn development "
                                             "server (use :predict)")
-            servable = self.manager.get(name, version, label)
+            with self.manager.use(name, version, label) as servable:
 
-            def infos(sig):
-                return servable.signature(sig)[1].inputs
+                def infos(sig):
+                    return servable.signature(sig)[1].inputs
 
-            sig, inputs, fmt = parse_predict_json(body, infos)
-            _, outputs = servable.run(sig, inputs)
+                sig, inputs, fmt = parse_predict_json(body, infos)
+                _, outputs = servable.run(sig, inputs)
             return 200, predict_json(outputs, fmt)
         if method == "GET":
             m = _STATUS_RE.fullmatch(path)

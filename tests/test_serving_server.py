@@ -341,11 +341,15 @@ def test_grpc_oversize_message(server, stubs):
 
 # --- versions, polling, config files -----------------------------------------------------
 
-def test_new_versions_are_picked_up_without_failing_requests(tmp_path):
+@pytest.mark.parametrize("batching", [None, _config.BatchingParameters(
+    max_batch_size=4, batch_timeout_micros=2000)], ids=["plain", "batching"])
+def test_new_versions_are_picked_up_without_failing_requests(tmp_path, batching):
+    """In-flight requests finish on the version they started on (it is unloaded after)."""
     base = str(tmp_path / "hp")
     copy_version(os.path.join(HALF_PLUS_TWO, "00000123"), base, 1)
     models = [_config.ModelConfig("m", base)]
-    with DevServer(models, port=None, rest_api_port=0, file_system_poll_wait_seconds=0.1) as srv:
+    with DevServer(models, port=None, rest_api_port=0, file_system_poll_wait_seconds=0.1,
+                   batching=batching) as srv:
         errors, answers, stop = [], set(), threading.Event()
 
         def hammer():
