@@ -275,3 +275,14 @@ def test_bench_export_example_runs(capsys):
     table = capsys.readouterr().out
     for name in ("tfbn folded", "keras export", "no BN (tfbn export)", "no BN (keras export)"):
         assert f"| 1 | {name} |" in table and f"| 64 | {name} |" in table
+
+
+def test_export_real_architecture_mobilenet_v2(tmp_path):
+    """Depthwise/pointwise convs, ReLU6, residual adds: every BN folds, the gate passes."""
+    model = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10
+    )
+    result = export_saved_model(_trained_stats(model), tmp_path)
+    assert len(result.fold_report.folded) == 52 and result.fold_report.frozen == []
+    assert result.gate.ok and max(result.gate.parity.values()) < 1e-5
+    assert lint_saved_model(result.path).ok
