@@ -8,8 +8,14 @@ __version__ = "0.1.0"
 from tfbn import stats  # noqa: E402
 from tfbn.calibrate import recalibrate  # noqa: E402
 from tfbn.callbacks import BatchNormMomentumScheduler, BatchNormStatsCallback  # noqa: E402
-from tfbn.convert import reset_running_stats  # noqa: E402
-from tfbn.inspect import inspect_model, lint_model  # noqa: E402
+from tfbn.convert import (  # noqa: E402
+    fold_batch_norm,
+    freeze_batch_norm,
+    reset_running_stats,
+    unfreeze_batch_norm,
+)
+from tfbn.export import export_saved_model  # noqa: E402
+from tfbn.inspect import inspect_model, lint_model, lint_saved_model  # noqa: E402
 from tfbn.layers import (  # noqa: E402
     BatchNormalization,
     FrozenBatchNormalization,
@@ -28,4 +34,9 @@ __all__ = [
     "inspect_model",
     "lint_model",
     "FrozenBatchNormalization",
+    "freeze_batch_norm",
+    "unfreeze_batch_norm",
+    "fold_batch_norm",
+    "export_saved_model",
+    "lint_saved_model",
 ]
