@@ -99,9 +99,11 @@ def sync_fused_batch_norm(
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """Synchronised batch norm of a 4D `x` on the fused kernel, with a custom gradient.
 
-    Forward: local moments on the fused kernel (`tfbn.stats.fused_moments`), one
-    all-reduce (`all_reduce_moments`), then the fused kernel normalises with the
-    global statistics held fixed. Backward (as PyTorch's SyncBatchNorm):
+    Forward: the fused kernel standardises `x` with its local moments
+    (`tfbn.stats.fused_standardize`), one all-reduce merges the moments
+    (`all_reduce_moments`), and one fused pass maps the local standardisation to
+    the global one (`tfbn.stats.restandardize`): two passes over the data, as
+    in local BN, plus the per-channel all-reduce. Backward (as PyTorch's SyncBatchNorm):
     the fused kernel's fixed-statistics gradient gives `dy * gamma * r` and the
     local sums `sum(dy)`, `sum(dy * xhat)` in one pass; ONE all-reduce of those
     two sums, then `tfbn.stats.sync_batch_norm_input_grad` adds the terms that
@@ -118,12 +120,18 @@ def sync_fused_batch_norm(
     ctx = replica_context()
     if ctx is None:
         raise RuntimeError("sync_fused_batch_norm needs a replica context with > 1 replica.")
-    local = stats.fused_moments(tf.stop_gradient(x), data_format)
-    mean, variance, count = all_reduce_moments(*local, group_size)
+    xhat, local_mean, local_variance, local_count = stats.fused_standardize(
+        tf.stop_gradient(x), epsilon, data_format
+    )
+    mean, variance, count = all_reduce_moments(
+        local_mean, local_variance, local_count, group_size
+    )
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
-        y, _, _ = stats.fused_batch_norm(x, gamma, beta, epsilon, data_format, mean, variance)
+        y = stats.restandardize(
+            xhat, local_mean, local_variance, mean, variance, gamma, beta, epsilon, data_format
+        )
 
         def grad(dy):
             dx_frozen, dgamma, dbeta = stats.fused_batch_norm_frozen_grad(
