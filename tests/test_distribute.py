@@ -7,6 +7,9 @@ always a single-device BN on the concatenated global batch.
 
 import collections
 import json
+import os
+import subprocess
+import sys
 from unittest import mock
 
 import keras
@@ -582,19 +585,33 @@ def test_convert_sync_batch_norm_and_back_in_scope(strategy, kind):
 # -------------------------------------------------------------- benchmark --
 
 
-def test_bench_sync_cli_reports_times_ratios_and_collectives(tmp_path, capsys):
-    from tfbn import bench, cli
+def test_bench_sync_cli_reports_times_ratios_and_collectives(tmp_path):
+    """`tfbn bench --sync` in a fresh process: it must split the CPU itself before
+    TensorFlow starts (and a second strategy over this process's devices would
+    share the test strategy's collective keys)."""
+    from tfbn import bench
 
     out = tmp_path / "sync.json"
     argv = ["bench", "--sync", "--shape", "2,4,4,3", "--repeats", "1", "--json", str(out)]
-    assert cli.main(argv) == 0
-    table = capsys.readouterr().out
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfbn.cli", *argv],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
     for impl in bench.SYNC_IMPLEMENTATIONS:
-        assert f"| {impl} |" in table
+        assert f"| {impl} |" in proc.stdout
+    assert "target >= 2" in proc.stdout and "target <= 1.25" in proc.stdout
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
     assert all(r["replicas"] == REPLICAS for r in rows.values())
     collectives = {name: r["collectives_per_layer_step"] for name, r in rows.items()}
     assert collectives == {
         "tfbn_sync": 2, "tfbn_local": 0, "keras_sync": 5, "keras_local": 0, "tfbn_sync_unfused": 2
     }
+
+
+def test_bench_sync_cli_rejects_one_replica(capsys):
+    from tfbn import cli
+
     assert cli.main(["bench", "--sync", "--replicas", "1"]) == 2
+    assert "--replicas must be at least 2" in capsys.readouterr().err

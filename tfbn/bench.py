@@ -190,6 +190,17 @@ def split_cpu(replicas: int) -> list[str]:
     return [d.name for d in logical[:replicas]]
 
 
+_STRATEGIES: dict[int, tf.distribute.MirroredStrategy] = {}
+
+
+def _mirrored_strategy(replicas: int) -> tf.distribute.MirroredStrategy:
+    """One MirroredStrategy per replica count and process: a second strategy over the
+    same devices would reuse the first one's collective keys and mix up their all-reduces."""
+    if replicas not in _STRATEGIES:
+        _STRATEGIES[replicas] = tf.distribute.MirroredStrategy(split_cpu(replicas))
+    return _STRATEGIES[replicas]
+
+
 def _sync_layer(name: str) -> keras.layers.Layer:
     return {
         "tfbn_sync": lambda: BatchNormalization(synchronized=True),
@@ -240,8 +251,7 @@ def run_sync_benchmark(
 ) -> list[dict]:
     """Training-step time of each implementation under MirroredStrategy over `replicas`
     logical CPUs, per per-replica shape; ratios against tfbn_sync from the same run."""
-    devices = split_cpu(replicas)
-    strategy = tf.distribute.MirroredStrategy(devices)
+    strategy = _mirrored_strategy(replicas)
     if strategy.num_replicas_in_sync != replicas:
         raise RuntimeError(f"expected {replicas} replicas, got {strategy.num_replicas_in_sync}")
     rows = []
