@@ -18,6 +18,14 @@ count-weighted moments of the global batch (`tfbn.stats.moments_from_sums`).
   all-reduce: each replica writes its sums into its group's row of a
   `[num_groups, ...]` buffer and reads its own group's row back.
 
+Two paths use it. `global_moments` (any rank, masks, float64): autodiff through
+the all-reduce. `sync_fused_batch_norm` (the layer's fused path): the fused
+kernel's local standardisation is mapped to the global statistics, and a custom
+gradient all-reduces the two backward sums once, as PyTorch's SyncBatchNorm. Both
+issue one all-reduce forward and one backward per layer; on 4 logical CPU
+replicas the fused path is ~1.8x faster (`tfbn bench --sync`, row
+`tfbn_sync_unfused`), so the layer uses it wherever its fused kernel applies.
+
 Outside a strategy (or under the default strategy, or with one replica) the local
 moments are returned unchanged and no collective is issued.
 """
