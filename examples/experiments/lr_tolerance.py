@@ -168,7 +168,8 @@ def verdict_for(rows, best, lrs) -> str:
         tail.append("BN worked at the largest rate tried, so its limit is not measured")
     gain = 100 * (max(by[v]["best_acc"] for v in VARIANTS[1:]) - by["no BN"]["best_acc"])
     tail.append(f"best BN accuracy minus best no-BN accuracy: {gain:+.1f} points")
-    return (f"{head}: max working lr ratio BN / no BN = {ratio:.3g}x; " + "; ".join(parts)
+    ratio_text = ", ".join(f"{v} {ratios[v]:.3g}x" for v in VARIANTS[1:])
+    return (f"{head}: highest working lr relative to no BN: {ratio_text}; " + "; ".join(parts)
             + "; " + "; ".join(tail) + ".")
 
 
