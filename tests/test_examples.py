@@ -1,7 +1,10 @@
 """Every script under examples/ is run by a test, so the README never shows a broken one."""
 
 import importlib.util
+import json
 from pathlib import Path
+
+import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -13,7 +16,20 @@ def load(name):
     return module
 
 
-def test_demo_trains_and_is_batch_invariant(capsys):
-    assert load("demo").main(["--epochs", "6"]) == 0
+@pytest.mark.slow
+def test_demo_end_to_end(capsys, tmp_path):
+    """The README's main command: sync training, gated export, dev server, checks."""
+    assert load("demo").main(["--epochs", "5", "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "test accuracy" in out
+    assert "replicas in sync                 4" in out and "demo verdict" in out
+    report = json.loads((tmp_path / "demo.json").read_text())
+    assert report["ok"] and report["accuracy"] > 0.9
+    checks = report["checks"]
+    assert checks["digits rest"]["passed"] and checks["digits grpc"]["passed"]
+    for transport in ("rest", "grpc"):
+        leaky = checks[f"digits_training_mode {transport}"]
+        assert not leaky["passed"]
+        # Single-row requests alone: only the server's batching mixes examples, and it is caught.
+        assert any(r["mode"] == "concurrent" and r["batch_size"] == 1 and not r["passed"] for r in leaky["rows"])
+    assert (tmp_path / "models" / "digits" / "1" / "saved_model.pb").exists()
+    assert (tmp_path / "training.png").stat().st_size > 0 and (tmp_path / "invariance.png").stat().st_size > 0
