@@ -19,9 +19,9 @@ count-weighted moments of the global batch (`tfbn.stats.moments_from_sums`).
   `[num_groups, ...]` buffer and reads its own group's row back.
 
 Two paths use it. `global_moments` (any rank, masks, float64): autodiff through
-the all-reduce. `sync_fused_batch_norm` (the layer's fused path): the fused
-kernel's local standardisation is mapped to the global statistics, and a custom
-gradient all-reduces the two backward sums once, as PyTorch's SyncBatchNorm. Both
+the all-reduce. `sync_fused_batch_norm` (the layer's fused path): local moments
+on the fused kernel, normalisation with the global ones held fixed, and a custom
+gradient that all-reduces the two backward sums once, as PyTorch's SyncBatchNorm. Both
 issue one all-reduce forward and one backward per layer; on 4 logical CPU
 replicas the fused path is ~1.8x faster (`tfbn bench --sync`, row
 `tfbn_sync_unfused`), so the layer uses it wherever its fused kernel applies.
@@ -107,15 +107,15 @@ def sync_fused_batch_norm(
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """Synchronised batch norm of a 4D `x` on the fused kernel, with a custom gradient.
 
-    Forward: the fused kernel standardises `x` with its local moments
-    (`tfbn.stats.fused_standardize`), one all-reduce merges the moments
-    (`all_reduce_moments`), and one fused pass maps the local standardisation to
-    the global one (`tfbn.stats.restandardize`): two passes over the data, as
-    in local BN, plus the per-channel all-reduce. Backward (as PyTorch's SyncBatchNorm):
-    the fused kernel's fixed-statistics gradient gives `dy * gamma * r` and the
-    local sums `sum(dy)`, `sum(dy * xhat)` in one pass; ONE all-reduce of those
-    two sums, then `tfbn.stats.sync_batch_norm_input_grad` adds the terms that
-    flow through the global mean and variance. gamma/beta gradients stay local
+    Forward: local moments on the fused kernel (`tfbn.stats.fused_moments`), one
+    all-reduce merges them (`all_reduce_moments`), and one XLA-fused pass
+    normalises with the global statistics (`tfbn.stats.normalize_with_moments`):
+    two passes over the data, as in local BN, plus the per-channel all-reduce.
+    Backward (as PyTorch's SyncBatchNorm): the fused kernel's fixed-statistics
+    gradient gives the local sums `sum(dy)`, `sum(dy * xhat)` in one pass; ONE
+    all-reduce of those two sums; then one fused pass computes the input
+    gradient including the terms that flow through the global mean and variance
+    (`tfbn.stats.sync_batch_norm_input_grad`). gamma/beta gradients stay local
     (the optimizer sums them over replicas, as for any weight).
 
     Must run in a replica context (see `replica_context`). `x` is NHWC or NCHW
@@ -128,29 +128,22 @@ def sync_fused_batch_norm(
     ctx = replica_context()
     if ctx is None:
         raise RuntimeError("sync_fused_batch_norm needs a replica context with > 1 replica.")
-    xhat, local_mean, local_variance, local_count = stats.fused_standardize(
-        tf.stop_gradient(x), epsilon, data_format
-    )
-    mean, variance, count = all_reduce_moments(
-        local_mean, local_variance, local_count, group_size
-    )
+    local = stats.fused_moments(tf.stop_gradient(x), data_format)
+    mean, variance, count = all_reduce_moments(*local, group_size)
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
-        y = stats.restandardize(
-            xhat, local_mean, local_variance, mean, variance, gamma, beta, epsilon, data_format
-        )
+        y = stats.normalize_with_moments(x, mean, variance, gamma, beta, epsilon, data_format)
 
         def grad(dy):
-            dx_frozen, dgamma, dbeta = stats.fused_batch_norm_frozen_grad(
+            _, dgamma, dbeta = stats.fused_batch_norm_frozen_grad(
                 dy, x, gamma, mean, variance, epsilon, data_format
             )
             sum_dy, sum_dy_xhat = tf.unstack(
                 _all_reduce_sum(ctx, tf.stack([dbeta, dgamma]), group_size)
             )
             dx = stats.sync_batch_norm_input_grad(
-                x, dx_frozen, gamma, mean, variance, epsilon, sum_dy, sum_dy_xhat, count,
-                data_format,
+                dy, x, gamma, mean, variance, epsilon, sum_dy, sum_dy_xhat, count, data_format
             )
             return dx, dgamma, dbeta
 

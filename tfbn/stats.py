@@ -220,9 +220,10 @@ def fused_batch_norm_frozen_grad(
 
         (dy * scale * r,  sum(dy * xhat),  sum(dy))
 
-    (the sums over every axis but the channel), the three pieces from which
-    `sync_batch_norm_input_grad` builds the gradient of normalising with global
-    statistics. 4D `x`/`dy` as in `fused_batch_norm`; float32 `scale`/statistics.
+    (the sums over every axis but the channel; the sums, all-reduced, are what
+    `sync_batch_norm_input_grad` needs). The kernel's frozen-statistics gradient
+    does not read `reserve_space_3`, so an empty one is passed. 4D `x`/`dy` as in
+    `fused_batch_norm`; float32 `scale`/statistics.
     """
     nchw = data_format == "NCHW"
     if nchw:  # the kernel's frozen-statistics gradient is channels-last only
@@ -244,8 +245,8 @@ def fused_batch_norm_frozen_grad(
 
 
 def sync_batch_norm_input_grad(
+    dy: tf.Tensor,
     x: tf.Tensor,
-    dx_frozen: tf.Tensor,
     scale: tf.Tensor,
     mean: tf.Tensor,
     variance: tf.Tensor,
@@ -264,90 +265,74 @@ def sync_batch_norm_input_grad(
     SyncBatchNorm) is
 
         dx = scale * r * (dy - sum_dy / count - xhat * sum_dy_xhat / count)
-           = dx_frozen + x * k1 + k0,    per channel:
-        k1 = -scale * r**2 * sum_dy_xhat / count
-        k0 = -scale * r * sum_dy / count - mean * k1
+           = dy * a + (x - mean) * b + c,    per channel:
+        a = scale * r,  b = -a * r * sum_dy_xhat / count,  c = -a * sum_dy / count
 
-    where `dx_frozen = dy * scale * r` and `sum_dy`, `sum_dy_xhat` are the GLOBAL
-    sums (all-reduced local `fused_batch_norm_frozen_grad` sums). A zero count
-    (all-empty batch) gives `dx_frozen` unchanged. Returns `x`'s dtype.
+    where `sum_dy`, `sum_dy_xhat` are the GLOBAL sums (all-reduced local sums from
+    `fused_batch_norm_frozen_grad`). One XLA-fused pass over `dy` and `x` in
+    float32, rounded once to `x`'s dtype. A zero count (all-empty batch) leaves
+    `dy * a`, never NaN.
     """
     r = tf.math.rsqrt(variance + tf.cast(epsilon, variance.dtype))
-    g_r = scale * r
-    k1 = -g_r * r * tf.math.divide_no_nan(sum_dy_xhat, count)
-    k0 = -g_r * tf.math.divide_no_nan(sum_dy, count) - mean * k1
+    a = scale * r
+    b = -a * r * tf.math.divide_no_nan(sum_dy_xhat, count)
+    c = -a * tf.math.divide_no_nan(sum_dy, count)
     if data_format == "NCHW":
-        k1, k0 = k1[:, None, None], k0[:, None, None]
-    return _add_channel_affine(dx_frozen, x, k1, k0)
+        a, b, c, mean = (t[:, None, None] for t in (a, b, c, mean))
+    return _input_grad_pass(dy, x, a, mean, b, c)
 
 
 @tf.function(jit_compile=True)
-def _add_channel_affine(d: tf.Tensor, x: tf.Tensor, k1: tf.Tensor, k0: tf.Tensor) -> tf.Tensor:
-    """`d + x * k1 + k0` in float32, returned in `x`'s dtype.
-
-    XLA fuses it into one pass over `d` and `x`; unfused TensorFlow runs three
-    elementwise kernels and costs about twice as much on a CPU.
-    """
-    y = tf.cast(d, tf.float32) + tf.cast(x, tf.float32) * k1 + k0
-    return tf.cast(y, x.dtype)
+def _input_grad_pass(dy, x, a, mean, b, c):
+    """`dy * a + (x - mean) * b + c` in float32 (one fused pass), in `x`'s dtype."""
+    dx = tf.cast(dy, tf.float32) * a + (tf.cast(x, tf.float32) - mean) * b + c
+    return tf.cast(dx, x.dtype)
 
 
-def fused_standardize(
-    x: tf.Tensor, epsilon: float, data_format: str
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-    """A 4D `x` standardised with its own statistics, and those statistics, in one kernel.
+def fused_moments(x: tf.Tensor, data_format: str) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """`moments` of a 4D `x` over all but the channel axis, on the fused kernel.
 
-    Returns `(xhat, mean, variance, count)`: `xhat = (x - mean) * rsqrt(variance + epsilon)`
-    in `x`'s dtype, and `moments`' contract for the rest (biased variance, float32,
-    zeros for an empty batch). On a CPU the fused kernel computes them for about
-    half the cost of TensorFlow's reductions alone, and its variance is two-pass:
-    at mean 1e4 / std 1 it is within 1e-4 relative of float64 (tested).
-    `restandardize` turns `xhat` into the output for other (e.g. global) statistics.
+    Same contract as `moments` (biased variance, float32, zeros for an empty
+    batch). On a CPU the kernel computes them for less than TensorFlow's
+    reductions alone cost, and its variance is two-pass: at mean 1e4 / std 1 it
+    is within 1e-4 relative of float64 (tested). (The kernel also writes a
+    normalised copy of `x`, which is discarded.)
     """
     channels = x.shape[3] if data_format == "NHWC" else x.shape[1]
     ones, zeros = tf.ones([channels], tf.float32), tf.zeros([channels], tf.float32)
-    xhat, mean, variance = fused_batch_norm(x, ones, zeros, epsilon, data_format)
+    _, mean, variance = fused_batch_norm(x, ones, zeros, 1e-3, data_format)
     shape = tf.shape(x, out_type=tf.int64)
     per_channel = tf.size(x, tf.int64) // tf.maximum(shape[3 if data_format == "NHWC" else 1], 1)
     count = tf.fill([channels], tf.cast(per_channel, tf.float32))
     empty = count == 0.0  # the kernel returns NaN statistics for an empty batch
     mean = tf.where(empty, tf.zeros_like(mean), mean)
     variance = tf.where(empty, tf.zeros_like(variance), variance)
-    return xhat, mean, variance, count
+    return mean, variance, count
 
 
-def restandardize(
-    xhat: tf.Tensor,
-    local_mean: tf.Tensor,
-    local_variance: tf.Tensor,
+def normalize_with_moments(
+    x: tf.Tensor,
     mean: tf.Tensor,
     variance: tf.Tensor,
-    gamma: tf.Tensor,
-    beta: tf.Tensor,
+    gamma: tf.Tensor | None,
+    beta: tf.Tensor | None,
     epsilon: float,
     data_format: str,
 ) -> tf.Tensor:
-    """Batch norm with statistics `mean`/`variance` from `fused_standardize`'s output.
+    """`(x - mean) * gamma * rsqrt(variance + epsilon) + beta` for a 4D `x`.
 
-    `x = xhat / r_local + local_mean`, so `gamma * (x - mean) * r + beta` is the
-    per-channel affine map of `xhat`
-
-        a = gamma * r / r_local,    b = gamma * r * (local_mean - mean) + beta
-
-    with `r = rsqrt(variance + epsilon)`: one fused pass over `xhat` instead of a
-    second pass of the kernel over `x`. Returns `xhat`'s dtype.
+    One XLA-fused pass in float32, rounded once to `x`'s dtype (about half the
+    cost of the fused inference kernel on a CPU). Subtracting the mean before
+    scaling keeps the precision of `x` when the mean is large against the spread,
+    where the folded form `x * scale + offset` cancels.
     """
-    eps = tf.cast(epsilon, variance.dtype)
-    r = tf.math.rsqrt(variance + eps)
-    g_r = r if gamma is None else gamma * r
-    a = g_r * tf.sqrt(local_variance + eps)
-    b = g_r * (local_mean - mean) + (0.0 if beta is None else beta)
+    scale, offset = fold_scale_offset(gamma, beta, tf.zeros_like(mean), variance, epsilon)
     if data_format == "NCHW":
-        a, b = a[:, None, None], b[:, None, None]
-    return _channel_affine(xhat, a, b)
+        mean, scale, offset = (t[:, None, None] for t in (mean, scale, offset))
+    return _normalize_pass(x, mean, scale, offset)
 
 
 @tf.function(jit_compile=True)
-def _channel_affine(x: tf.Tensor, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-    """`x * a + b` in float32 with per-channel `a`, `b`; one XLA-fused pass, `x`'s dtype."""
-    return tf.cast(tf.cast(x, tf.float32) * a + b, x.dtype)
+def _normalize_pass(x, mean, scale, offset):
+    """`(x - mean) * scale + offset` in float32 (one fused pass), in `x`'s dtype."""
+    return tf.cast((tf.cast(x, tf.float32) - mean) * scale + offset, x.dtype)
