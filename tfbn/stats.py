@@ -282,7 +282,7 @@ def sync_batch_norm_input_grad(
     return _input_grad_pass(dy, x, a, mean, b, c)
 
 
-@tf.function(jit_compile=True)
+@tf.function(jit_compile=True, reduce_retracing=True)
 def _input_grad_pass(dy, x, a, mean, b, c):
     """`dy * a + (x - mean) * b + c` in float32 (one fused pass), in `x`'s dtype."""
     dx = tf.cast(dy, tf.float32) * a + (tf.cast(x, tf.float32) - mean) * b + c
@@ -332,7 +332,7 @@ def normalize_with_moments(
     return _normalize_pass(x, mean, scale, offset)
 
 
-@tf.function(jit_compile=True)
+@tf.function(jit_compile=True, reduce_retracing=True)
 def _normalize_pass(x, mean, scale, offset):
     """`(x - mean) * scale + offset` in float32 (one fused pass), in `x`'s dtype."""
     return tf.cast((tf.cast(x, tf.float32) - mean) * scale + offset, x.dtype)
