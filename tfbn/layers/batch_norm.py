@@ -49,9 +49,9 @@ class BatchNormalization(keras.layers.Layer):
     `sync_group_size` replicas): local two-pass moments are packed as float64
     moment sums and merged in ONE all-reduce (`tfbn.distribute`), exact for
     uneven and empty per-replica batches and free of the `E[x^2] - E[x]^2`
-    cancellation. On the fused path the kernel normalises with the global
-    statistics and a custom gradient all-reduces the two backward sums once
-    (as PyTorch's SyncBatchNorm); elsewhere gradients flow through the all-reduce.
+    cancellation. Where the fused kernel applies, it computes the local moments
+    and a custom gradient all-reduces the two backward sums once (as PyTorch's
+    SyncBatchNorm); elsewhere gradients flow through the all-reduce.
     The moving statistics are mirrored variables with `aggregation="mean"`:
     each replica's update is averaged over replicas before it is written to
     every copy, so the copies never drift apart. Unsynchronised, they hold the
