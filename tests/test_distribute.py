@@ -369,6 +369,39 @@ def test_group_validation_and_fallback_outside_strategy():
     np.testing.assert_allclose(layer(x, training=True), ref(x, training=True), atol=1e-6)
 
 
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+def test_sync_gradient_formula_reduces_to_batch_norm_gradient_on_one_device(data_format):
+    """With the "global" sums taken over one device, the sync input gradient is
+    ordinary batch norm's gradient (autodiff through the batch statistics)."""
+    from tfbn import stats
+
+    rng = np.random.default_rng(7)
+    shape = (5, 3, 4, 6) if data_format == "NHWC" else (5, 6, 3, 4)
+    axes = [0, 1, 2] if data_format == "NHWC" else [0, 2, 3]
+    x = tf.constant(rng.normal(4, 2, shape).astype("float32"))
+    dy = tf.constant(rng.normal(0, 1, shape).astype("float32"))
+    gamma = tf.constant(rng.uniform(0.5, 2, 6).astype("float32"))
+    beta = tf.constant(rng.normal(0, 1, 6).astype("float32"))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        mean, var, _ = stats.moments(x, axes)
+        y = stats.normalize_with_moments(x, mean, var, gamma, beta, 1e-3, data_format)
+        y_ref = tf.nn.batch_normalization(
+            x, *(tf.reshape(t, stats._expand(t, axes).shape) for t in (mean, var, beta, gamma)),
+            1e-3,
+        )
+        loss = tf.reduce_sum(y_ref * dy)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    want = tape.gradient(loss, x)
+
+    mean, var, count = stats.fused_moments(x, data_format)
+    _, dgamma, dbeta = stats.fused_batch_norm_frozen_grad(dy, x, gamma, mean, var, 1e-3, data_format)
+    got = stats.sync_batch_norm_input_grad(
+        dy, x, gamma, mean, var, 1e-3, dbeta, dgamma, count, data_format
+    )
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 # ------------------------------------------------------------ collectives --
 
 
