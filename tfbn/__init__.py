@@ -9,9 +9,11 @@ from tfbn import stats  # noqa: E402
 from tfbn.calibrate import recalibrate  # noqa: E402
 from tfbn.callbacks import BatchNormMomentumScheduler, BatchNormStatsCallback  # noqa: E402
 from tfbn.convert import (  # noqa: E402
+    convert_sync_batch_norm,
     fold_batch_norm,
     freeze_batch_norm,
     reset_running_stats,
+    revert_sync_batch_norm,
     unfreeze_batch_norm,
 )
 from tfbn.export import export_saved_model  # noqa: E402
@@ -27,6 +29,8 @@ __all__ = [
     "stats",
     "BatchNormalization",
     "SyncBatchNormalization",
+    "convert_sync_batch_norm",
+    "revert_sync_batch_norm",
     "recalibrate",
     "reset_running_stats",
     "BatchNormMomentumScheduler",
