@@ -8,7 +8,7 @@ of all 16 examples. This script
 1. splits the CPU into 4 logical devices (use GPUs instead where you have them)
    and creates a `tf.distribute.MirroredStrategy` over them;
 2. builds an ordinary Keras CNN (keras.layers.BatchNormalization) in the
-   strategy's scope, and `tfbn.convert.convert_sync_batch_norm` rewrites every BN
+   strategy's scope, and `tfbn.convert_sync_batch_norm` rewrites every BN
    into `tfbn.BatchNormalization(synchronized=True)` (building with
    `tfbn.BatchNormalization(synchronized=True)` directly is the same);
 3. shows `tfbn.lint_model` flags the unsynchronised small per-replica batches and
@@ -50,7 +50,6 @@ import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 import tfbn  # noqa: E402
-import tfbn.convert  # noqa: E402
 
 
 def build_cnn() -> keras.Model:
@@ -82,7 +81,7 @@ def main(argv=None) -> int:
     keras.utils.set_random_seed(0)
     with strategy.scope():  # variables created here are mirrored on the 4 replicas
         local = build_cnn()
-        model = tfbn.convert.convert_sync_batch_norm(local)
+        model = tfbn.convert_sync_batch_norm(local)
         model.compile(optimizer=keras.optimizers.Adam(1e-2),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     bns = [layer for layer in model.layers if layer.name.startswith("bn")]
