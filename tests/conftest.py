@@ -17,3 +17,21 @@ _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS
 )
+
+
+# Every MirroredStrategy over the same devices starts its collective group and
+# instance keys at the same numbers, so two strategies created in one process
+# (here: one per test module, example or experiment) can pick up each other's
+# pending all-reduces ("Shape mismatch in the collective instance 100"). TF's own
+# tests avoid that with the test-only `_collective_key_base`; give each strategy
+# created during the test session its own.
+_next_key_base = iter(range(10_000, 10_000_000, 10_000))
+_mirrored_init = tf.distribute.MirroredStrategy.__init__
+
+
+def _mirrored_init_with_own_keys(self, *args, **kwargs):
+    self._collective_key_base = next(_next_key_base)
+    _mirrored_init(self, *args, **kwargs)
+
+
+tf.distribute.MirroredStrategy.__init__ = _mirrored_init_with_own_keys
