@@ -195,6 +195,15 @@ def test_existing_version_needs_overwrite(tmp_path):
     assert _entries(tmp_path) == ["4"]
 
 
+def test_base_path_under_a_file_is_unwritable(tmp_path):
+    """Runs as any user (root included): a base path below a regular file cannot be written."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match="Cannot write under"):
+        export_saved_model(_cnn(), blocker / "model")
+    assert sorted(os.listdir(tmp_path)) == ["afile"] and blocker.read_text() == "not a directory"
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_base(tmp_path):
     locked = tmp_path / "locked"
