@@ -9,6 +9,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
 import tfbn
+from serving.invariance import load_golden  # the one reader of the golden file
 from tfbn import cli
 from tfbn.export import (
     GOLDEN_FILE,
@@ -16,7 +17,6 @@ from tfbn.export import (
     WARMUP_FILE,
     ExportGateError,
     export_saved_model,
-    load_golden,
 )
 from tfbn.inspect import lint_saved_model
 

@@ -558,14 +558,3 @@ def _remove_created(path: str, first_created: str | None) -> None:
         if path == first_created:
             return
         path = os.path.dirname(path)
-
-
-def load_golden(
-    version_dir: str | os.PathLike,
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """`(inputs, outputs)` of a version's golden file, keyed by signature names."""
-    path = os.path.join(os.fspath(version_dir), ASSETS_EXTRA, GOLDEN_FILE)
-    with np.load(path) as data:
-        inputs = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("inputs/")}
-        outputs = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("outputs/")}
-    return inputs, outputs

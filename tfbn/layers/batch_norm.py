@@ -208,18 +208,7 @@ class BatchNormalization(keras.layers.Layer):
     def build(self, input_shape):
         input_shape = tuple(input_shape)
         rank = len(input_shape)
-        axes = sorted({a % rank if -rank <= a < rank else a for a in self.axis})
-        if any(not 0 <= a < rank for a in axes) or 0 in axes:
-            raise ValueError(
-                f"`axis` {self.axis} is out of range for input shape {input_shape} "
-                f"(rank {rank}); accepted: channel axes in [1, {rank - 1}] or "
-                f"[-{rank - 1}, -1]."
-            )
-        if any(input_shape[a] is None for a in axes):
-            raise ValueError(
-                f"The channel dimension(s) {self.axis} of the input must be known. "
-                f"Received: input_shape={input_shape}"
-            )
+        axes = resolve_channel_axes(self.axis, input_shape)
         self._channel_axes = axes
         self._reduction_axes = [a for a in range(rank) if a not in axes]
         param_shape = tuple(input_shape[a] for a in axes)
@@ -571,6 +560,28 @@ class SyncBatchNormalization(BatchNormalization):
 
     def __init__(self, *args, synchronized=True, **kwargs):
         super().__init__(*args, synchronized=synchronized, **kwargs)
+
+
+def resolve_channel_axes(axis: list[int], input_shape: tuple) -> list[int]:
+    """Non-negative, sorted channel axes of `axis` for `input_shape`.
+
+    Raises ValueError naming the shape when an axis is out of range (or is the batch
+    axis) or a channel dimension is unknown.
+    """
+    rank = len(input_shape)
+    axes = sorted({a % rank if -rank <= a < rank else a for a in axis})
+    if any(not 0 <= a < rank for a in axes) or 0 in axes:
+        raise ValueError(
+            f"`axis` {axis} is out of range for input shape {input_shape} "
+            f"(rank {rank}); accepted: channel axes in [1, {rank - 1}] or "
+            f"[-{rank - 1}, -1]."
+        )
+    if any(input_shape[a] is None for a in axes):
+        raise ValueError(
+            f"The channel dimension(s) {axis} of the input must be known. "
+            f"Received: input_shape={input_shape}"
+        )
+    return axes
 
 
 def _validate_axis(axis) -> list[int]:

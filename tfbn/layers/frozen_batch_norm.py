@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 from tfbn import stats
-from tfbn.layers.batch_norm import COUNTER_NAMES, _validate_axis
+from tfbn.layers.batch_norm import COUNTER_NAMES, _validate_axis, resolve_channel_axes
 
 
 @keras.saving.register_keras_serializable(package="tfbn")
@@ -76,19 +76,7 @@ class FrozenBatchNormalization(keras.layers.Layer):
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
-        rank = len(input_shape)
-        axes = sorted({a % rank if -rank <= a < rank else a for a in self.axis})
-        if any(not 0 <= a < rank for a in axes) or 0 in axes:
-            raise ValueError(
-                f"`axis` {self.axis} is out of range for input shape {input_shape} "
-                f"(rank {rank}); accepted: channel axes in [1, {rank - 1}] or "
-                f"[-{rank - 1}, -1]."
-            )
-        if any(input_shape[a] is None for a in axes):
-            raise ValueError(
-                f"The channel dimension(s) {self.axis} of the input must be known. "
-                f"Received: input_shape={input_shape}"
-            )
+        axes = resolve_channel_axes(self.axis, input_shape)
         self._channel_axes = axes
         common = dict(
             shape=tuple(input_shape[a] for a in axes),
@@ -114,7 +102,7 @@ class FrozenBatchNormalization(keras.layers.Layer):
                             trainable=False)
             for name in COUNTER_NAMES
         )  # fmt: skip
-        self.input_spec = keras.layers.InputSpec(ndim=rank, axes={a: input_shape[a] for a in axes})
+        self.input_spec = keras.layers.InputSpec(ndim=len(input_shape), axes={a: input_shape[a] for a in axes})
 
     @property
     def weights(self):
