@@ -22,8 +22,11 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+import tfbn  # noqa: E402
 
 DEFAULT_OUT = Path("reports") / "experiments"
 
@@ -84,6 +87,25 @@ def load_digits_split(seed: int = 0, test_size: float = 0.3, flat: bool = False)
     x = x.reshape(len(x), 64) if flat else x[..., None]
     y = digits.target.astype("int64")
     return train_test_split(x, y, test_size=test_size, random_state=seed, stratify=y)
+
+
+def build_cnn(synchronized: bool = False) -> keras.Model:
+    """The demo's CNN: bias-free Conv-BN-ReLU blocks, global pooling, dense softmax.
+
+    BN momentum 0.9 (the runs are short); `synchronized=True` for global statistics.
+    """
+    def block(x, filters):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = tfbn.BatchNormalization(momentum=0.9, synchronized=synchronized)(x)
+        return keras.layers.ReLU()(x)
+
+    inputs = keras.Input((8, 8, 1))
+    x = block(inputs, 32)
+    x = keras.layers.MaxPooling2D()(x)
+    x = block(x, 64)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(10, activation="softmax")(x)
+    return keras.Model(inputs, outputs)
 
 
 def accuracy(probabilities, labels) -> float:

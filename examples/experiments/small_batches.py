@@ -33,23 +33,6 @@ import tfbn  # noqa: E402
 NAME = "small_batches"
 
 
-def build_cnn(synchronized: bool) -> keras.Model:
-    """The demo's CNN: bias-free Conv-BN-ReLU blocks, global pooling, dense softmax."""
-
-    def block(x, filters):
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = tfbn.BatchNormalization(momentum=0.9, synchronized=synchronized)(x)
-        return keras.layers.ReLU()(x)
-
-    inputs = keras.Input((8, 8, 1))
-    x = block(inputs, 32)
-    x = keras.layers.MaxPooling2D()(x)
-    x = block(x, 64)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(10, activation="softmax")(x)
-    return keras.Model(inputs, outputs)
-
-
 def train_one(strategy, data, synchronized: bool, per_replica: int, seed: int, epochs: int,
               steps: int | None, lr: float) -> dict:
     x_train, x_test, y_train, y_test = data
@@ -64,7 +47,7 @@ def train_one(strategy, data, synchronized: bool, per_replica: int, seed: int, e
     if steps is not None:
         dataset = dataset.take(steps)
     with strategy.scope():
-        model = build_cnn(synchronized)
+        model = common.build_cnn(synchronized)
         model.compile(
             optimizer=keras.optimizers.Adam(lr),
             loss="sparse_categorical_crossentropy",

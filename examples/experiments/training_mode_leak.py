@@ -33,29 +33,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import tfbn  # noqa: E402
 from tfbn.convert import freeze_batch_norm  # noqa: E402
 
 NAME = "training_mode_leak"
 BATCH_SIZES = (1, 2, 8, 32)
 SPREAD_SIZES = (2, 8, 32)
-
-
-def build_cnn() -> keras.Model:
-    """The demo's CNN: bias-free Conv-BN-ReLU blocks, global pooling, dense softmax."""
-
-    def block(x, filters):
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = tfbn.BatchNormalization(momentum=0.9)(x)
-        return keras.layers.ReLU()(x)
-
-    inputs = keras.Input((8, 8, 1))
-    x = block(inputs, 32)
-    x = keras.layers.MaxPooling2D()(x)
-    x = block(x, 64)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(10, activation="softmax")(x)
-    return keras.Model(inputs, outputs)
 
 
 def predict_in_chunks(fn, x, batch_size, order):
@@ -146,7 +128,7 @@ def run_seed(seed, epochs, n_probes, compositions) -> dict:
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
     x_train, x_test, y_train, y_test = common.load_digits_split(seed=0)
-    model = build_cnn()
+    model = common.build_cnn()
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
     model.fit(x_train, y_train, epochs=epochs, batch_size=64, verbose=0)
     weights = model.get_weights()
