@@ -586,6 +586,13 @@ class ModelManager:
             return None
         return self._states[name]
 
+    def _label_version(self, name: str, label: str) -> int:
+        """The version a model's version label points at (TF Serving's error if none)."""
+        cfg = self.configs.get(name)
+        if cfg is None or label not in cfg.labels:
+            raise _err("INVALID_ARGUMENT", f"Unrecognized servable version label: {label}")
+        return cfg.labels[label]
+
     def get(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
         """The servable a request addresses (TF Serving's GetServableHandle)."""
         if version is not None and label:
@@ -594,10 +601,7 @@ class ModelManager:
         with self._lock:
             states = self._model(name)
             if label:
-                cfg = self.configs.get(name)
-                if cfg is None or label not in cfg.labels:
-                    raise _err("INVALID_ARGUMENT", f"Unrecognized servable version label: {label}")
-                version = cfg.labels[label]
+                version = self._label_version(name, label)
             if version is not None:
                 st = states.get(int(version)) if states is not None else None
                 if st is None or st.state != "AVAILABLE":
@@ -632,10 +636,7 @@ class ModelManager:
         with self._lock:
             states = self._model(name)
             if label:
-                cfg = self.configs.get(name)
-                if cfg is None or label not in cfg.labels:
-                    raise _err("INVALID_ARGUMENT", f"Unrecognized servable version label: {label}")
-                version = cfg.labels[label]
+                version = self._label_version(name, label)
             if version is not None:
                 st = states.get(int(version)) if states is not None else None
                 if st is None:
