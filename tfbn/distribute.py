@@ -53,11 +53,6 @@ def num_replicas() -> int:
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
-def in_strategy() -> bool:
-    """True inside a non-default `tf.distribute` strategy (scope or replica context)."""
-    return tf.distribute.has_strategy()
-
-
 def validate_group_size(group_size: int | None, replicas: int) -> None:
     """Raises ValueError unless `group_size` is None or divides `replicas`."""
     if group_size is None:
