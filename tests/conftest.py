@@ -9,7 +9,16 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _serving_helpers import TESTDATA  # noqa: E402
+
+# Locally the TF Serving conformance tests skip when ../shared/tfs_testdata is
+# absent; in CI (CI=true, shared/ checked out beside the repo) that would hide
+# the whole conformance suite, so it is an error instead.
+if os.environ.get("CI") and not os.path.isdir(TESTDATA):
+    pytest.exit(f"CI run without TF Serving's fixtures: {TESTDATA} not found "
+                "(set TFS_TESTDATA)", returncode=3)
 
 NUM_LOGICAL_CPUS = 4
 

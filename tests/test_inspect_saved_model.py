@@ -7,13 +7,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _serving_helpers import TESTDATA as TFS  # noqa: E402
 
 import tfbn
 from tfbn import cli
 from tfbn.inspect import is_saved_model_dir, lint_saved_model, resolve_saved_model_dir
 
-TFS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tfs_testdata")
-TFS = os.path.normpath(os.environ.get("TFS_TESTDATA", TFS))
 needs_tfs = pytest.mark.skipif(not os.path.isdir(TFS), reason="TF Serving fixtures not found")
 
 
