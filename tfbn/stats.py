@@ -198,11 +198,16 @@ def fused_batch_norm(
     )
     if not training:
         return y, mean, variance
-    shape = tf.shape(x)
-    channel = 3 if data_format == "NHWC" else 1
-    n = tf.cast(tf.reduce_prod(shape) // tf.maximum(shape[channel], 1), tf.float32)
+    n = fused_count(x, data_format)
     batch_var = batch_var * tf.math.divide_no_nan(n - 1.0, n)
     return y, batch_mean, batch_var
+
+
+def fused_count(x: tf.Tensor, data_format: str) -> tf.Tensor:
+    """Values per channel of a 4D `x` in `data_format` (float32 scalar; 0 when empty)."""
+    shape = tf.shape(x, out_type=tf.int64)
+    channels = shape[3 if data_format == "NHWC" else 1]
+    return tf.cast(tf.size(x, tf.int64) // tf.maximum(channels, 1), tf.float32)
 
 
 def fused_batch_norm_frozen_grad(
@@ -301,9 +306,7 @@ def fused_moments(x: tf.Tensor, data_format: str) -> tuple[tf.Tensor, tf.Tensor,
     channels = x.shape[3] if data_format == "NHWC" else x.shape[1]
     ones, zeros = tf.ones([channels], tf.float32), tf.zeros([channels], tf.float32)
     _, mean, variance = fused_batch_norm(x, ones, zeros, 1e-3, data_format)
-    shape = tf.shape(x, out_type=tf.int64)
-    per_channel = tf.size(x, tf.int64) // tf.maximum(shape[3 if data_format == "NHWC" else 1], 1)
-    count = tf.fill([channels], tf.cast(per_channel, tf.float32))
+    count = tf.fill([channels], fused_count(x, data_format))
     empty = count == 0.0  # the kernel returns NaN statistics for an empty batch
     mean = tf.where(empty, tf.zeros_like(mean), mean)
     variance = tf.where(empty, tf.zeros_like(variance), variance)

@@ -395,8 +395,7 @@ class BatchNormalization(keras.layers.Layer):
             y, mean, variance = stats.fused_batch_norm(
                 x4, *self._gamma_beta(), self.epsilon, self._fused_format
             )
-            per_channel = tf.size(x, tf.int64) // _prod(self._param_shape)
-            count = tf.fill(tf.shape(mean), tf.cast(per_channel, tf.float32))
+            count = tf.fill(tf.shape(mean), stats.fused_count(x4, self._fused_format))
             return restore(y), mean, variance, count
         if self.virtual_batch_size is not None:
             return self._ghost_batch_norm(x, mask)
