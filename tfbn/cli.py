@@ -242,9 +242,8 @@ def _run_inspect(args) -> int:
 
     if inspect.is_keras_model_file(args.path):
         report = inspect.inspect_model(args.path)
-        _emit(report, args.json_path)
-        return 0 if report.ok else 1
-    report = inspect.lint_saved_model(args.path)
+    else:
+        report = inspect.lint_saved_model(args.path)
     _emit(report, args.json_path)
     return 0 if report.ok else 1
 
