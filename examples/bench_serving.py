@@ -26,7 +26,6 @@ import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 
@@ -78,7 +77,7 @@ def start_server(base: str) -> tuple[subprocess.Popen, str, str]:
 
 
 def timed_check(predict, inputs, reference, batch: int) -> float:
-    from serving.invariance import check_batch_invariance
+    from tfbn.serving.invariance import check_batch_invariance
 
     t0 = time.perf_counter()
     report = check_batch_invariance(predict, inputs, reference, batch_sizes=(batch,), orders=1)
@@ -95,14 +94,14 @@ def main(argv=None) -> int:
     p.add_argument("--json", dest="json_path")
     args = p.parse_args(argv)
 
-    from serving.client import GrpcClient, RestClient
-    from serving.invariance import saved_model_predictor, synthetic_inputs
+    from tfbn.serving.client import GrpcClient, RestClient
+    from tfbn.serving.invariance import saved_model_predictor, synthetic_inputs
 
     with tempfile.TemporaryDirectory() as tmp:
         base = args.model or export_model(tmp)
         local, version_dir = saved_model_predictor(base)
         sig = local.servable.signature_defs["serving_default"]
-        from serving import _tensor
+        from tfbn.serving import _tensor
 
         spec = {k: (_tensor.numpy_dtype(v.dtype), [d.size for d in v.tensor_shape.dim])
                 for k, v in sig.inputs.items()}

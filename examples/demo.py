@@ -57,11 +57,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
+from tfbn.serving._config import BatchingParameters, ModelConfig  # noqa: E402
+from tfbn.serving.invariance import run_check  # noqa: E402
+from tfbn.serving.server import DevServer  # noqa: E402
 
 import tfbn  # noqa: E402
-from serving._config import BatchingParameters, ModelConfig  # noqa: E402
-from serving.invariance import run_check  # noqa: E402
-from serving.server import DevServer  # noqa: E402
 
 # TF Serving batching parameters for the dev server: up to 64 rows per batch (the
 # check's largest request), waiting up to 20 ms for requests to join, padded to

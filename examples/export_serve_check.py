@@ -32,11 +32,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
+from tfbn.serving._config import BatchingParameters, ModelConfig, load_batching_parameters  # noqa: E402
+from tfbn.serving.invariance import run_check  # noqa: E402
+from tfbn.serving.server import DevServer  # noqa: E402
 
 import tfbn  # noqa: E402
-from serving._config import BatchingParameters, ModelConfig, load_batching_parameters  # noqa: E402
-from serving.invariance import run_check  # noqa: E402
-from serving.server import DevServer  # noqa: E402
 
 # Server-side batching: up to 64 rows per batch, waiting up to 20 ms for requests to
 # join, padded to one of the allowed sizes. The same as a TF Serving batching file:

@@ -26,8 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-
-from serving import _tensor
+from tfbn.serving import _tensor
 
 __all__ = [
     "GrpcClient",

@@ -13,7 +13,7 @@ only ever sends one row and still gets a batch-dependent answer).
 
 `predict` is any callable from a dict of named arrays (first dimension = examples) to a
 dict of named arrays, so the check runs against an in-process SavedModel
-(`saved_model_predictor`), TF Serving over REST or gRPC (`serving.client`), or a fake.
+(`saved_model_predictor`), TF Serving over REST or gRPC (`tfbn.serving.client`), or a fake.
 
 Verdict per row of the report: every output element within `atol + rtol * |reference|`
 (NumPy's `allclose` rule). Deviations are also reported as max absolute and max
@@ -349,7 +349,7 @@ def saved_model_predictor(path: str | os.PathLike, signature_name: str = "servin
     `path` is a version directory or a base path (its highest integer version is used).
     Returns `(predict, version_dir)`.
     """
-    from serving.server import Servable, ServingError, _Batcher
+    from tfbn.serving.server import Servable, ServingError, _Batcher
 
     version_dir = _find_version_dir(os.fspath(path))
     base = os.path.basename(os.path.normpath(version_dir))
@@ -449,7 +449,7 @@ def run_check(
                              "for a local SavedModel pass its version directory")
         predict, version_dir = saved_model_predictor(model_path, signature_name, batching=batching)
         sig = predict.servable.signature_defs[signature_name]  # type: ignore[attr-defined]
-        from serving import _tensor
+        from tfbn.serving import _tensor
 
         spec = {k: (_tensor.numpy_dtype(v.dtype),
                     None if v.tensor_shape.unknown_rank else [d.size for d in v.tensor_shape.dim])
@@ -460,7 +460,7 @@ def run_check(
             raise ValueError("--model_name is required with --rest / --grpc")
         if batching is not None:
             raise ValueError("batching is the server's business; configure it on the server")
-        from serving.client import GrpcClient, RestClient
+        from tfbn.serving.client import GrpcClient, RestClient
 
         client_cls, address = (RestClient, rest) if rest is not None else (GrpcClient, grpc)
         client = client_cls(address, model_name, version=version, label=label,

@@ -49,9 +49,8 @@ from typing import Any
 
 import grpc
 import numpy as np
-
-from serving import _tensor
-from serving._config import BatchingParameters, ModelConfig
+from tfbn.serving import _tensor
+from tfbn.serving._config import BatchingParameters, ModelConfig
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
@@ -1169,7 +1168,7 @@ class DevServer:
     """The development server: gRPC and/or REST over a ModelManager.
 
     Args:
-      models: `ModelConfig`s to serve (see `serving._config`).
+      models: `ModelConfig`s to serve (see `tfbn.serving._config`).
       port: gRPC port (0 picks a free one; None disables gRPC).
       rest_api_port: REST port (0 picks a free one; None disables REST).
       host: address to bind; 127.0.0.1 by default (use 0.0.0.0 deliberately).
@@ -1380,7 +1379,7 @@ def models_from_flags(model_name: str | None, model_base_path: str | None,
                       model_config_file: str | None) -> list[ModelConfig]:
     """The served models from tensorflow_model_server's flags: either
     --model_config_file, or --model_name (default "default") with --model_base_path."""
-    from serving._config import load_model_config_file
+    from tfbn.serving._config import load_model_config_file
 
     if model_config_file:
         if model_base_path:

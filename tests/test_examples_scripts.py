@@ -84,7 +84,8 @@ def test_export_serve_check(capsys, tmp_path):
 
 def test_tf_serving_docker_doc():
     """Not run (no Docker here): its batching file and `tfbn` command lines parse."""
-    from serving._config import parse_batching_parameters
+    from tfbn.serving._config import parse_batching_parameters
+
     from tfbn import cli
 
     text = (EXAMPLES / "tf_serving_docker.md").read_text()

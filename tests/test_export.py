@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
+from tfbn.serving.invariance import load_golden  # the one reader of the golden file
 
 import tfbn
-from serving.invariance import load_golden  # the one reader of the golden file
 from tfbn import cli
 from tfbn.export import (
     GOLDEN_FILE,

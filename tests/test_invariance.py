@@ -10,15 +10,15 @@ import threading
 import numpy as np
 import pytest
 from _serving_helpers import INPUT, OUTPUT, examples, export_bn_models
-
-from serving import _config
-from serving.invariance import (
+from tfbn.serving import _config
+from tfbn.serving.invariance import (
     check_batch_invariance,
     load_golden,
     run_check,
     saved_model_predictor,
     synthetic_inputs,
 )
+
 from tfbn import cli
 
 # --- pure: any predict callable ----------------------------------------------------------
@@ -208,7 +208,7 @@ def test_single_row_requests_fail_only_through_server_side_batching(bn):
 
 @pytest.mark.parametrize("transport", ["rest", "grpc"])
 def test_over_the_wire_against_the_dev_server(bn, transport):
-    from serving.server import DevServer
+    from tfbn.serving.server import DevServer
 
     params = _config.BatchingParameters(max_batch_size=16, batch_timeout_micros=50_000,
                                         num_batch_threads=2)
@@ -250,7 +250,7 @@ def test_export_module_golden_file_end_to_end(bn, tmp_path, capsys):
     """tfbn.export writes the version and its golden file; the dev server serves it (warm-up
     file and all); `tfbn check` over gRPC against the golden outputs passes."""
     export = pytest.importorskip("tfbn.export")
-    from serving.server import DevServer
+    from tfbn.serving.server import DevServer
 
     base = str(tmp_path / "exported")
     result = export.export_saved_model(bn["model"], base, version=7)

@@ -13,10 +13,9 @@ import grpc
 import numpy as np
 import pytest
 from _serving_helpers import HALF_PLUS_TWO, HALF_PLUS_TWO_TF2, TESTDATA, TWO_VERSIONS
-
-from serving import _config, _tensor
-from serving.client import GrpcClient, RestClient, TFServingError, connect
-from serving.server import DevServer
+from tfbn.serving import _config, _tensor
+from tfbn.serving.client import GrpcClient, RestClient, TFServingError, connect
+from tfbn.serving.server import DevServer
 
 needs_fixtures = pytest.mark.skipif(not os.path.isdir(TESTDATA), reason="TF Serving fixtures missing")
 
@@ -244,7 +243,7 @@ def test_real_tf_serving_half_plus_two(kind):
 @pytest.mark.tfserving
 @pytest.mark.parametrize("kind", real)
 def test_real_tf_serving_batch_invariance(kind):
-    from serving.invariance import check_batch_invariance
+    from tfbn.serving.invariance import check_batch_invariance
 
     with _real(kind) as c:
         x = {"x": np.random.default_rng(0).standard_normal((20, 1)).astype(np.float32)}

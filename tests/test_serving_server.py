@@ -41,9 +41,8 @@ from tensorflow_serving.apis import (
     predict_pb2,
     prediction_service_pb2_grpc,
 )
-
-from serving import _config, _tensor
-from serving.server import DevServer, ServingError, http_status
+from tfbn.serving import _config, _tensor
+from tfbn.serving.server import DevServer, ServingError, http_status
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(TESTDATA), reason="TF Serving fixtures missing")
 
@@ -446,7 +445,7 @@ def bn_models(tmp_path_factory):
 
 
 def test_batching_pads_with_copies_of_a_real_row(bn_models):
-    from serving.server import Servable, _Batcher
+    from tfbn.serving.server import Servable, _Batcher
 
     params = _config.BatchingParameters(max_batch_size=8, batch_timeout_micros=0,
                                         allowed_batch_sizes=(4, 8))
@@ -466,7 +465,7 @@ def test_batching_pads_with_copies_of_a_real_row(bn_models):
 
 
 def test_server_side_batching_mixes_concurrent_requests(bn_models):
-    from serving.client import GrpcClient
+    from tfbn.serving.client import GrpcClient
 
     params = _config.BatchingParameters(max_batch_size=8, batch_timeout_micros=100_000,
                                         allowed_batch_sizes=(2, 4, 8), num_batch_threads=2)
@@ -532,7 +531,7 @@ def test_cli_serve_runs_and_stops_on_sigterm():
                 target = line.split("gRPC on ")[1].split(",")[0].strip()
         assert target and target.startswith("127.0.0.1:"), lines
         assert any("model hp: 123:AVAILABLE" in ln for ln in lines), lines
-        from serving.client import GrpcClient
+        from tfbn.serving.client import GrpcClient
 
         with GrpcClient(target, "hp", timeout=10) as client:
             assert client.predict({"x": np.array([2.0], np.float32)})["y"].tolist() == [3.0]

@@ -118,7 +118,7 @@ def _add_serve(sub) -> None:
 
 
 def _run_serve(args) -> int:
-    from serving import _config, server
+    from tfbn.serving import _config, server
 
     models = server.models_from_flags(args.model_name, args.model_base_path, args.model_config_file)
     batching = None
@@ -177,8 +177,8 @@ def _add_check(sub) -> None:
 def _run_check(args) -> int:
     import json
 
-    from serving import _config, invariance
-    from serving.client import TFServingError
+    from tfbn.serving import _config, invariance
+    from tfbn.serving.client import TFServingError
 
     batching = None
     if args.enable_batching:
