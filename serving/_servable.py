@@ -1,0 +1,213 @@
+"""One loaded version of one model: loading a SavedModel, validating requests against its
+SignatureDefs (TF Serving's predict_util), and calling it."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tfbn.serving import _tensor
+from tfbn.serving._status import ServingError, error, tf_error
+
+if TYPE_CHECKING:
+    from tfbn.serving._batcher import Batcher
+
+DEFAULT_SIGNATURE = "serving_default"
+PREDICT_METHODS = ("tensorflow/serving/predict", "tensorflow/serving/classify",
+                   "tensorflow/serving/regress")
+
+
+def _read_meta_graph(path: str, tags=("serve",)):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    pb, pbtxt = os.path.join(path, "saved_model.pb"), os.path.join(path, "saved_model.pbtxt")
+    proto = saved_model_pb2.SavedModel()
+    if os.path.isfile(pb):
+        with open(pb, "rb") as f:
+            proto.ParseFromString(f.read())
+    elif os.path.isfile(pbtxt):
+        from google.protobuf import text_format
+
+        with open(pbtxt, encoding="utf-8") as f:
+            text_format.Parse(f.read(), proto)
+    else:
+        raise error("NOT_FOUND", "Could not find SavedModel .pb or .pbtxt at supplied export "
+                                f"directory path: {path}")
+    for mg in proto.meta_graphs:
+        if set(mg.meta_info_def.tags) == set(tags):
+            return mg
+    raise error("NOT_FOUND", "Could not find meta graph def matching supplied tags: { "
+                            + " ".join(tags) + " }. To inspect available tag-sets in the "
+                            "SavedModel, please use the SavedModel CLI: `saved_model_cli`")
+
+
+class _SessionRunner:
+    """TF1 SavedModels run the way TF Serving runs them: a Session over the MetaGraph, fed
+    and fetched by the tensor names in the SignatureDef, with no static-shape check on
+    the feeds (TF's Python loader cannot turn every TF1 signature into a function, e.g.
+    half_plus_three's, and Session.run() rejects feeds TF Serving accepts)."""
+
+    def __init__(self, path: str):
+        import tensorflow as tf
+
+        self.graph = tf.Graph()
+        self.session = tf.compat.v1.Session(graph=self.graph)
+        with self.graph.as_default():
+            tf.compat.v1.saved_model.loader.load(self.session, ["serve"], path)
+
+    def run(self, sig, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        g = self.graph
+        feeds = {}
+        for alias, arr in inputs.items():
+            t = g.get_tensor_by_name(sig.inputs[alias].name)
+            feeds[t._as_tf_output()] = arr  # noqa: SLF001 - see the class docstring
+        fetches = [g.get_tensor_by_name(sig.outputs[a].name)._as_tf_output() for a in outputs]
+        results = self.session._call_tf_sessionrun(None, feeds, fetches, [], None)  # noqa: SLF001
+        return {a: np.asarray(r) for a, r in zip(outputs, results, strict=True)}
+
+    def close(self):
+        self.session.close()
+
+
+class Servable:
+    """One version of one model, loaded with `tf.saved_model.load`.
+
+    `run(signature, inputs)` validates the request against the SignatureDef the way TF
+    Serving's predict_util does, then calls the signature's function on the raw tensors.
+    """
+
+    def __init__(self, name: str, version: int, path: str):
+        import tensorflow as tf
+
+        self.name, self.version, self.path = name, int(version), path
+        self.meta_graph = _read_meta_graph(path)
+        self.signature_defs = dict(self.meta_graph.signature_def)
+        self._session: _SessionRunner | None = None
+        self._functions, self._flat_names = {}, {}
+        try:
+            if not self.meta_graph.object_graph_def.nodes:  # a TF1 SavedModel
+                self._session = _SessionRunner(path)
+            else:
+                self._loaded = tf.saved_model.load(path, tags=["serve"])
+                self._functions = dict(self._loaded.signatures)
+        except ServingError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any load failure is reported, not raised through
+            raise tf_error(err) if isinstance(err, tf.errors.OpError) else error(
+                "INTERNAL", f"Failed to load SavedModel {path}: {type(err).__name__}: {err}") from None
+        for key, fn in self._functions.items():
+            specs = tf.nest.flatten(fn.structured_input_signature)
+            kwargs = fn.structured_input_signature[1]
+            self._flat_names[key] = [k for k in sorted(kwargs)] if len(specs) == len(kwargs) else None
+        self.batcher: Batcher | None = None
+        self._users = 0
+        self._retired = False
+        self._use_lock = threading.Lock()
+
+    def signature(self, name: str | None):
+        key = name or DEFAULT_SIGNATURE
+        sig = self.signature_defs.get(key)
+        if sig is None:
+            raise error("INVALID_ARGUMENT", f'Serving signature name: "{key}" not found in signature def')
+        return key, sig
+
+    def validate(self, signature_name: str | None, inputs: dict[str, np.ndarray],
+                 output_filter=()) -> tuple[str, list[str]]:
+        """TF Serving's PreProcessPrediction: signature, input aliases, dtypes, outputs."""
+        key, sig = self.signature(signature_name)
+        if sig.method_name not in PREDICT_METHODS:
+            raise error("INVALID_ARGUMENT", "Expected prediction signature method_name to be one of {"
+                       + ", ".join(PREDICT_METHODS) + "}. Was: " + sig.method_name)
+        expected = set(sig.inputs)
+        sent = set(inputs)
+        if sent != expected:
+            if len(sent) != len(expected):
+                raise error("INVALID_ARGUMENT",
+                           f"input size does not match signature: {len(sent)}!={len(expected)} "
+                           f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
+                           f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
+                           f"Missing but required: {{{','.join(sorted(expected - sent))}}}.")
+            alias = sorted(sent - expected)[0]
+            raise error("INVALID_ARGUMENT", f"input tensor alias not found in signature: {alias}. "
+                       f"Inputs expected to be in the set {{{','.join(sorted(expected))}}}.")
+        for i, alias in enumerate(sorted(sig.inputs)):
+            want = sig.inputs[alias].dtype
+            got = _tensor.datatype_of(inputs[alias])
+            if want != got:
+                raise error("INVALID_ARGUMENT", f"Expects arg[{i}] to be {_tensor.dtype_name(want)} "
+                           f"but {_tensor.dtype_name(got)} is provided")
+        outputs = list(output_filter) or sorted(sig.outputs)
+        seen = set()
+        for alias in outputs:
+            if alias not in sig.outputs:
+                raise error("INVALID_ARGUMENT", f"output tensor alias not found in signature: {alias} "
+                           f"Outputs expected to be in the set {{{','.join(sorted(sig.outputs))}}}.")
+            if alias in seen:
+                raise error("INVALID_ARGUMENT", f"duplicate output tensor alias: {alias}")
+            seen.add(alias)
+        return key, outputs
+
+    def call(self, key: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        """Run a validated request (no batching)."""
+        import tensorflow as tf
+
+        if self._session is not None:
+            try:
+                return self._session.run(self.signature_defs[key], inputs, outputs)
+            except tf.errors.OpError as err:
+                raise tf_error(err) from None
+        fn = self._functions.get(key)
+        if fn is None:
+            raise error("UNIMPLEMENTED", f"signature {key!r} has no function in this SavedModel")
+        try:
+            names = self._flat_names[key]
+            tensors = []
+            for alias in names or sorted(inputs):
+                arr = inputs[alias]
+                tensors.append(tf.constant(arr, dtype=tf.string) if arr.dtype.kind in "OSU"
+                               else tf.constant(arr))
+            if names is not None and hasattr(fn, "_call_flat"):
+                result = fn._call_flat(tensors, fn.captured_inputs)
+            else:
+                result = fn(**dict(zip(names or sorted(inputs), tensors, strict=True)))
+        except tf.errors.OpError as err:
+            raise tf_error(err) from None
+        except (TypeError, ValueError) as err:
+            raise error("INVALID_ARGUMENT", str(err)) from None
+        return {alias: np.asarray(result[alias]) for alias in outputs}
+
+    def run(self, signature_name: str | None, inputs: dict[str, np.ndarray], output_filter=(),
+            timeout: float | None = None) -> tuple[str, dict[str, np.ndarray]]:
+        key, outputs = self.validate(signature_name, inputs, output_filter)
+        if self.batcher is not None:
+            return key, self.batcher.submit(self, key, inputs, outputs, timeout)
+        return key, self.call(key, inputs, outputs)
+
+    def acquire(self) -> Servable:
+        with self._use_lock:
+            self._users += 1
+        return self
+
+    def release(self) -> None:
+        with self._use_lock:
+            self._users -= 1
+            last = self._retired and self._users == 0
+        if last:
+            self.close()
+
+    def retire(self) -> None:
+        """Unload once the last in-flight request lets go (TF Serving's handle refcount)."""
+        with self._use_lock:
+            self._retired = True
+            idle = self._users == 0
+        if idle:
+            threading.Thread(target=self.close, daemon=True).start()
+
+    def close(self):
+        if self.batcher is not None:
+            self.batcher.close()
+        if self._session is not None:
+            self._session.close()
+
