@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 from google.protobuf import text_format
+from tfbn.serving._status import ServingError, error
 
 __all__ = [
     "CLASSIFY_METHOD",
     "REGRESS_METHOD",
-    "InferenceError",
     "classification_json",
     "classify",
     "examples_from_input",
@@ -46,18 +46,8 @@ REGRESS_METHOD = "tensorflow/serving/regress"
 DEFAULT_SIGNATURE = "serving_default"
 
 
-class InferenceError(Exception):
-    """An error with a canonical status code name (e.g. "INVALID_ARGUMENT"); the server
-    maps it onto its own error type."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _invalid(message: str) -> InferenceError:
-    return InferenceError("INVALID_ARGUMENT", message)
+def _invalid(message: str) -> ServingError:
+    return error("INVALID_ARGUMENT", message)
 
 
 def _debug_string(proto) -> str:
@@ -134,8 +124,8 @@ def _shape_string(arr: np.ndarray) -> str:
 
 
 def _dtype_name(arr: np.ndarray) -> str:
-    from tfbn.serving import _tensor
     from tensorflow.core.framework import types_pb2
+    from tfbn.serving import _tensor
 
     try:
         return types_pb2.DataType.Name(_tensor.datatype_of(arr))
@@ -264,7 +254,7 @@ def multi_inference(servable, request, method_check: bool = False):
         elif task.method_name == REGRESS_METHOD:
             io = _regression_io(sig, method_check)
         else:
-            raise InferenceError("UNIMPLEMENTED", f"Unsupported signature method_name: {task.method_name}")
+            raise error("UNIMPLEMENTED", f"Unsupported signature method_name: {task.method_name}")
         plans.append((task, key, io))
     examples = examples_from_input(request.input)
     resp = inference_pb2.MultiInferenceResponse()

@@ -13,6 +13,7 @@ from typing import Any
 
 from tfbn.serving._batcher import Batcher
 from tfbn.serving._config import BatchingParameters, ModelConfig
+from tfbn.serving._loading import LoadOptions, load_servable
 from tfbn.serving._servable import Servable
 from tfbn.serving._status import ServingError, error
 
@@ -54,14 +55,21 @@ def _fingerprint(path: str):
 class ModelManager:
     """Loads, serves and swaps model versions (TF Serving's ServerCore, in miniature)."""
 
-    def __init__(self, models: list[ModelConfig], batching: BatchingParameters | None = None):
+    def __init__(self, models: list[ModelConfig], batching: BatchingParameters | None = None,
+                 load_options: LoadOptions | None = None, metrics=None,
+                 allow_version_labels_for_unavailable_models: bool = False):
         names = [m.name for m in models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique; Received: {names}")
         self.configs = {m.name: m for m in models}
         self.batching = batching
+        self.load_options = load_options or LoadOptions()
+        self.metrics = metrics
+        self.allow_unavailable_labels = allow_version_labels_for_unavailable_models
         self._states: dict[str, dict[int, _VersionState]] = {m.name: {} for m in models}
         self._lock = threading.RLock()
+        self._labels: dict[str, dict[str, int]] = {}
+        self._update_labels(self.configs)
         self._poll_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -86,7 +94,7 @@ class ModelManager:
             with self._lock:
                 states[v] = _VersionState("LOADING", fingerprint=fp)
             try:
-                servable = Servable(name, v, on_disk[v])
+                servable = load_servable(name, v, on_disk[v], self.load_options, self.metrics)
                 if self.batching is not None:
                     servable.batcher = Batcher(self.batching)
             except ServingError as err:
@@ -145,10 +153,30 @@ class ModelManager:
 
     def _label_version(self, name: str, label: str) -> int:
         """The version a model's version label points at (TF Serving's error if none)."""
-        cfg = self.configs.get(name)
-        if cfg is None or label not in cfg.labels:
+        with self._lock:
+            version = self._labels.get(name, {}).get(label)
+        if version is None:
             raise error("INVALID_ARGUMENT", f"Unrecognized servable version label: {label}")
-        return cfg.labels[label]
+        return version
+
+    def _update_labels(self, configs: dict[str, ModelConfig]) -> None:
+        """TF Serving's ServerCore::UpdateModelVersionLabelMap: every label must point at
+        an AVAILABLE version, unless --allow_version_labels_for_unavailable_models, which
+        allows a new label (not moving an existing one) to point at any version."""
+        new: dict[str, dict[str, int]] = {}
+        with self._lock:
+            for name, cfg in configs.items():
+                states = self._states.get(name, {})
+                for label, version in cfg.labels.items():
+                    existing = self._labels.get(name, {}).get(label)
+                    allow = self.allow_unavailable_labels and existing in (None, version)
+                    st = states.get(version)
+                    if not allow and (st is None or st.state != "AVAILABLE"):
+                        raise error("FAILED_PRECONDITION", f"Request to assign label to version "
+                                    f"{version} of model {name}, which is not currently available "
+                                    "for inference")
+                    new.setdefault(name, {})[label] = version
+            self._labels = new
 
     def get(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
         """The servable a request addresses (TF Serving's GetServableHandle)."""
@@ -192,8 +220,7 @@ class ModelManager:
 
         with self._lock:
             states = self._model(name)
-            if label:
-                version = self._label_version(name, label)
+            # A version label is ignored: TF Serving answers every version of the model.
             if version is not None:
                 st = states.get(int(version)) if states is not None else None
                 if st is None:
@@ -212,6 +239,34 @@ class ModelManager:
                     mvs.status.error_code = st.error.code.value[0]
                     mvs.status.error_message = st.error.message
             return resp
+
+    # configuration changes (--model_config_file_poll_wait_seconds)
+    def reload_config(self, models: list[ModelConfig]) -> None:
+        """Serve `models` from now on (TF Serving's ServerCore::ReloadConfig): labels are
+        validated first (a failing label leaves everything as it was), models no longer
+        listed are unloaded, new ones loaded, changed policies applied."""
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique; Received: {names}")
+        if not models:
+            raise ValueError("the new model config lists no model")
+        new = {m.name: m for m in models}
+        with self._poll_lock:
+            retired = []
+            with self._lock:
+                self._update_labels(new)
+                for name in [n for n in self.configs if n not in new]:
+                    for st in self._states.pop(name, {}).values():
+                        if st.servable is not None:
+                            retired.append(st.servable)
+                    log.info("Unloading model %s: no longer in the model config", name)
+                for name in new:
+                    self._states.setdefault(name, {})
+                self.configs = new
+            for servable in retired:
+                servable.retire()
+            for name, cfg in new.items():
+                self._poll_model(name, cfg)
 
 
 def _model_spec(spec_cls, servable: Servable, signature: str):

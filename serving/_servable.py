@@ -49,13 +49,15 @@ class _SessionRunner:
     the feeds (TF's Python loader cannot turn every TF1 signature into a function, e.g.
     half_plus_three's, and Session.run() rejects feeds TF Serving accepts)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, tags=("serve",), threads: tuple[int, int] = (0, 0)):
         import tensorflow as tf
 
         self.graph = tf.Graph()
-        self.session = tf.compat.v1.Session(graph=self.graph)
+        config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=threads[0],
+                                          inter_op_parallelism_threads=threads[1])
+        self.session = tf.compat.v1.Session(graph=self.graph, config=config)
         with self.graph.as_default():
-            tf.compat.v1.saved_model.loader.load(self.session, ["serve"], path)
+            tf.compat.v1.saved_model.loader.load(self.session, list(tags), path)
 
     def run(self, sig, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         g = self.graph
@@ -78,19 +80,34 @@ class Servable:
     Serving's predict_util does, then calls the signature's function on the raw tensors.
     """
 
-    def __init__(self, name: str, version: int, path: str):
+    def __init__(self, name: str, version: int, path: str, tags=("serve",),
+                 prefer_tflite: bool = False, session_threads: tuple[int, int] = (0, 0)):
         import tensorflow as tf
+        from tfbn.serving import _tflite
 
         self.name, self.version, self.path = name, int(version), path
-        self.meta_graph = _read_meta_graph(path)
-        self.signature_defs = dict(self.meta_graph.signature_def)
-        self._session: _SessionRunner | None = None
+        self._session = None  # a runner: TF1 Session or TF Lite interpreter
         self._functions, self._flat_names = {}, {}
+        self.batcher: Batcher | None = None
+        self._users = 0
+        self._retired = False
+        self._use_lock = threading.Lock()
+        if prefer_tflite and _tflite.has_tflite_model(path):
+            self.meta_graph = None
+            try:
+                self._session = _tflite.TfLiteRunner(path)
+            except (OSError, ValueError) as err:
+                raise error("INVALID_ARGUMENT", f"Failed to load TF Lite model "
+                                                f"{os.path.join(path, _tflite.TFLITE_FILENAME)}: {err}") from None
+            self.signature_defs = dict(self._session.signature_defs)
+            return
+        self.meta_graph = _read_meta_graph(path, tuple(tags))
+        self.signature_defs = dict(self.meta_graph.signature_def)
         try:
             if not self.meta_graph.object_graph_def.nodes:  # a TF1 SavedModel
-                self._session = _SessionRunner(path)
+                self._session = _SessionRunner(path, tags, session_threads)
             else:
-                self._loaded = tf.saved_model.load(path, tags=["serve"])
+                self._loaded = tf.saved_model.load(path, tags=list(tags))
                 self._functions = dict(self._loaded.signatures)
         except ServingError:
             raise
@@ -101,10 +118,6 @@ class Servable:
             specs = tf.nest.flatten(fn.structured_input_signature)
             kwargs = fn.structured_input_signature[1]
             self._flat_names[key] = [k for k in sorted(kwargs)] if len(specs) == len(kwargs) else None
-        self.batcher: Batcher | None = None
-        self._users = 0
-        self._retired = False
-        self._use_lock = threading.Lock()
 
     def signature(self, name: str | None):
         key = name or DEFAULT_SIGNATURE
@@ -158,6 +171,8 @@ class Servable:
                 return self._session.run(self.signature_defs[key], inputs, outputs)
             except tf.errors.OpError as err:
                 raise tf_error(err) from None
+            except (ValueError, RuntimeError) as err:  # the TF Lite interpreter's errors
+                raise error("INTERNAL", f"Failed to invoke TfLite interpreter: {err}") from None
         fn = self._functions.get(key)
         if fn is None:
             raise error("UNIMPLEMENTED", f"signature {key!r} has no function in this SavedModel")
