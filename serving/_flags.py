@@ -85,8 +85,9 @@ class Flag:
 
 
 FLAGS: tuple[Flag, ...] = (
-    Flag("port", "int32", 8500, SAME, "gRPC TCP port (0: no TCP gRPC; tfbn: 0 also needs "
-         "--grpc_socket_path or --rest_api_port)", "binds 127.0.0.1 unless --host"),
+    Flag("port", "int32", 8500, DIFFERS, "gRPC TCP port (0 picks a free port)",
+         "0 picks a free port (tensorflow_model_server: 0 turns TCP gRPC off); binds 127.0.0.1 "
+         "unless --host"),
     Flag("grpc_socket_path", "string", "", SAME, "also serve gRPC on this Unix domain socket"),
     Flag("rest_api_port", "int32", 0, SAME, "REST port (0: REST disabled)",
          "binds 127.0.0.1 unless --host"),

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import grpc
-from tfbn.serving import _tensor
+from tfbn.serving import _inference, _tensor
 from tfbn.serving._manager import metadata_response
 from tfbn.serving._status import ServingError, error
 
@@ -14,6 +15,16 @@ if TYPE_CHECKING:
     from tfbn.serving.server import DevServer
 
 log = logging.getLogger("tfbn.serving.server")
+
+
+_METERED = ("Predict", "Classify", "Regress", "MultiInference", "GetModelMetadata")
+
+
+def _model_name(request) -> str:
+    """The model a request addresses, for the metrics' model_name label."""
+    if hasattr(request, "tasks"):
+        return request.tasks[0].model_spec.name if request.tasks else ""
+    return request.model_spec.name
 
 
 def servicers(dev: DevServer):
@@ -26,9 +37,14 @@ def servicers(dev: DevServer):
     def guard(fn):
         def wrapper(self, request, context):
             dev._enter()
+            start = time.monotonic()
+            status = "UNKNOWN"
             try:
-                return fn(self, request, context)
+                result = fn(self, request, context)
+                status = "OK"
+                return result
             except ServingError as err:
+                status = err.code.name
                 context.abort(err.code, err.message)
             except ValueError as err:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
@@ -39,8 +55,20 @@ def servicers(dev: DevServer):
                 context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
             finally:
                 dev._exit()
+                if dev.metrics is not None and fn.__name__ in _METERED:
+                    dev.metrics.record_request(_model_name(request), fn.__name__, "GRPC", status,
+                                               time.monotonic() - start)
         wrapper.__name__ = fn.__name__
         return wrapper
+
+    def method_check() -> bool:
+        return dev.manager.load_options.enable_signature_method_name_check
+
+    def record_examples(model_name: str, input_proto) -> None:
+        if dev.metrics is not None:
+            kind = input_proto.WhichOneof("kind")
+            count = len(getattr(input_proto, kind).examples) if kind else 0
+            dev.metrics.record_examples(model_name, count)
 
     def spec_args(spec):
         version = spec.version.value if spec.HasField("version") else None
@@ -73,11 +101,31 @@ def servicers(dev: DevServer):
             name, version, label = spec_args(request.model_spec)
             return metadata_response(dev.manager, name, version, label, request.metadata_field)
 
-        def _unimplemented(self, request, context):
-            context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                          "not implemented by the tfbn development server (use Predict)")
+        @guard
+        def Classify(self, request, context):
+            if not request.HasField("model_spec"):
+                raise error("INVALID_ARGUMENT", "Missing ModelSpec")
+            with dev.manager.use(*spec_args(request.model_spec)) as servable:
+                resp = _inference.classify(servable, request, method_check())
+            record_examples(request.model_spec.name, request.input)
+            return resp
 
-        Classify = Regress = MultiInference = _unimplemented
+        @guard
+        def Regress(self, request, context):
+            if not request.HasField("model_spec"):
+                raise error("INVALID_ARGUMENT", "Missing ModelSpec")
+            with dev.manager.use(*spec_args(request.model_spec)) as servable:
+                resp = _inference.regress(servable, request, method_check())
+            record_examples(request.model_spec.name, request.input)
+            return resp
+
+        @guard
+        def MultiInference(self, request, context):
+            spec = _inference.multi_inference_model_spec(request)
+            with dev.manager.use(*spec_args(spec)) as servable:
+                resp = _inference.multi_inference(servable, request, method_check())
+            record_examples(spec.name, request.input)
+            return resp
 
     class Models(model_service_pb2_grpc.ModelServiceServicer):
         @guard

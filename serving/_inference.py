@@ -336,7 +336,7 @@ def _example_from_json(val, example) -> None:
         example.features.feature[name].CopyFrom(feature)
 
 
-def input_from_json(doc: Any, method: str):
+def input_from_json(doc: Any):
     """A parsed REST `:classify` / `:regress` body -> (signature_name, Input proto).
 
     `doc` is the decoded JSON document (the caller parses the body with the server's
@@ -354,7 +354,8 @@ def input_from_json(doc: Any, method: str):
     if has_context:
         _example_from_json(doc["context"], proto.example_list_with_context.context)
     if "examples" not in doc:
-        raise _invalid(f"JSON Value: {_json_debug(doc)} When method is {method}, key 'examples' "
+        # TF Serving says "classify" for :regress too (json_tensor.cc).
+        raise _invalid(f"JSON Value: {_json_debug(doc)} When method is classify, key 'examples' "
                        "is expected and was not found")
     examples = doc["examples"]
     if not isinstance(examples, list):
@@ -391,3 +392,28 @@ def regression_json(result) -> str:
         raise _invalid("Cannot convert empty RegressionResults to JSON")
     values = ", ".join(_float_json(r.value) for r in result.regressions)
     return '{\n    "results": [' + values + "]\n}"
+
+
+def rest_classify_regress(manager, verb: str, name: str, version: int | None,
+                          label: str | None, body: bytes) -> str:
+    """REST `:classify` / `:regress` (TF Serving's ProcessClassifyRequest and
+    ProcessRegressRequest): JSON body -> request proto -> the same code as gRPC -> JSON."""
+    from tensorflow_serving.apis import classification_pb2, regression_pb2
+    from tfbn.serving._json_tensor import parse_json_document
+
+    doc = parse_json_document(body)
+    signature_name, input_proto = input_from_json(doc)
+    request = (classification_pb2.ClassificationRequest() if verb == "classify"
+               else regression_pb2.RegressionRequest())
+    request.model_spec.name = name
+    if version is not None:
+        request.model_spec.version.value = version
+    if label:
+        request.model_spec.version_label = label
+    request.model_spec.signature_name = signature_name
+    request.input.CopyFrom(input_proto)
+    check = manager.load_options.enable_signature_method_name_check
+    with manager.use(name, version, label) as servable:
+        if verb == "classify":
+            return classification_json(classify(servable, request, check).result)
+        return regression_json(regress(servable, request, check).result)

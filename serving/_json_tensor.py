@@ -141,11 +141,9 @@ def _is_element_object(v) -> bool:
     return isinstance(v, dict) and not (set(v) == {"b64"} and isinstance(v.get("b64"), str))
 
 
-def parse_predict_json(body: bytes, sig_inputs_of) -> tuple[str, dict[str, np.ndarray], str]:
-    """Parse a REST predict body into (signature_name, named arrays, "row"|"columnar").
-
-    `sig_inputs_of(signature_name)` returns the SignatureDef's inputs map (name -> TensorInfo).
-    """
+def parse_json_document(body: bytes) -> dict:
+    """A REST request body as a JSON object (TF Serving's ParseJson and its messages);
+    shared by :predict, :classify and :regress."""
     if not body.strip():
         raise error("INVALID_ARGUMENT", "JSON Parse error: The document is empty")
     try:
@@ -159,6 +157,15 @@ def parse_predict_json(body: bytes, sig_inputs_of) -> tuple[str, dict[str, np.nd
         raise error("INVALID_ARGUMENT", "JSON Parse error: nesting too deep") from None
     if not isinstance(doc, dict):
         raise error("INVALID_ARGUMENT", f"JSON Value: {_json_text(doc)[:200]} Is not object")
+    return doc
+
+
+def parse_predict_json(body: bytes, sig_inputs_of) -> tuple[str, dict[str, np.ndarray], str]:
+    """Parse a REST predict body into (signature_name, named arrays, "row"|"columnar").
+
+    `sig_inputs_of(signature_name)` returns the SignatureDef's inputs map (name -> TensorInfo).
+    """
+    doc = parse_json_document(body)
     sig = doc.get("signature_name", "")
     if not isinstance(sig, str):
         raise error("INVALID_ARGUMENT", f"JSON Value: {_json_text(doc)[:200]} not formatted correctly. "

@@ -90,8 +90,11 @@ class Metrics:
     """This server's metrics in their own prometheus_client registry."""
 
     def __init__(self, config: MonitoringConfig | None = None):
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 
+        # TF Serving exports no `_created` series; this prometheus_client switch is
+        # process-wide, which is fine in a server process.
+        disable_created_metrics()
         self.config = config or MonitoringConfig()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry

@@ -8,10 +8,11 @@ import logging
 import re
 import socket
 import threading
+import time
 import urllib.parse
 from typing import TYPE_CHECKING
 
-from tfbn.serving import _json_tensor
+from tfbn.serving import _inference, _json_tensor
 from tfbn.serving._manager import ModelManager, metadata_response
 from tfbn.serving._status import ServingError, error, http_status
 
@@ -27,7 +28,44 @@ _STATUS_RE = re.compile(r"/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([^
                         re.IGNORECASE)
 
 
-def handle(manager: ModelManager, method: str, path: str, body: bytes) -> tuple[int, str]:
+def handle(manager: ModelManager, method: str, path: str, body: bytes,
+           metrics=None, timeout: float | None = None) -> tuple[int, str]:
+    """Dispatch one REST request; with `metrics`, count it and time it (TF Serving's
+    request_count / request_latency with entrypoint REST). `timeout` (seconds,
+    --rest_api_timeout_in_ms) bounds the wait for a batch, and a call that finishes
+    after it is answered DEADLINE_EXCEEDED (TF Serving sets it as the Session's
+    RunOptions timeout)."""
+    if metrics is None:
+        return _timed_route(manager, method, path, body, timeout)
+    start = time.monotonic()
+    m = _PREDICT_RE.fullmatch(path) if method == "POST" else _STATUS_RE.fullmatch(path)
+    model = urllib.parse.unquote(m.group(1) or "") if m else ""
+    api = m.group(4) if m and method == "POST" else ("metadata" if m and m.group(4) else "status")
+    status = "UNKNOWN"
+    try:
+        result = _timed_route(manager, method, path, body, timeout)
+        status = "OK"
+        return result
+    except ServingError as err:
+        status = err.code.name
+        raise
+    finally:
+        metrics.record_request(model, api, "REST", status, time.monotonic() - start)
+
+
+def _timed_route(manager, method: str, path: str, body: bytes, timeout: float | None):
+    if not timeout or method != "POST":
+        return _route(manager, method, path, body)
+    deadline = time.monotonic() + timeout
+    result = _route(manager, method, path, body, timeout)
+    if time.monotonic() > deadline:
+        raise error("DEADLINE_EXCEEDED", f"Deadline Exceeded: the request took longer than "
+                                         f"--rest_api_timeout_in_ms={int(timeout * 1000)}")
+    return result
+
+
+def _route(manager: ModelManager, method: str, path: str, body: bytes,
+           timeout: float | None = None) -> tuple[int, str]:
     """Dispatch one REST request (the part of TF Serving's HttpRestApiHandler this server needs)."""
     if not re.fullmatch(r"/v1/.*", path, re.IGNORECASE):
         raise error("NOT_FOUND", f"Not found: {method} {path} (the REST API lives under /v1/)")
@@ -40,16 +78,16 @@ def handle(manager: ModelManager, method: str, path: str, body: bytes) -> tuple[
         name = urllib.parse.unquote(name)
         label = urllib.parse.unquote(label) if label else None
         version = int(version) if version else None
-        if verb.lower() != "predict":
-            raise error("UNIMPLEMENTED", f"{verb} is not implemented by the tfbn development "
-                                        "server (use :predict)")
+        if verb.lower() in ("classify", "regress"):
+            return 200, _inference.rest_classify_regress(manager, verb.lower(), name, version,
+                                                         label, body)
         with manager.use(name, version, label) as servable:
 
             def infos(sig):
                 return servable.signature(sig)[1].inputs
 
             sig, inputs, fmt = _json_tensor.parse_predict_json(body, infos)
-            _, outputs = servable.run(sig, inputs)
+            _, outputs = servable.run(sig, inputs, timeout=timeout)
         return 200, _json_tensor.predict_json(outputs, fmt)
     if method == "GET":
         m = _STATUS_RE.fullmatch(path)
@@ -87,10 +125,10 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def _reply(self, status: int, body: str):
+    def _reply(self, status: int, body: str, content_type: str = "application/json"):
         data = body.encode("utf-8")
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -145,8 +183,14 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
             if method == "GET" and self.headers.get("Content-Length"):
                 self._read_body()
             path = urllib.parse.urlsplit(self.path).path
+            if method == "GET" and dev.metrics is not None and path == dev.metrics.path:
+                self._reply(200, dev.metrics.page().decode("utf-8"),
+                            "text/plain; version=0.0.4; charset=utf-8")
+                return
             try:
-                status, out = handle(dev.manager, method, path, body)
+                with dev.rest_slots:
+                    status, out = handle(dev.manager, method, path, body, dev.metrics,
+                                         dev.rest_timeout)
             except ServingError as err:
                 self._error(err)
                 return

@@ -32,6 +32,7 @@ declare x as [-1, 1] and are queried with a flat list).
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import threading
 import time
@@ -40,7 +41,9 @@ import grpc
 from tfbn.serving import _grpc, _rest
 from tfbn.serving._batcher import Batcher
 from tfbn.serving._config import BatchingParameters, ModelConfig
+from tfbn.serving._loading import LoadOptions
 from tfbn.serving._manager import ModelManager
+from tfbn.serving._metrics import Metrics, MonitoringConfig
 from tfbn.serving._servable import Servable
 from tfbn.serving._status import ServingError, http_status
 
@@ -55,6 +58,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+log = logging.getLogger("tfbn.serving.server")
 _Batcher = Batcher  # the name tfbn.serving.invariance and the tests import
 
 
@@ -70,7 +74,21 @@ class DevServer:
       file_system_poll_wait_seconds: seconds between polls of the base paths
         (0: poll once at start, as tensorflow_model_server).
       max_request_bytes: largest accepted request (REST body / gRPC message).
-      grpc_workers: gRPC handler threads.
+      grpc_workers: gRPC handler threads (--grpc_max_threads).
+      grpc_socket_path: also serve gRPC on this Unix domain socket (--grpc_socket_path).
+      grpc_channel_arguments: extra gRPC server options, (key, value) pairs
+        (--grpc_channel_arguments, see `_flags.parse_grpc_channel_arguments`).
+      rest_api_num_threads: REST requests processed at once (--rest_api_num_threads).
+      rest_api_timeout_in_ms: REST deadline in milliseconds, 0 for none
+        (--rest_api_timeout_in_ms).
+      monitoring: a `_metrics.MonitoringConfig`; when enabled, Prometheus text on its
+        path on the REST port (--monitoring_config_file).
+      load_options: a `_loading.LoadOptions` (tags, TF Lite, warm-up, method-name check).
+      allow_version_labels_for_unavailable_models: as the flag; False (TF Serving's
+        default) means a label must point at an AVAILABLE version, so labels in the
+        first config are rejected.
+      model_config_file, model_config_file_poll_wait_seconds: re-read this
+        ModelServerConfig file every so many seconds and apply changes (0: never).
 
     Use as a context manager, or `start()` / `stop()`.
     """
@@ -79,12 +97,38 @@ class DevServer:
                  rest_api_port: int | None = 0, host: str = "127.0.0.1",
                  batching: BatchingParameters | None = None,
                  file_system_poll_wait_seconds: float = 1.0,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, grpc_workers: int = 16):
-        if port is None and rest_api_port is None:
-            raise ValueError("enable at least one of gRPC (port) and REST (rest_api_port)")
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, grpc_workers: int = 16,
+                 *, grpc_socket_path: str | None = None,
+                 grpc_channel_arguments: list[tuple[str, int | str]] = (),
+                 rest_api_num_threads: int = 4 * (os.cpu_count() or 1),
+                 rest_api_timeout_in_ms: int = 30000,
+                 monitoring: MonitoringConfig | None = None,
+                 load_options: LoadOptions | None = None,
+                 allow_version_labels_for_unavailable_models: bool = False,
+                 model_config_file: str | None = None,
+                 model_config_file_poll_wait_seconds: float = 0):
+        if port is None and rest_api_port is None and not grpc_socket_path:
+            raise ValueError("enable at least one of gRPC (port or grpc_socket_path) and REST "
+                             "(rest_api_port)")
         if max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be positive; Received: {max_request_bytes}")
-        self.manager = ModelManager(models, batching)
+        if rest_api_num_threads < 1 or grpc_workers < 1:
+            raise ValueError("rest_api_num_threads and grpc_workers must be >= 1; Received: "
+                             f"{rest_api_num_threads}, {grpc_workers}")
+        if rest_api_timeout_in_ms < 0:
+            raise ValueError(f"rest_api_timeout_in_ms must be >= 0; Received: {rest_api_timeout_in_ms}")
+        self.metrics = Metrics(monitoring) if monitoring is not None and monitoring.enable else None
+        self.manager = ModelManager(
+            models, batching, load_options=load_options, metrics=self.metrics,
+            allow_version_labels_for_unavailable_models=allow_version_labels_for_unavailable_models)
+        self.grpc_socket_path = grpc_socket_path or None
+        self.grpc_channel_arguments = list(grpc_channel_arguments)
+        self.rest_slots = threading.BoundedSemaphore(rest_api_num_threads)
+        self.rest_timeout = rest_api_timeout_in_ms / 1000 if rest_api_timeout_in_ms else None
+        self.model_config_file = model_config_file
+        self.config_poll_wait = model_config_file_poll_wait_seconds
+        self._config_stop = threading.Event()
+        self._config_thread: threading.Thread | None = None
         self.host = host
         self._grpc_port_req, self._rest_port_req = port, rest_api_port
         self.poll_wait = file_system_poll_wait_seconds
@@ -121,9 +165,10 @@ class DevServer:
             return self
         self.manager.poll_once()
         try:
-            if self._grpc_port_req is not None:
+            if self._grpc_port_req is not None or self.grpc_socket_path:
                 opts = [("grpc.max_receive_message_length", self.max_request_bytes),
                         ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)]
+                opts += self.grpc_channel_arguments  # later entries win in gRPC core
                 self._grpc = grpc.server(
                     concurrent.futures.ThreadPoolExecutor(self.grpc_workers,
                                                           thread_name_prefix="tfbn-grpc"),
@@ -131,10 +176,16 @@ class DevServer:
                 pred, add_pred, models, add_models = _grpc.servicers(self)
                 add_pred(pred, self._grpc)
                 add_models(models, self._grpc)
-                bound = self._grpc.add_insecure_port(f"{self._bracket(self.host)}:{self._grpc_port_req}")
-                if not bound:
-                    raise OSError(f"could not bind gRPC to {self.host}:{self._grpc_port_req}")
-                self.grpc_port = bound
+                if self._grpc_port_req is not None:
+                    bound = self._grpc.add_insecure_port(
+                        f"{self._bracket(self.host)}:{self._grpc_port_req}")
+                    if not bound:
+                        raise OSError(f"could not bind gRPC to {self.host}:{self._grpc_port_req}")
+                    self.grpc_port = bound
+                if self.grpc_socket_path:
+                    _remove_stale_socket(self.grpc_socket_path)
+                    if not self._grpc.add_insecure_port(f"unix:{self.grpc_socket_path}"):
+                        raise OSError(f"could not bind gRPC to the Unix socket {self.grpc_socket_path}")
                 self._grpc.start()
             if self._rest_port_req is not None:
                 cls = _rest.RestServer6 if ":" in self.host else _rest.RestServer
@@ -148,8 +199,36 @@ class DevServer:
             self.stop()
             raise
         self.manager.start_polling(self.poll_wait)
+        if self.model_config_file and self.config_poll_wait > 0:
+            self._config_stop.clear()
+            self._config_thread = threading.Thread(target=self._poll_config, name="tfbn-config-poll",
+                                                   daemon=True)
+            self._config_thread.start()
         self._started = True
         return self
+
+    def _poll_config(self) -> None:
+        """TF Serving's PollFilesystemAndReloadConfig: re-read --model_config_file every
+        --model_config_file_poll_wait_seconds; a file that does not parse, or a config the
+        manager rejects, is logged and the served models stay as they are."""
+        from tfbn.serving._config import load_model_config_file
+
+        current = list(self.manager.configs.values())
+        while not self._config_stop.wait(self.config_poll_wait):
+            try:
+                models = load_model_config_file(self.model_config_file)
+            except (OSError, ValueError) as err:
+                log.error("Failed to read ModelServerConfig file: %s", err)
+                continue
+            if models == current:
+                continue
+            try:
+                self.manager.reload_config(models)
+                current = models
+                log.info("Reloaded the model config from %s: %s", self.model_config_file,
+                         ", ".join(m.name for m in models))
+            except (ServingError, ValueError) as err:
+                log.error("PollFilesystemAndReloadConfig failed to ReloadConfig: %s", err)
 
     @staticmethod
     def _bracket(host: str) -> str:
@@ -157,6 +236,10 @@ class DevServer:
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, let in-flight requests finish (up to `grace` s), release everything."""
+        self._config_stop.set()
+        if self._config_thread is not None:
+            self._config_thread.join(timeout=grace)
+            self._config_thread = None
         if self._rest is not None:
             self._rest.shutdown()
         grpc_done = self._grpc.stop(grace) if self._grpc is not None else None
@@ -172,6 +255,8 @@ class DevServer:
             if self._rest_thread is not None:
                 self._rest_thread.join(timeout=grace)
         self.manager.close()
+        if self._grpc is not None and self.grpc_socket_path:
+            _remove_stale_socket(self.grpc_socket_path)
         self._grpc = self._rest = None
         self._started = False
 
@@ -182,16 +267,28 @@ class DevServer:
         self.stop()
 
 
+def _remove_stale_socket(path: str) -> None:
+    """Remove a Unix socket file left by an earlier server (never a regular file)."""
+    import stat
+
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def serve(models: list[ModelConfig], port: int | None = 8500, rest_api_port: int | None = None,
           host: str = "127.0.0.1", batching: BatchingParameters | None = None,
           file_system_poll_wait_seconds: float = 1.0,
-          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, ready=print) -> int:
-    """Run a DevServer until SIGINT/SIGTERM (the body of `tfbn serve`). Returns 0."""
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, ready=print, **options) -> int:
+    """Run a DevServer until SIGINT/SIGTERM (the body of `tfbn serve`). Returns 0.
+    `options` are DevServer's keyword-only arguments."""
     import signal
 
     server = DevServer(models, port=port, rest_api_port=rest_api_port, host=host, batching=batching,
                        file_system_poll_wait_seconds=file_system_poll_wait_seconds,
-                       max_request_bytes=max_request_bytes)
+                       max_request_bytes=max_request_bytes, **options)
     stop = threading.Event()
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -212,6 +309,10 @@ def serve(models: list[ModelConfig], port: int | None = 8500, rest_api_port: int
         parts = []
         if server.grpc_port is not None:
             parts.append(f"gRPC on {server.grpc_target}")
+        if server.grpc_socket_path:
+            parts.append(f"gRPC on unix:{server.grpc_socket_path}")
+        if server.metrics is not None and server.rest_port is not None:
+            parts.append(f"Prometheus metrics on {server.rest_url}{server.metrics.path}")
         if server.rest_port is not None:
             parts.append(f"REST on {server.rest_url}")
         ready("tfbn development server (not TF Serving) ready: " + ", ".join(parts))

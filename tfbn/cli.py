@@ -92,33 +92,41 @@ def _batch_sizes(text: str) -> tuple[int | None, ...]:
 
 
 def _add_serve(sub) -> None:
+    from tfbn.serving import _flags
+
     p = sub.add_parser(
         "serve",
         help="run the TF-Serving-protocol development server (not TF Serving)",
         description="A development server speaking TF Serving's gRPC and REST protocols over "
-                    "SavedModels, with tensorflow_model_server's flag names. For local checks and "
-                    "tests, not production. Binds 127.0.0.1 unless --host says otherwise.",
+                    "SavedModels, with every flag of tensorflow_model_server 2.21 (names and "
+                    "defaults); flags with no meaning here are accepted and logged once. For "
+                    "local checks and tests, not production. Binds 127.0.0.1 unless --host says "
+                    "otherwise.",
     )
-    p.add_argument("--port", type=int, default=8500,
-                   help="gRPC port (default 8500; 0 picks a free port)")
-    p.add_argument("--rest_api_port", type=int, default=0,
-                   help="REST port (default 0: REST disabled, as in tensorflow_model_server)")
-    p.add_argument("--model_name", default="default", help="model name (default: default)")
-    p.add_argument("--model_base_path", help="directory holding integer version directories")
-    p.add_argument("--model_config_file", help="ModelServerConfig text proto (instead of the two above)")
-    p.add_argument("--enable_batching", type=_flag_bool, nargs="?", const=True, default=False,
-                   help="emulate server-side batching")
-    p.add_argument("--batching_parameters_file", help="BatchingParameters text proto")
-    p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
-                   help="seconds between polls for new versions (0: poll once at start)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--max_request_bytes", type=int, default=64 * 1024 * 1024,
-                   help="largest accepted request body / message (default 64 MiB)")
+    _flags.add_arguments(p)
     p.set_defaults(func=_run_serve)
 
 
 def _run_serve(args) -> int:
-    from tfbn.serving import _config, server
+    import logging
+
+    from tfbn.serving import _flags, _loading
+
+    if args.version:
+        import tensorflow as tf
+
+        import tfbn
+
+        print(f"tfbn development server {tfbn.__version__} (not TF Serving)\n"
+              f"TensorFlow Library: {tf.__version__}")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _flags.log_ignored(args)
+    # The thread pools must be sized before TensorFlow runs its first op.
+    intra, inter = _loading.configure_threads(args.tensorflow_intra_op_parallelism,
+                                              args.tensorflow_inter_op_parallelism,
+                                              args.tensorflow_session_parallelism)
+    from tfbn.serving import _config, _metrics, server
 
     models = server.models_from_flags(args.model_name, args.model_base_path, args.model_config_file)
     batching = None
@@ -126,12 +134,41 @@ def _run_serve(args) -> int:
         batching = (_config.load_batching_parameters(args.batching_parameters_file)
                     if args.batching_parameters_file else _config.BatchingParameters())
     elif args.batching_parameters_file:
-        raise ValueError("--batching_parameters_file needs --enable_batching")
-    return server.serve(models, port=args.port, rest_api_port=args.rest_api_port or None,
-                        host=args.host, batching=batching,
-                        file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
-                        max_request_bytes=args.max_request_bytes,
-                        ready=lambda line: print(line, flush=True))
+        raise ValueError("--batching_parameters_file is set without setting --enable_batching to true")
+    monitoring = (_metrics.load_monitoring_config(args.monitoring_config_file)
+                  if args.monitoring_config_file else None)
+    load_options = _loading.LoadOptions(
+        saved_model_tags=_flags.parse_saved_model_tags(args.saved_model_tags),
+        prefer_tflite_model=args.prefer_tflite_model,
+        enable_model_warmup=args.enable_model_warmup,
+        num_request_iterations_for_warmup=args.num_request_iterations_for_warmup,
+        enable_signature_method_name_check=args.enable_signature_method_name_check,
+        session_intra_op_threads=intra, session_inter_op_threads=inter)
+    try:
+        return _serve(server, args, models, batching, monitoring, load_options)
+    except server.ServingError as err:  # e.g. a version label no version can satisfy
+        print(f"tfbn serve: Failed to start server. Error: {err}", file=sys.stderr)
+        return 1
+
+
+def _serve(server, args, models, batching, monitoring, load_options) -> int:
+    from tfbn.serving import _flags
+
+    return server.serve(
+        models, port=args.port, rest_api_port=args.rest_api_port or None,
+        host=args.host, batching=batching,
+        file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
+        max_request_bytes=args.max_request_bytes,
+        ready=lambda line: print(line, flush=True),
+        grpc_workers=args.grpc_max_threads,
+        grpc_socket_path=args.grpc_socket_path or None,
+        grpc_channel_arguments=_flags.parse_grpc_channel_arguments(args.grpc_channel_arguments),
+        rest_api_num_threads=args.rest_api_num_threads,
+        rest_api_timeout_in_ms=args.rest_api_timeout_in_ms,
+        monitoring=monitoring, load_options=load_options,
+        allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
+        model_config_file=args.model_config_file or None,
+        model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds)
 
 
 def _add_check(sub) -> None:
