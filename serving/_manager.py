@@ -180,6 +180,8 @@ class ModelManager:
 
     def get(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
         """The servable a request addresses (TF Serving's GetServableHandle)."""
+        if not name:
+            raise error("INVALID_ARGUMENT", "ModelSpec has no name specified.")
         if version is not None and label:
             raise error("INVALID_ARGUMENT", f"Both model version ({version}) and model version label "
                                            f"({label}) cannot be supplied.")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 
 import numpy as np
 
@@ -84,7 +85,9 @@ class TfLiteRunner:
         with open(self.path, "rb") as f:
             buffer = f.read()
         try:
-            self.interpreter = tf.lite.Interpreter(model_content=buffer, num_threads=num_threads)
+            with warnings.catch_warnings():  # its deprecation notice, once per load
+                warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+                self.interpreter = tf.lite.Interpreter(model_content=buffer, num_threads=num_threads)
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as err:
             raise ValueError(f"Cannot build Interpreter from {self.path}: {err}") from None
