@@ -166,9 +166,10 @@ class DevServer:
         self.manager.poll_once()
         try:
             if self._grpc_port_req is not None or self.grpc_socket_path:
-                opts = [("grpc.max_receive_message_length", self.max_request_bytes),
-                        ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)]
-                opts += self.grpc_channel_arguments  # later entries win in gRPC core
+                opts = {"grpc.max_receive_message_length": self.max_request_bytes,
+                        "grpc.max_send_message_length": -1, "grpc.so_reuseport": 0}
+                opts.update(self.grpc_channel_arguments)  # --grpc_channel_arguments win
+                opts = list(opts.items())
                 self._grpc = grpc.server(
                     concurrent.futures.ThreadPoolExecutor(self.grpc_workers,
                                                           thread_name_prefix="tfbn-grpc"),
