@@ -26,7 +26,9 @@ def server():
               _config.ModelConfig("tf2", HALF_PLUS_TWO_TF2),
               _config.ModelConfig("two", TWO_VERSIONS, policy="all", labels={"stable": 123,
                                                                              "canary": 124})]
-    with DevServer(models, port=0, rest_api_port=0) as srv:
+    # Labels in the first config need the flag, as in TF Serving.
+    with DevServer(models, port=0, rest_api_port=0,
+                   allow_version_labels_for_unavailable_models=True) as srv:
         yield srv
 
 

@@ -56,7 +56,9 @@ def server():
         _config.ModelConfig("bad", BAD),
         _config.ModelConfig("matrix", MATRIX),
     ]
-    with DevServer(models, port=0, rest_api_port=0, max_request_bytes=64 * 1024) as srv:
+    # Labels in the first config need the flag, as in TF Serving.
+    with DevServer(models, port=0, rest_api_port=0, max_request_bytes=64 * 1024,
+                   allow_version_labels_for_unavailable_models=True) as srv:
         yield srv
 
 
@@ -193,7 +195,7 @@ def test_batching_fixture_matrix_model(server):
      "'signature_name' key must be a string value."),
     ("/v1/models/default:predict", {"instances": [1e39]}, 400,
      "Cannot convert JSON value: 1e+39 to float without loss of precision."),
-    ("/v1/models/default:regress", {"examples": []}, 501, "not implemented"),
+    ("/v1/models/default:regress", {"examples": []}, 400, "'examples' value is an empty array"),
     ("/v1/models/default/metadata:predict", {"instances": [1.0]}, 400, "Malformed request: POST"),
 ])
 def test_rest_errors(server, path, body, status, message):
@@ -325,7 +327,8 @@ def test_grpc_errors(stubs):
     assert msg == 'Serving signature name: "missing" not found in signature def'
     with pytest.raises(grpc.RpcError) as err:
         stubs[0].Classify(classification_pb2.ClassificationRequest(), timeout=5)
-    assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert (err.value.code(), err.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                       "Missing ModelSpec")
 
 
 def test_grpc_oversize_message(server, stubs):
@@ -409,7 +412,8 @@ def test_model_config_file_and_specific_versions(tmp_path):
         f'model_config_list {{ config {{ name: "two" base_path: "{TWO_VERSIONS}" '
         "model_version_policy { specific { versions: 123 } } "
         'version_labels { key: "old" value: 123 } } }')
-    with DevServer(models + spec, port=0, rest_api_port=None) as srv:
+    with DevServer(models + spec, port=0, rest_api_port=None,
+                   allow_version_labels_for_unavailable_models=True) as srv:
         channel = grpc.insecure_channel(srv.grpc_target)
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         for name, expected in (("half_plus_two", 3.0), ("half_plus_three", 4.0), ("two", 3.0)):
