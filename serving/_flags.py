@@ -6,8 +6,8 @@ defaults from server.h) is listed here with its name, type and default, and with
 
 - ``SAME``: implemented with TF Serving's meaning;
 - ``DIFFERS``: implemented, with the difference stated in `note`;
-- ``NO_EFFECT``: accepted (so a Kubernetes / Docker argument list runs unchanged) and
-  logged once as "accepted, has no effect in the development server".
+- ``NO_EFFECT`` ("not applicable"): accepted (so a Kubernetes / Docker argument list
+  runs unchanged) and logged once as "accepted, has no effect in the development server".
 
 A flag tensorflow_model_server does not have is still an error (argparse's
 "unrecognized arguments"). tfbn's own extra flags (`--host`, `--max_request_bytes`)
@@ -28,7 +28,7 @@ __all__ = ["EXTRA_FLAGS", "FLAGS", "Flag", "add_arguments", "log_ignored", "mark
 
 log = logging.getLogger("tfbn.serving.flags")
 
-SAME, DIFFERS, NO_EFFECT = "same", "differs", "no effect"
+SAME, DIFFERS, NO_EFFECT = "same", "differs", "not applicable"
 _CPUS = os.cpu_count() or 1
 
 
@@ -255,5 +255,7 @@ def markdown_table() -> str:
         default = "4 x CPUs" if flag.name in ("rest_api_num_threads", "grpc_max_threads") else (
             "CPUs" if flag.name == "num_tflite_pools" else repr(flag.default).replace("|", "\\|"))
         what = flag.status + (f": {flag.note}" if flag.note else "")
+        if flag.status == NO_EFFECT:
+            what += " (accepted, logged once)"
         rows.append(f"| `--{flag.name}` | `{default}` | {what} |")
     return "\n".join(rows)

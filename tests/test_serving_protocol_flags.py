@@ -591,3 +591,8 @@ def test_cli_maps_flags_onto_the_server(monkeypatch):
     assert seen["grpc_channel_arguments"] == [("grpc.max_connection_age_ms", 2000)]
     assert [m.name for m in seen["models"]] == ["default"]
     assert json.dumps(seen["port"]) == "8500"
+
+
+def test_readme_flag_table_is_the_generated_one():
+    readme = (ROOT / "README.md").read_text()
+    assert _flags.markdown_table() in readme
