@@ -1,22 +1,25 @@
-"""A development server that speaks TF Serving's protocol over SavedModels.
+"""A development server that speaks TF Serving's protocol over SavedModels and TF Lite models.
 
 For machines without `tensorflow_model_server` (no binary, no Docker): local checks,
 tests and CI. It is NOT a production replacement for TF Serving: it runs models
-through TensorFlow's Python runtime, has no request logging, monitoring, TLS,
-model warm-up or resource accounting, and is built for correctness of the protocol,
-not for throughput.
+through TensorFlow's Python runtime, has no request logging, TLS or resource
+accounting, and is built for correctness of the protocol, not for throughput.
 
 What it implements, with TF Serving's names and behaviour:
 
-- gRPC `tensorflow.serving.PredictionService` (Predict, GetModelMetadata; Classify,
-  Regress and MultiInference answer UNIMPLEMENTED) and `ModelService.GetModelStatus`.
-- REST `/v1/models/{name}[/versions/{v}|/labels/{l}][/metadata|:predict]` with the row
-  ("instances") and columnar ("inputs") JSON formats, `{"error": ...}` bodies and TF
-  Serving's mapping of status codes to HTTP statuses.
+- gRPC `tensorflow.serving.PredictionService` (Predict, GetModelMetadata, Classify,
+  Regress, MultiInference) and `ModelService.GetModelStatus`, on TCP and/or a Unix
+  domain socket, with `--grpc_channel_arguments`.
+- REST `/v1/models/{name}[/versions/{v}|/labels/{l}][/metadata|:predict|:classify|:regress]`
+  with the row ("instances") and columnar ("inputs") JSON formats, tf.Example
+  `examples`/`context`, `{"error": ...}` bodies and TF Serving's mapping of status
+  codes to HTTP statuses; a Prometheus page with `--monitoring_config_file`.
 - Integer version directories under each base path, the latest / all / specific
-  version policies, version labels, polling for new versions (a load that fails
-  leaves the previous version serving; in-flight requests finish on the version they
-  started on).
+  version policies, version labels (validated as ServerCore does), polling for new
+  versions and for a changed `--model_config_file`, warm-up replay of
+  `assets.extra/tf_serving_warmup_requests` before a version serves (a load or
+  warm-up that fails leaves the previous version serving; in-flight requests finish on
+  the version they started on).
 - Server-side batching emulation configured by TF Serving's batching parameters file:
   requests are queued, concatenated along dimension 0 up to `max_batch_size` or until
   `batch_timeout_micros` passes, padded to the next `allowed_batch_sizes` entry with
@@ -24,6 +27,7 @@ What it implements, with TF Serving's names and behaviour:
 - Binds 127.0.0.1 by default, caps request sizes, answers malformed requests with an
   error and keeps serving, and shuts down cleanly.
 
+Every flag of tensorflow_model_server is in `tfbn.serving._flags` (one table).
 Signature inputs are fed without checking their static shapes against the
 SignatureDef, as TF Serving's session-based runtime does (the half_plus_two fixtures
 declare x as [-1, 1] and are queried with a flat list).
