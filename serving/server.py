@@ -40,7 +40,11 @@ import grpc
 from tfbn.serving import _grpc, _rest
 from tfbn.serving._batcher import Batcher
 from tfbn.serving._config import BatchingParameters, ModelConfig
-from tfbn.serving._manager import ModelManager
+from tfbn.serving._manager import (
+    DEFAULT_LOAD_RETRY_INTERVAL_MICROS,
+    DEFAULT_MAX_NUM_LOAD_RETRIES,
+    ModelManager,
+)
 from tfbn.serving._servable import Servable
 from tfbn.serving._status import ServingError, http_status
 
@@ -55,6 +59,8 @@ __all__ = [
 ]
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+DEFAULT_REST_IDLE_TIMEOUT = 30.0  # seconds to deliver a request's headers, and keep-alive idle time
+DEFAULT_REST_BODY_TIMEOUT = 60.0  # seconds to deliver a request body once its headers are in
 _Batcher = Batcher  # the name tfbn.serving.invariance and the tests import
 
 
@@ -79,12 +85,25 @@ class DevServer:
                  rest_api_port: int | None = 0, host: str = "127.0.0.1",
                  batching: BatchingParameters | None = None,
                  file_system_poll_wait_seconds: float = 1.0,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, grpc_workers: int = 16):
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, grpc_workers: int = 16,
+                 rest_api_num_threads: int = 16,
+                 rest_idle_timeout: float = DEFAULT_REST_IDLE_TIMEOUT,
+                 rest_body_timeout: float = DEFAULT_REST_BODY_TIMEOUT,
+                 max_num_load_retries: int = DEFAULT_MAX_NUM_LOAD_RETRIES,
+                 load_retry_interval_micros: int = DEFAULT_LOAD_RETRY_INTERVAL_MICROS):
         if port is None and rest_api_port is None:
             raise ValueError("enable at least one of gRPC (port) and REST (rest_api_port)")
         if max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be positive; Received: {max_request_bytes}")
-        self.manager = ModelManager(models, batching)
+        for name, value in (("rest_api_num_threads", rest_api_num_threads),
+                            ("rest_idle_timeout", rest_idle_timeout),
+                            ("rest_body_timeout", rest_body_timeout)):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive; Received: {value}")
+        self.manager = ModelManager(models, batching, max_num_load_retries=max_num_load_retries,
+                                    load_retry_interval_micros=load_retry_interval_micros)
+        self.rest_api_num_threads = int(rest_api_num_threads)
+        self.rest_idle_timeout, self.rest_body_timeout = float(rest_idle_timeout), float(rest_body_timeout)
         self.host = host
         self._grpc_port_req, self._rest_port_req = port, rest_api_port
         self.poll_wait = file_system_poll_wait_seconds
@@ -94,7 +113,6 @@ class DevServer:
         self.rest_port: int | None = None
         self._grpc = None
         self._rest: _rest.RestServer | None = None
-        self._rest_thread: threading.Thread | None = None
         self._inflight = 0
         self._inflight_cv = threading.Condition()
         self._started = False
@@ -137,13 +155,12 @@ class DevServer:
                 self.grpc_port = bound
                 self._grpc.start()
             if self._rest_port_req is not None:
-                cls = _rest.RestServer6 if ":" in self.host else _rest.RestServer
-                self._rest = cls((self.host, self._rest_port_req), self)
-                self.rest_port = self._rest.server_address[1]
-                self._rest_thread = threading.Thread(target=self._rest.serve_forever,
-                                                     kwargs={"poll_interval": 0.2},
-                                                     name="tfbn-rest", daemon=True)
-                self._rest_thread.start()
+                self._rest = _rest.RestServer(
+                    self, self.host, self._rest_port_req, max_request_bytes=self.max_request_bytes,
+                    num_threads=self.rest_api_num_threads, idle_timeout=self.rest_idle_timeout,
+                    body_timeout=self.rest_body_timeout)
+                self._rest.start()
+                self.rest_port = self._rest.port
         except BaseException:
             self.stop()
             raise
@@ -157,20 +174,15 @@ class DevServer:
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, let in-flight requests finish (up to `grace` s), release everything."""
-        if self._rest is not None:
-            self._rest.shutdown()
         grpc_done = self._grpc.stop(grace) if self._grpc is not None else None
+        if self._rest is not None:
+            self._rest.stop(grace)  # stops accepting, then waits for its in-flight requests
         deadline = time.monotonic() + grace
         with self._inflight_cv:
             while self._inflight and time.monotonic() < deadline:
                 self._inflight_cv.wait(max(0.0, deadline - time.monotonic()))
         if grpc_done is not None:
             grpc_done.wait(grace)
-        if self._rest is not None:
-            self._rest.close_connections()
-            self._rest.server_close()
-            if self._rest_thread is not None:
-                self._rest_thread.join(timeout=grace)
         self.manager.close()
         self._grpc = self._rest = None
         self._started = False
