@@ -145,11 +145,14 @@ class ModelManager:
                     log.exception("polling model %s failed", name)
 
     def _should_load(self, st: _VersionState | None, fp: tuple, now: float) -> bool:
-        if st is None or st.state not in ("AVAILABLE", "END") or st.fingerprint != fp:
+        """A new version loads; a loaded one stays as it is (as in TF Serving, changing a
+        served version's files does not reload it); a failed one is retried when its
+        retry is due or any of its files changed."""
+        if st is None:
             return True
-        if st.state == "AVAILABLE" or st.error is None:
-            return False
-        return st.retry_at is not None and now >= st.retry_at
+        if st.state != "END" or st.error is None:
+            return st.state == "END"  # END without error: unloaded earlier, aspired again
+        return st.fingerprint != fp or (st.retry_at is not None and now >= st.retry_at)
 
     def _poll_model(self, name: str, cfg: ModelConfig) -> None:
         on_disk = _version_dirs(cfg.base_path, self._ignored)

@@ -225,6 +225,10 @@ class RestServer:
             return resp
 
         method, path = request.method, request.rel_url.raw_path
+        if request.version < (1, 0):  # HTTP/0.9 has no status line or headers: not answered
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("HTTP/0.9 request")
         self.dev._enter()  # noqa: SLF001 - in-flight accounting for a graceful stop
         try:
             try:

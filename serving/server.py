@@ -197,13 +197,15 @@ class DevServer:
 def serve(models: list[ModelConfig], port: int | None = 8500, rest_api_port: int | None = None,
           host: str = "127.0.0.1", batching: BatchingParameters | None = None,
           file_system_poll_wait_seconds: float = 1.0,
-          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, ready=print) -> int:
-    """Run a DevServer until SIGINT/SIGTERM (the body of `tfbn serve`). Returns 0."""
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, ready=print, **options) -> int:
+    """Run a DevServer until SIGINT/SIGTERM (the body of `tfbn serve`). Returns 0.
+
+    `options` are further DevServer arguments (timeouts, load retries, thread counts)."""
     import signal
 
     server = DevServer(models, port=port, rest_api_port=rest_api_port, host=host, batching=batching,
                        file_system_poll_wait_seconds=file_system_poll_wait_seconds,
-                       max_request_bytes=max_request_bytes)
+                       max_request_bytes=max_request_bytes, **options)
     stop = threading.Event()
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):

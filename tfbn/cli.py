@@ -114,6 +114,15 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--max_request_bytes", type=int, default=64 * 1024 * 1024,
                    help="largest accepted request body / message (default 64 MiB)")
+    p.add_argument("--max_num_load_retries", type=int, default=5,
+                   help="retries of a failed version load (default 5)")
+    p.add_argument("--load_retry_interval_micros", type=int, default=60_000_000,
+                   help="microseconds between load retries (default 60 s)")
+    p.add_argument("--rest_idle_timeout_seconds", type=float, default=30.0,
+                   help="tfbn only: seconds a REST connection may take to send a request's headers, "
+                        "or stay idle between requests (default 30)")
+    p.add_argument("--rest_body_timeout_seconds", type=float, default=60.0,
+                   help="tfbn only: seconds a REST request body may take to arrive (default 60)")
     p.set_defaults(func=_run_serve)
 
 
@@ -131,6 +140,10 @@ def _run_serve(args) -> int:
                         host=args.host, batching=batching,
                         file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
                         max_request_bytes=args.max_request_bytes,
+                        max_num_load_retries=args.max_num_load_retries,
+                        load_retry_interval_micros=args.load_retry_interval_micros,
+                        rest_idle_timeout=args.rest_idle_timeout_seconds,
+                        rest_body_timeout=args.rest_body_timeout_seconds,
                         ready=lambda line: print(line, flush=True))
 
 
