@@ -185,6 +185,12 @@ EXTRA_FLAGS: tuple[Flag, ...] = (
     Flag("max_request_bytes", "int64", 64 * 1024 * 1024, DIFFERS,
          "largest accepted REST body / gRPC message (tfbn only)",
          "tensorflow_model_server has no such cap"),
+    Flag("rest_idle_timeout_seconds", "float", 30.0, DIFFERS,
+         "seconds a REST connection may take to send a request's headers, or stay idle between "
+         "requests (tfbn only)", "tensorflow_model_server has no such limit"),
+    Flag("rest_body_timeout_seconds", "float", 60.0, DIFFERS,
+         "seconds a REST request body may take to arrive (tfbn only)",
+         "tensorflow_model_server has no such limit"),
 )
 
 _BY_NAME = {f.name: f for f in FLAGS + EXTRA_FLAGS}

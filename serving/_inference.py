@@ -399,9 +399,9 @@ def rest_classify_regress(manager, verb: str, name: str, version: int | None,
     """REST `:classify` / `:regress` (TF Serving's ProcessClassifyRequest and
     ProcessRegressRequest): JSON body -> request proto -> the same code as gRPC -> JSON."""
     from tensorflow_serving.apis import classification_pb2, regression_pb2
-    from tfbn.serving._json_tensor import parse_json_document
+    from tfbn.serving._json_tensor import loads
 
-    doc = parse_json_document(body)
+    doc = loads(body)  # the server's JSON decoding, with TF Serving's parse messages
     signature_name, input_proto = input_from_json(doc)
     request = (classification_pb2.ClassificationRequest() if verb == "classify"
                else regression_pb2.RegressionRequest())

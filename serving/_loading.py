@@ -72,14 +72,15 @@ def configure_threads(intra_op: int = 0, inter_op: int = 0, session: int = 0) ->
 
 
 def load_servable(name: str, version: int, path: str, options: LoadOptions | None = None,
-                  metrics=None):
+                  metrics=None, factory=None):
     """Load one version (SavedModel, or TF Lite with `prefer_tflite_model`) and warm it up.
-    A failing warm-up fails the load: the version never becomes AVAILABLE."""
+    A failing warm-up fails the load: the version never becomes AVAILABLE. `factory`
+    builds the servable (default: `Servable`)."""
     from tfbn.serving import _warmup
     from tfbn.serving._servable import Servable
 
     options = options or LoadOptions()
-    servable = Servable(name, version, path, tags=options.saved_model_tags,
+    servable = (factory or Servable)(name, version, path, tags=options.saved_model_tags,
                         prefer_tflite=options.prefer_tflite_model,
                         session_threads=(options.session_intra_op_threads,
                                          options.session_inter_op_threads))

@@ -8,7 +8,9 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import threading
+import time
 from typing import Any
 
 from tfbn.serving._batcher import Batcher
@@ -20,53 +22,118 @@ from tfbn.serving._status import ServingError, error
 log = logging.getLogger("tfbn.serving.server")
 
 
+DEFAULT_MAX_NUM_LOAD_RETRIES = 5  # tensorflow_model_server's --max_num_load_retries
+DEFAULT_LOAD_RETRY_INTERVAL_MICROS = 60_000_000  # --load_retry_interval_micros (60 s)
+INT64_MAX = 2**63 - 1
+_VERSION_NAME = re.compile(r"[0-9]+")
+
+
 @dataclasses.dataclass
 class _VersionState:
     state: str = "LOADING"  # START, LOADING, AVAILABLE, UNLOADING, END (TF Serving's names)
     error: ServingError | None = None
     fingerprint: Any = None
     servable: Servable | None = None
+    attempts: int = 0  # failed load attempts of this fingerprint
+    retry_at: float | None = None  # monotonic time of the next retry, if one is due
 
 
-def _version_dirs(base_path: str) -> dict[int, str]:
+def parse_version(name: str) -> int | None:
+    """The version number a directory name stands for, or None: TF Serving serves only
+    directories named by a non-negative int64 in ASCII digits."""
+    if not _VERSION_NAME.fullmatch(name):
+        return None
+    version = int(name)
+    return version if version <= INT64_MAX else None
+
+
+class _Ignored:
+    """Directory names already reported as not being version numbers (logged once each)."""
+
+    def __init__(self):
+        self._seen: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def report(self, base_path: str, name: str) -> None:
+        with self._lock:
+            if (base_path, name) in self._seen:
+                return
+            self._seen.add((base_path, name))
+        log.warning("Ignoring %r under base path %s: a version directory name must be an int64 "
+                    "version number", name, base_path)
+
+
+def _version_dirs(base_path: str, ignored: _Ignored | None = None) -> dict[int, str] | None:
+    """Version number -> directory under `base_path`; None if the base path cannot be read."""
     try:
         names = os.listdir(base_path)
-    except OSError:
-        return {}
+    except OSError as err:
+        log.warning("Cannot list base path %s: %s", base_path, err)
+        return None
     out = {}
     for name in names:
         full = os.path.join(base_path, name)
-        if name.isdigit() and os.path.isdir(full):
-            out[int(name)] = full
+        if not os.path.isdir(full):
+            continue
+        version = parse_version(name)
+        if version is None:
+            if ignored is not None and not name.startswith("."):
+                ignored.report(base_path, name)
+            continue
+        out[version] = full
     return out
 
 
-def _fingerprint(path: str):
+def fingerprint(path: str) -> tuple:
+    """(relative path, size, mtime) of every file in a version directory, so a version
+    whose files are still being written is seen to change until the copy is complete."""
     stats = []
-    for name in ("saved_model.pb", "saved_model.pbtxt", "variables"):
-        try:
-            st = os.stat(os.path.join(path, name))
-            stats.append((name, st.st_mtime_ns, st.st_size))
-        except OSError:
-            pass
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            stats.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
     return tuple(stats)
 
 
 class ModelManager:
-    """Loads, serves and swaps model versions (TF Serving's ServerCore, in miniature)."""
+    """Loads, serves and swaps model versions (TF Serving's ServerCore, in miniature).
 
-    def __init__(self, models: list[ModelConfig], batching: BatchingParameters | None = None,
+    A version whose load fails is retried up to `max_num_load_retries` times,
+    `load_retry_interval_micros` apart (tensorflow_model_server's flags and defaults),
+    and loaded afresh whenever any file in its directory changes. Directory names that
+    are not int64 version numbers are ignored (logged once). When a base path holds no
+    version directory at all, its model's versions are unloaded, as TF Serving does by
+    default (`servable_versions_always_present` false); a base path that cannot be read
+    leaves the served versions alone.
+    """
+
+    def __init__(self, models: list[ModelConfig], batching: BatchingParameters | None = None, *,
+                 max_num_load_retries: int = DEFAULT_MAX_NUM_LOAD_RETRIES,
+                 load_retry_interval_micros: int = DEFAULT_LOAD_RETRY_INTERVAL_MICROS,
                  load_options: LoadOptions | None = None, metrics=None,
                  allow_version_labels_for_unavailable_models: bool = False):
         names = [m.name for m in models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique; Received: {names}")
+        if max_num_load_retries < 0:
+            raise ValueError(f"max_num_load_retries must be >= 0; Received: {max_num_load_retries}")
+        if load_retry_interval_micros < 0:
+            raise ValueError("load_retry_interval_micros must be >= 0; Received: "
+                             f"{load_retry_interval_micros}")
         self.configs = {m.name: m for m in models}
         self.batching = batching
         self.load_options = load_options or LoadOptions()
         self.metrics = metrics
         self.allow_unavailable_labels = allow_version_labels_for_unavailable_models
+        self.max_num_load_retries = int(max_num_load_retries)
+        self.load_retry_interval = load_retry_interval_micros / 1e6
         self._states: dict[str, dict[int, _VersionState]] = {m.name: {} for m in models}
+        self._ignored = _Ignored()
         self._lock = threading.RLock()
         self._labels: dict[str, dict[str, int]] = {}
         self._update_labels(self.configs)
@@ -76,62 +143,107 @@ class ModelManager:
 
     # polling
     def poll_once(self) -> None:
-        """Look at every base path once; load new aspired versions, retire old ones."""
+        """Look at every base path once; load new aspired versions (and failed ones whose
+        retry is due or whose files changed), retire old ones."""
         with self._poll_lock:
             for name, cfg in self.configs.items():
-                self._poll_model(name, cfg)
+                try:
+                    self._poll_model(name, cfg)
+                except Exception:  # noqa: BLE001 - one model's trouble must not stop the others
+                    log.exception("polling model %s failed", name)
+
+    def _should_load(self, st: _VersionState | None, fp: tuple, now: float) -> bool:
+        """A new version loads; a loaded one stays as it is (as in TF Serving, changing a
+        served version's files does not reload it); a failed one is retried when its
+        retry is due or any of its files changed."""
+        if st is None:
+            return True
+        if st.state != "END" or st.error is None:
+            return st.state == "END"  # END without error: unloaded earlier, aspired again
+        return st.fingerprint != fp or (st.retry_at is not None and now >= st.retry_at)
 
     def _poll_model(self, name: str, cfg: ModelConfig) -> None:
-        on_disk = _version_dirs(cfg.base_path)
+        on_disk = _version_dirs(cfg.base_path, self._ignored)
+        if on_disk is None:
+            return
         aspired = [v for v in cfg.select(list(on_disk)) if v in on_disk]
         states = self._states[name]
         for v in sorted(aspired, reverse=True):
             st = states.get(v)
-            fp = _fingerprint(on_disk[v])
-            if st is not None and (st.state == "AVAILABLE" or (st.state == "END" and st.error
-                                                               and st.fingerprint == fp)):
+            fp = fingerprint(on_disk[v])
+            if not self._should_load(st, fp, time.monotonic()):
                 continue
+            attempts = st.attempts if st is not None and st.fingerprint == fp else 0
             with self._lock:
-                states[v] = _VersionState("LOADING", fingerprint=fp)
+                states[v] = _VersionState("LOADING", fingerprint=fp, attempts=attempts)
             try:
-                servable = load_servable(name, v, on_disk[v], self.load_options, self.metrics)
+                servable = load_servable(name, v, on_disk[v], self.load_options, self.metrics,
+                                         factory=Servable)
                 if self.batching is not None:
                     servable.batcher = Batcher(self.batching)
-            except ServingError as err:
-                log.warning("Loading servable: {name: %s version: %d} failed: %s", name, v, err)
-                with self._lock:
-                    states[v] = _VersionState("END", error=err, fingerprint=fp)
-                continue
             except Exception as err:  # noqa: BLE001 - a broken version must not stop the server
-                log.warning("Loading servable: {name: %s version: %d} failed: %s", name, v, err)
+                if not isinstance(err, ServingError):
+                    err = error("INTERNAL", f"{type(err).__name__}: {err}")
+                attempts += 1
+                retry = attempts <= self.max_num_load_retries
+                log.warning("Loading servable: {name: %s version: %d} failed (attempt %d of %d): %s",
+                            name, v, attempts, self.max_num_load_retries + 1, err)
                 with self._lock:
-                    states[v] = _VersionState("END", error=error("INTERNAL", str(err)), fingerprint=fp)
+                    states[v] = _VersionState(
+                        "END", error=err, fingerprint=fp, attempts=attempts,
+                        retry_at=time.monotonic() + self.load_retry_interval if retry else None)
                 continue
             log.info("Successfully loaded servable version {name: %s version: %d}", name, v)
             with self._lock:
                 states[v] = _VersionState("AVAILABLE", fingerprint=fp, servable=servable)
-        # Retire versions no longer aspired, but never the last available one while no
-        # aspired version is available (a broken new version leaves the old one serving).
         with self._lock:
-            available_aspired = any(states.get(v) and states[v].state == "AVAILABLE" for v in aspired)
-            retire = [v for v, st in states.items()
-                      if st.state == "AVAILABLE" and v not in aspired and available_aspired]
+            if not on_disk:
+                # No version directory left: unload everything, as TF Serving's default
+                # (servable_versions_always_present = false).
+                retire = [v for v, st in states.items() if st.state == "AVAILABLE"]
+                if retire:
+                    log.warning("No versions of servable %s found under base path %s: unloading "
+                                "versions %s", name, cfg.base_path, retire)
+            else:
+                # Retire versions no longer aspired, but never the last available one while
+                # no aspired version is available (a broken new version leaves the old one
+                # serving: TF Serving's availability-preserving policy).
+                available_aspired = any(states.get(v) and states[v].state == "AVAILABLE"
+                                        for v in aspired)
+                retire = [v for v, st in states.items()
+                          if st.state == "AVAILABLE" and v not in aspired and available_aspired]
             for v in retire:
                 servable = states[v].servable
                 states[v] = _VersionState("END", fingerprint=states[v].fingerprint)
                 if servable is not None:
                     servable.retire()
+            for v in [v for v, st in states.items() if v not in on_disk and st.retry_at is not None]:
+                states[v].retry_at = None  # its directory is gone: nothing to retry
+
+    def _next_retry(self) -> float | None:
+        with self._lock:
+            due = [st.retry_at for s in self._states.values() for st in s.values()
+                   if st.retry_at is not None]
+        return min(due) if due else None
 
     def start_polling(self, interval: float) -> None:
-        if interval <= 0 or self._thread is not None:
+        """Poll every `interval` seconds (0: never, as tensorflow_model_server with
+        --file_system_poll_wait_seconds=0); load retries are run when due either way."""
+        if self._thread is not None:
             return
 
         def loop():
-            while not self._stop.wait(interval):
-                try:
+            next_poll = time.monotonic() + interval if interval > 0 else None
+            while True:
+                retry = self._next_retry()
+                wake = min(t for t in (next_poll, retry, time.monotonic() + 1.0) if t is not None)
+                if self._stop.wait(max(0.0, wake - time.monotonic())):
+                    return
+                now = time.monotonic()
+                if (next_poll is not None and now >= next_poll) or (retry is not None and now >= retry):
                     self.poll_once()
-                except Exception:  # noqa: BLE001 - keep polling
-                    log.exception("polling the model base paths failed")
+                    if next_poll is not None and now >= next_poll:
+                        next_poll = time.monotonic() + interval
 
         self._thread = threading.Thread(target=loop, name="tfbn-poll", daemon=True)
         self._thread.start()

@@ -88,6 +88,7 @@ class Servable:
         self.name, self.version, self.path = name, int(version), path
         self._session = None  # a runner: TF1 Session or TF Lite interpreter
         self._functions, self._flat_names = {}, {}
+        self._input_shapes: dict[str, dict[str, tuple[int | None, ...] | None]] = {}
         self.batcher: Batcher | None = None
         self._users = 0
         self._retired = False
@@ -118,6 +119,9 @@ class Servable:
             specs = tf.nest.flatten(fn.structured_input_signature)
             kwargs = fn.structured_input_signature[1]
             self._flat_names[key] = [k for k in sorted(kwargs)] if len(specs) == len(kwargs) else None
+            self._input_shapes[key] = {
+                alias: (tuple(spec.shape.as_list()) if spec.shape.rank is not None else None)
+                for alias, spec in kwargs.items() if hasattr(spec, "shape")}
 
     def signature(self, name: str | None):
         key = name or DEFAULT_SIGNATURE
@@ -151,6 +155,7 @@ class Servable:
             if want != got:
                 raise error("INVALID_ARGUMENT", f"Expects arg[{i}] to be {_tensor.dtype_name(want)} "
                            f"but {_tensor.dtype_name(got)} is provided")
+        self._check_shapes(key, inputs)
         outputs = list(output_filter) or sorted(sig.outputs)
         seen = set()
         for alias in outputs:
@@ -161,6 +166,34 @@ class Servable:
                 raise error("INVALID_ARGUMENT", f"duplicate output tensor alias: {alias}")
             seen.add(alias)
         return key, outputs
+
+    def _check_shapes(self, key: str, inputs: dict[str, np.ndarray]) -> None:
+        """Rank and known dimensions (all but dimension 0, the batch) of every input against
+        the signature function's input specs, before TensorFlow sees the tensors: a kernel
+        given a tensor of the wrong rank may abort the whole process (oneDNN's CHECKs)
+        instead of failing the request.
+
+        TF1 SavedModels run on a Session with their feeds unchecked, as TF Serving runs
+        them (its own fixtures declare x as [-1, 1] and are queried with a flat list), so
+        they have no specs here; TF Serving checks no shapes at all, and dimension 0 is left
+        free for the same reason (the half_plus_two TF2 fixture declares x as [1] and is
+        queried with three values)."""
+        shapes = self._input_shapes.get(key)
+        if not shapes:
+            return
+        for alias in sorted(inputs):
+            want = shapes.get(alias)
+            if want is None:
+                continue
+            got = inputs[alias].shape
+            bad = len(got) != len(want) or any(
+                w is not None and w != g for w, g in list(zip(want, got, strict=True))[1:])
+            if bad:
+                shown = ",".join("-1" if d is None else str(d) for d in want)
+                raise error("INVALID_ARGUMENT",
+                            f"input tensor shape mismatch: {alias} has shape "
+                            f"[{','.join(map(str, got))}] but signature {key!r} expects [{shown}] "
+                            f"(rank {len(want)}; dimension 0 may be any size, -1 is any size)")
 
     def call(self, key: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         """Run a validated request (no batching)."""

@@ -146,9 +146,11 @@ def _leaf_strings(array: np.ndarray, binary: bool) -> np.ndarray:
     return np.vectorize(enc, otypes=[object])(array) if array.size else array.astype(str)
 
 
-def _nest(strs: np.ndarray) -> str:
+def _nest(strs) -> str:
+    if not isinstance(strs, np.ndarray):  # one element: a str (or NumPy str) already
+        return str(strs)
     if strs.ndim == 0:
-        return str(strs.item() if hasattr(strs, "item") else strs)
+        return str(strs.item())
     if strs.ndim == 1:
         return "[" + ",".join(strs.tolist()) + "]"
     return "[" + ",".join(_nest(s) for s in strs) + "]"

@@ -46,7 +46,11 @@ from tfbn.serving import _grpc, _rest
 from tfbn.serving._batcher import Batcher
 from tfbn.serving._config import BatchingParameters, ModelConfig
 from tfbn.serving._loading import LoadOptions
-from tfbn.serving._manager import ModelManager
+from tfbn.serving._manager import (
+    DEFAULT_LOAD_RETRY_INTERVAL_MICROS,
+    DEFAULT_MAX_NUM_LOAD_RETRIES,
+    ModelManager,
+)
 from tfbn.serving._metrics import Metrics, MonitoringConfig
 from tfbn.serving._servable import Servable
 from tfbn.serving._status import ServingError, http_status
@@ -63,6 +67,8 @@ __all__ = [
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 log = logging.getLogger("tfbn.serving.server")
+DEFAULT_REST_IDLE_TIMEOUT = 30.0  # seconds to deliver a request's headers, and keep-alive idle time
+DEFAULT_REST_BODY_TIMEOUT = 60.0  # seconds to deliver a request body once its headers are in
 _Batcher = Batcher  # the name tfbn.serving.invariance and the tests import
 
 
@@ -102,9 +108,13 @@ class DevServer:
                  batching: BatchingParameters | None = None,
                  file_system_poll_wait_seconds: float = 1.0,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, grpc_workers: int = 16,
-                 *, grpc_socket_path: str | None = None,
+                 rest_api_num_threads: int = 16,
+                 rest_idle_timeout: float = DEFAULT_REST_IDLE_TIMEOUT,
+                 rest_body_timeout: float = DEFAULT_REST_BODY_TIMEOUT,
+                 max_num_load_retries: int = DEFAULT_MAX_NUM_LOAD_RETRIES,
+                 load_retry_interval_micros: int = DEFAULT_LOAD_RETRY_INTERVAL_MICROS,
+                 grpc_socket_path: str | None = None,
                  grpc_channel_arguments: list[tuple[str, int | str]] = (),
-                 rest_api_num_threads: int = 4 * (os.cpu_count() or 1),
                  rest_api_timeout_in_ms: int = 30000,
                  monitoring: MonitoringConfig | None = None,
                  load_options: LoadOptions | None = None,
@@ -116,18 +126,24 @@ class DevServer:
                              "(rest_api_port)")
         if max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be positive; Received: {max_request_bytes}")
-        if rest_api_num_threads < 1 or grpc_workers < 1:
-            raise ValueError("rest_api_num_threads and grpc_workers must be >= 1; Received: "
-                             f"{rest_api_num_threads}, {grpc_workers}")
+        for name, value in (("rest_api_num_threads", rest_api_num_threads),
+                            ("rest_idle_timeout", rest_idle_timeout),
+                            ("rest_body_timeout", rest_body_timeout),
+                            ("grpc_workers", grpc_workers)):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive; Received: {value}")
         if rest_api_timeout_in_ms < 0:
             raise ValueError(f"rest_api_timeout_in_ms must be >= 0; Received: {rest_api_timeout_in_ms}")
         self.metrics = Metrics(monitoring) if monitoring is not None and monitoring.enable else None
         self.manager = ModelManager(
-            models, batching, load_options=load_options, metrics=self.metrics,
+            models, batching, max_num_load_retries=max_num_load_retries,
+            load_retry_interval_micros=load_retry_interval_micros, load_options=load_options,
+            metrics=self.metrics,
             allow_version_labels_for_unavailable_models=allow_version_labels_for_unavailable_models)
+        self.rest_api_num_threads = int(rest_api_num_threads)
+        self.rest_idle_timeout, self.rest_body_timeout = float(rest_idle_timeout), float(rest_body_timeout)
         self.grpc_socket_path = grpc_socket_path or None
         self.grpc_channel_arguments = list(grpc_channel_arguments)
-        self.rest_slots = threading.BoundedSemaphore(rest_api_num_threads)
         self.rest_timeout = rest_api_timeout_in_ms / 1000 if rest_api_timeout_in_ms else None
         self.model_config_file = model_config_file
         self.config_poll_wait = model_config_file_poll_wait_seconds
@@ -142,7 +158,6 @@ class DevServer:
         self.rest_port: int | None = None
         self._grpc = None
         self._rest: _rest.RestServer | None = None
-        self._rest_thread: threading.Thread | None = None
         self._inflight = 0
         self._inflight_cv = threading.Condition()
         self._started = False
@@ -193,13 +208,12 @@ class DevServer:
                         raise OSError(f"could not bind gRPC to the Unix socket {self.grpc_socket_path}")
                 self._grpc.start()
             if self._rest_port_req is not None:
-                cls = _rest.RestServer6 if ":" in self.host else _rest.RestServer
-                self._rest = cls((self.host, self._rest_port_req), self)
-                self.rest_port = self._rest.server_address[1]
-                self._rest_thread = threading.Thread(target=self._rest.serve_forever,
-                                                     kwargs={"poll_interval": 0.2},
-                                                     name="tfbn-rest", daemon=True)
-                self._rest_thread.start()
+                self._rest = _rest.RestServer(
+                    self, self.host, self._rest_port_req, max_request_bytes=self.max_request_bytes,
+                    num_threads=self.rest_api_num_threads, idle_timeout=self.rest_idle_timeout,
+                    body_timeout=self.rest_body_timeout)
+                self._rest.start()
+                self.rest_port = self._rest.port
         except BaseException:
             self.stop()
             raise
@@ -245,20 +259,15 @@ class DevServer:
         if self._config_thread is not None:
             self._config_thread.join(timeout=grace)
             self._config_thread = None
-        if self._rest is not None:
-            self._rest.shutdown()
         grpc_done = self._grpc.stop(grace) if self._grpc is not None else None
+        if self._rest is not None:
+            self._rest.stop(grace)  # stops accepting, then waits for its in-flight requests
         deadline = time.monotonic() + grace
         with self._inflight_cv:
             while self._inflight and time.monotonic() < deadline:
                 self._inflight_cv.wait(max(0.0, deadline - time.monotonic()))
         if grpc_done is not None:
             grpc_done.wait(grace)
-        if self._rest is not None:
-            self._rest.close_connections()
-            self._rest.server_close()
-            if self._rest_thread is not None:
-                self._rest_thread.join(timeout=grace)
         self.manager.close()
         if self._grpc is not None and self.grpc_socket_path:
             _remove_stale_socket(self.grpc_socket_path)
@@ -288,7 +297,8 @@ def serve(models: list[ModelConfig], port: int | None = 8500, rest_api_port: int
           file_system_poll_wait_seconds: float = 1.0,
           max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, ready=print, **options) -> int:
     """Run a DevServer until SIGINT/SIGTERM (the body of `tfbn serve`). Returns 0.
-    `options` are DevServer's keyword-only arguments."""
+
+    `options` are further DevServer arguments (timeouts, load retries, thread counts)."""
     import signal
 
     server = DevServer(models, port=port, rest_api_port=rest_api_port, host=host, batching=batching,
