@@ -135,9 +135,26 @@ def servicers(dev: DevServer):
             name, version, label = spec_args(request.model_spec)
             return dev.manager.status(name, version, label)
 
+        @guard
         def HandleReloadConfigRequest(self, request, context):
-            context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                          "not implemented by the tfbn development server")
+            """TF Serving's ModelServiceImpl: a ModelConfigList replaces the served models
+            (ServerCore::ReloadConfig; new models are loaded before it answers)."""
+            from google.protobuf import text_format
+            from tensorflow_serving.apis import model_management_pb2
+            from tfbn.serving._config import parse_model_config
+
+            if request.config.WhichOneof("config") != "model_config_list":
+                raise error("INVALID_ARGUMENT", "ServerModelConfig type not supported by "
+                            "HandleReloadConfigRequest. Only ModelConfigList is currently supported")
+            try:
+                models = parse_model_config(text_format.MessageToString(request.config),
+                                            source="ReloadConfigRequest")
+            except ValueError as err:
+                raise error("INVALID_ARGUMENT", str(err)) from None
+            dev.manager.reload_config(models)
+            resp = model_management_pb2.ReloadConfigResponse()
+            resp.status.error_code = 0
+            return resp
 
     return (Prediction(), prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server,
             Models(), model_service_pb2_grpc.add_ModelServiceServicer_to_server)

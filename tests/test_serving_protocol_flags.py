@@ -596,3 +596,29 @@ def test_cli_maps_flags_onto_the_server(monkeypatch):
 def test_readme_flag_table_is_the_generated_one():
     readme = (ROOT / "README.md").read_text()
     assert _flags.markdown_table() in readme
+
+
+def test_handle_reload_config_request_over_grpc():
+    from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
+    from tensorflow_serving.config import model_server_config_pb2
+
+    with DevServer([_config.ModelConfig("half_plus_two", HALF_PLUS_TWO)], port=0, rest_api_port=None,
+                   file_system_poll_wait_seconds=0) as srv:
+        channel = grpc.insecure_channel(srv.grpc_target)
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        req = model_management_pb2.ReloadConfigRequest()
+        cfg = req.config.model_config_list.config.add(name="half_plus_three", base_path=HALF_PLUS_THREE,
+                                                      model_platform="tensorflow")
+        assert cfg.name == "half_plus_three"
+        resp = stub.HandleReloadConfigRequest(req, timeout=60)
+        assert resp.status.error_code == 0
+        assert _predict(srv.grpc_target, "half_plus_three") == ([4.0], 123)  # loaded before the answer
+        with pytest.raises(grpc.RpcError) as info:
+            _predict(srv.grpc_target, "half_plus_two")
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as info:
+            stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(
+                config=model_server_config_pb2.ModelServerConfig()), timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "Only ModelConfigList is currently supported" in info.value.details()
+        channel.close()
