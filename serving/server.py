@@ -42,7 +42,7 @@ import threading
 import time
 
 import grpc
-from tfbn.serving import _grpc, _rest
+from tfbn.serving import _grpc, _profiler, _rest
 from tfbn.serving._batcher import Batcher
 from tfbn.serving._config import BatchingParameters, ModelConfig
 from tfbn.serving._loading import LoadOptions
@@ -99,6 +99,8 @@ class DevServer:
         first config are rejected.
       model_config_file, model_config_file_poll_wait_seconds: re-read this
         ModelServerConfig file every so many seconds and apply changes (0: never).
+      enable_profiler: serve `tensorflow.ProfilerService/Profile` on the gRPC port
+        (--enable_profiler, default true).
 
     Use as a context manager, or `start()` / `stop()`.
     """
@@ -120,7 +122,8 @@ class DevServer:
                  load_options: LoadOptions | None = None,
                  allow_version_labels_for_unavailable_models: bool = False,
                  model_config_file: str | None = None,
-                 model_config_file_poll_wait_seconds: float = 0):
+                 model_config_file_poll_wait_seconds: float = 0,
+                 enable_profiler: bool = True):
         if port is None and rest_api_port is None and not grpc_socket_path:
             raise ValueError("enable at least one of gRPC (port or grpc_socket_path) and REST "
                              "(rest_api_port)")
@@ -145,6 +148,7 @@ class DevServer:
         self.grpc_socket_path = grpc_socket_path or None
         self.grpc_channel_arguments = list(grpc_channel_arguments)
         self.rest_timeout = rest_api_timeout_in_ms / 1000 if rest_api_timeout_in_ms else None
+        self.enable_profiler = bool(enable_profiler)
         self.model_config_file = model_config_file
         self.config_poll_wait = model_config_file_poll_wait_seconds
         self._config_stop = threading.Event()
@@ -196,6 +200,8 @@ class DevServer:
                 pred, add_pred, models, add_models = _grpc.servicers(self)
                 add_pred(pred, self._grpc)
                 add_models(models, self._grpc)
+                if self.enable_profiler:
+                    self._grpc.add_generic_rpc_handlers((_profiler.handler(),))
                 if self._grpc_port_req is not None:
                     bound = self._grpc.add_insecure_port(
                         f"{self._bracket(self.host)}:{self._grpc_port_req}")

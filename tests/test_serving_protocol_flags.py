@@ -125,12 +125,12 @@ def test_bad_flags_are_errors(capsys, argv, message):
 
 def test_flags_without_effect_are_logged_once_each():
     args = _serve_args(["--per_process_gpu_memory_fraction=0.5", "--ssl_config_file=/etc/ssl.conf",
-                        "--enable_profiler=false", "--xla_cpu_compilation_enabled",
+                        "--enable_grpc_healthcheck_service", "--xla_cpu_compilation_enabled",
                         "--port=8500", "--enable_model_warmup=true"])
     lines = []
     names = _flags.log_ignored(args, emit=lines.append)
     assert names == ["ssl_config_file", "per_process_gpu_memory_fraction",
-                     "xla_cpu_compilation_enabled", "enable_profiler"]
+                     "xla_cpu_compilation_enabled", "enable_grpc_healthcheck_service"]
     assert len(lines) == 4
     assert all("accepted, has no effect in the development server" in ln for ln in lines)
     assert lines[0].startswith("--ssl_config_file=/etc/ssl.conf: accepted")
@@ -232,7 +232,7 @@ def test_unknown_flag_and_ignored_flag_on_the_command_line(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=str(ROOT))
     assert proc.returncode == 2 and "unrecognized arguments: --not_a_tf_serving_flag=1" in proc.stderr
     server = _Proc([f"--port={_free_port()}", f"--model_base_path={HALF_PLUS_TWO}",
-                    "--per_process_gpu_memory_fraction=0.4", "--enable_profiler=false",
+                    "--per_process_gpu_memory_fraction=0.4", "--skip_initialize_tpu",
                     "--file_system_poll_wait_seconds=0"])
     try:
         assert server.stop() == 0
@@ -241,7 +241,7 @@ def test_unknown_flag_and_ignored_flag_on_the_command_line(tmp_path):
     err = server.err()
     assert err.count("--per_process_gpu_memory_fraction=0.4: accepted, has no effect in the "
                      "development server") == 1
-    assert err.count("--enable_profiler=False: accepted, has no effect") == 1
+    assert err.count("--skip_initialize_tpu=True: accepted, has no effect") == 1
 
 
 def test_version_flag():
@@ -622,3 +622,32 @@ def test_handle_reload_config_request_over_grpc():
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "Only ModelConfigList is currently supported" in info.value.details()
         channel.close()
+
+
+def test_profiler_service_writes_a_trace(tmp_path):
+    # TF Serving's test_profiler_service_with_valid_trace_request, with our own client calls.
+    from tensorflow.python.profiler import profiler_client
+
+    with DevServer([_config.ModelConfig("default", HALF_PLUS_TWO)], port=0, rest_api_port=0,
+                   file_system_poll_wait_seconds=0) as srv:
+        stop = threading.Event()
+
+        def traffic():
+            while not stop.is_set():
+                requests.post(srv.rest_url + "/v1/models/default:predict",
+                              json={"instances": [2.0, 3.0, 4.0]}, timeout=30)
+
+        worker = threading.Thread(target=traffic)
+        worker.start()
+        try:
+            profiler_client.trace(srv.grpc_target, str(tmp_path / "logs"), 500, "", 3)
+        finally:
+            stop.set()
+            worker.join(timeout=30)
+    traces = list((tmp_path / "logs").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    # Off: the profiler service is not there.
+    with DevServer([_config.ModelConfig("default", HALF_PLUS_TWO)], port=0, rest_api_port=None,
+                   file_system_poll_wait_seconds=0, enable_profiler=False) as srv:
+        with pytest.raises(Exception, match="(?i)unimplemented|unavailable|no trace"):
+            profiler_client.trace(srv.grpc_target, str(tmp_path / "off"), 100, "", 1)

@@ -172,7 +172,8 @@ def _serve(server, args, models, batching, monitoring, load_options) -> int:
         monitoring=monitoring, load_options=load_options,
         allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
         model_config_file=args.model_config_file or None,
-        model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds)
+        model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
+        enable_profiler=args.enable_profiler)
 
 
 def _add_check(sub) -> None:
