@@ -112,6 +112,7 @@ class DevServer:
         self.grpc_port: int | None = None
         self.rest_port: int | None = None
         self._grpc = None
+        self._grpc_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._rest: _rest.RestServer | None = None
         self._inflight = 0
         self._inflight_cv = threading.Condition()
@@ -142,10 +143,9 @@ class DevServer:
             if self._grpc_port_req is not None:
                 opts = [("grpc.max_receive_message_length", self.max_request_bytes),
                         ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)]
-                self._grpc = grpc.server(
-                    concurrent.futures.ThreadPoolExecutor(self.grpc_workers,
-                                                          thread_name_prefix="tfbn-grpc"),
-                    options=opts, maximum_concurrent_rpcs=None)
+                self._grpc_pool = concurrent.futures.ThreadPoolExecutor(
+                    self.grpc_workers, thread_name_prefix="tfbn-grpc")
+                self._grpc = grpc.server(self._grpc_pool, options=opts, maximum_concurrent_rpcs=None)
                 pred, add_pred, models, add_models = _grpc.servicers(self)
                 add_pred(pred, self._grpc)
                 add_models(models, self._grpc)
@@ -183,6 +183,9 @@ class DevServer:
                 self._inflight_cv.wait(max(0.0, deadline - time.monotonic()))
         if grpc_done is not None:
             grpc_done.wait(grace)
+        if self._grpc_pool is not None:
+            self._grpc_pool.shutdown(wait=True, cancel_futures=True)
+            self._grpc_pool = None
         self.manager.close()
         self._grpc = self._rest = None
         self._started = False
