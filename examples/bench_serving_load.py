@@ -216,6 +216,7 @@ def main(argv=None) -> int:
                   f"{args.soak_concurrency} in flight:\n")
             print("| transport | " + " | ".join(f"after {k}" for k in range(0, args.soak + 1, 1000)
                                                 if k) + " |")
+            print("|---|" + "---:|" * len(range(0, args.soak, 1000)))
             for transport, burst, target in (("rest", rest_burst, rest_url),
                                              ("grpc", grpc_burst, grpc_target)):
                 samples = []

@@ -235,3 +235,41 @@ def test_fuzz_numeric_payloads_round_trip(server):
             assert r.status_code == 200, r.text
             got = np.asarray(next(iter(r.json().values())), np.float32)
             np.testing.assert_array_equal(got, x * np.float32(0.5) + np.float32(2))
+
+
+# --- the benchmark scripts run (scaled down; their numbers are not asserted) ---------------
+
+def test_load_benchmark_example_runs(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "load.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "examples", "bench_serving_load.py"), "--concurrent", "40",
+         "--soak", "200", "--soak_concurrency", "10", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=root,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [b["transport"] for b in result["bursts"]] == ["rest", "grpc"]
+    assert all(b["p99_ms"] >= b["p50_ms"] > 0 for b in result["bursts"])
+    assert [len(s["rss_mib"]) for s in result["soak_rss"]] == [1, 1]
+    assert "| grpc |" in proc.stdout
+
+
+def test_json_decode_benchmark_example_runs(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "decode.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "examples", "bench_json_decode.py"), "--mb", "0.2",
+         "--repeat", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=root,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {r["decoder"] for r in rows} >= {"stdlib+numpy (server)", "per-element walk"}
+    assert len({r["layout"] for r in rows}) == 3
