@@ -81,7 +81,7 @@ def servicers(dev: DevServer):
             inputs = {}
             for alias, proto in request.inputs.items():
                 try:
-                    inputs[alias] = _tensor.from_tensor_proto(proto)
+                    inputs[alias] = _tensor.from_tensor_proto(proto, max_bytes=dev.max_request_bytes)
                 except ValueError as err:
                     raise error("INVALID_ARGUMENT", f"tensor parsing error: {alias}: {err}") from None
             with dev.manager.use(name, version, label) as servable:

@@ -86,14 +86,22 @@ def to_tensor_proto(array: Any, dtype: int | None = None, typed_fields: bool = F
     return proto
 
 
-def from_tensor_proto(proto: tensor_pb2.TensorProto) -> np.ndarray:
-    """A TensorProto as a NumPy array (either encoding, scalar broadcast as TF does)."""
+def from_tensor_proto(proto: tensor_pb2.TensorProto, max_bytes: int | None = None) -> np.ndarray:
+    """A TensorProto as a NumPy array (either encoding, scalar broadcast as TF does).
+
+    `max_bytes` bounds the decoded size (TF's fill-with-the-last-value rule lets a few
+    bytes of message stand for any number of elements)."""
     dt = proto.dtype
     np_type = numpy_dtype(dt)
     shape = tuple(d.size for d in proto.tensor_shape.dim)
     if any(d < 0 for d in shape):
         raise ValueError(f"tensor shape {list(shape)} has a negative dimension")
-    size = int(np.prod(shape, dtype=np.int64))
+    size = 1
+    for d in shape:  # Python ints: no int64 overflow on absurd shapes
+        size *= d
+    if max_bytes is not None and size * max(np_type.itemsize, 8 if dt == types_pb2.DT_STRING else 1) > max_bytes:
+        raise ValueError(f"tensor shape {list(shape)} holds {size} elements, more than the "
+                         f"{max_bytes}-byte request limit (--max_request_bytes) allows")
     if dt == types_pb2.DT_STRING:
         values = np.empty(len(proto.string_val), dtype=object)
         values[:] = list(proto.string_val)

@@ -161,6 +161,7 @@ class DevServer:
         self.grpc_port: int | None = None
         self.rest_port: int | None = None
         self._grpc = None
+        self._grpc_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._rest: _rest.RestServer | None = None
         self._inflight = 0
         self._inflight_cv = threading.Condition()
@@ -192,11 +193,10 @@ class DevServer:
                 opts = {"grpc.max_receive_message_length": self.max_request_bytes,
                         "grpc.max_send_message_length": -1, "grpc.so_reuseport": 0}
                 opts.update(self.grpc_channel_arguments)  # --grpc_channel_arguments win
-                opts = list(opts.items())
-                self._grpc = grpc.server(
-                    concurrent.futures.ThreadPoolExecutor(self.grpc_workers,
-                                                          thread_name_prefix="tfbn-grpc"),
-                    options=opts, maximum_concurrent_rpcs=None)
+                self._grpc_pool = concurrent.futures.ThreadPoolExecutor(
+                    self.grpc_workers, thread_name_prefix="tfbn-grpc")
+                self._grpc = grpc.server(self._grpc_pool, options=list(opts.items()),
+                                         maximum_concurrent_rpcs=None)
                 pred, add_pred, models, add_models = _grpc.servicers(self)
                 add_pred(pred, self._grpc)
                 add_models(models, self._grpc)
@@ -274,6 +274,9 @@ class DevServer:
                 self._inflight_cv.wait(max(0.0, deadline - time.monotonic()))
         if grpc_done is not None:
             grpc_done.wait(grace)
+        if self._grpc_pool is not None:
+            self._grpc_pool.shutdown(wait=True, cancel_futures=True)
+            self._grpc_pool = None
         self.manager.close()
         if self._grpc is not None and self.grpc_socket_path:
             _remove_stale_socket(self.grpc_socket_path)
