@@ -2,31 +2,20 @@
 
 For machines without `tensorflow_model_server` (no binary, no Docker): local checks,
 tests and CI. It is NOT a production replacement for TF Serving: it runs models
-through TensorFlow's Python runtime, has no request logging, monitoring, TLS,
-model warm-up or resource accounting, and is built for correctness of the protocol,
-not for throughput.
+through TensorFlow's Python runtime, has no TLS, monitoring or model warm-up, and is
+built for correctness of the protocol and for surviving any client, not for throughput.
 
-What it implements, with TF Serving's names and behaviour:
+This module is the facade (`DevServer`, `serve()`); the parts live apart, one concern
+each, as TF Serving splits its own server:
 
-- gRPC `tensorflow.serving.PredictionService` (Predict, GetModelMetadata; Classify,
-  Regress and MultiInference answer UNIMPLEMENTED) and `ModelService.GetModelStatus`.
-- REST `/v1/models/{name}[/versions/{v}|/labels/{l}][/metadata|:predict]` with the row
-  ("instances") and columnar ("inputs") JSON formats, `{"error": ...}` bodies and TF
-  Serving's mapping of status codes to HTTP statuses.
-- Integer version directories under each base path, the latest / all / specific
-  version policies, version labels, polling for new versions (a load that fails
-  leaves the previous version serving; in-flight requests finish on the version they
-  started on).
-- Server-side batching emulation configured by TF Serving's batching parameters file:
-  requests are queued, concatenated along dimension 0 up to `max_batch_size` or until
-  `batch_timeout_micros` passes, padded to the next `allowed_batch_sizes` entry with
-  copies of a real row, run once, and split back.
-- Binds 127.0.0.1 by default, caps request sizes, answers malformed requests with an
-  error and keeps serving, and shuts down cleanly.
-
-Signature inputs are fed without checking their static shapes against the
-SignatureDef, as TF Serving's session-based runtime does (the half_plus_two fixtures
-declare x as [-1, 1] and are queried with a flat list).
+- `_status`: canonical status codes, ServingError, the HTTP mapping;
+- `_tensor` / `_json_tensor`: TensorProto and REST JSON tensor codecs;
+- `_servable`: one loaded version (load, validate against the SignatureDef, call);
+- `_batcher`: server-side batching emulation (TF Serving's batching parameters);
+- `_manager`: model management (polling base paths, version policies, labels, load
+  retries, unloading);
+- `_rest`: the REST route table on aiohttp's HTTP/1.1 server, with size and time limits;
+- `_grpc`: the PredictionService and ModelService servicers.
 """
 
 from __future__ import annotations
