@@ -12,7 +12,10 @@ and the development server's limits:
 - a body that has not fully arrived `body_timeout` seconds after its headers is
   answered 408 and the connection closed;
 - decoding and model calls run on a bounded thread pool (`num_threads`), never on
-  the event loop, so idle or slow connections cost no thread.
+  the event loop, so idle or slow connections cost no thread;
+- at most `BODY_BUDGET_FACTOR` x `max_request_bytes` of request bodies are decoded at
+  once (a body waits for room; one alone always fits), so decoding memory is bounded
+  for the whole server, not only per request.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tfbn.serving.server")
 
 INT64_MAX = 2**63 - 1
+BODY_BUDGET_FACTOR = 4
 
 # --- routes (TF Serving's http_rest_api_util regexes) ----------------------------------
 
@@ -170,6 +174,10 @@ class RestServer:
         self.port: int | None = None
         self.routes = list(ROUTES)
         self._pool = concurrent.futures.ThreadPoolExecutor(num_threads, thread_name_prefix="tfbn-rest")
+        self.body_budget = BODY_BUDGET_FACTOR * max_request_bytes
+        self.bodies_in_flight = 0  # bytes of bodies being decoded or run (event-loop thread only)
+        self.peak_bodies_in_flight = 0
+        self._room: asyncio.Condition | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner = None
         self._thread: threading.Thread | None = None
@@ -201,6 +209,7 @@ class RestServer:
     async def _serve(self) -> None:
         from aiohttp import web
 
+        self._room = asyncio.Condition()
         server = web.Server(self._handle, keepalive_timeout=self.idle_timeout, auto_decompress=False,
                             max_line_size=8190, max_field_size=8190, max_headers=128,
                             lingering_time=0)
@@ -257,6 +266,12 @@ class RestServer:
                 return reply(200, metrics.page().decode("utf-8"),
                              content_type="text/plain; version=0.0.4; charset=utf-8")
             loop = asyncio.get_running_loop()
+            n = len(body)
+            async with self._room:
+                await self._room.wait_for(
+                    lambda: self.bodies_in_flight == 0 or self.bodies_in_flight + n <= self.body_budget)
+                self.bodies_in_flight += n
+                self.peak_bodies_in_flight = max(self.peak_bodies_in_flight, self.bodies_in_flight)
             start, code = loop.time(), "UNKNOWN"
             try:
                 # --rest_api_timeout_in_ms: the answer is a 504 at the deadline; the model
@@ -278,6 +293,9 @@ class RestServer:
                 log.exception("REST %s %s failed", method, path)
                 return reply(500, error_json(error("INTERNAL", f"{type(err).__name__}: {err}")))
             finally:
+                async with self._room:
+                    self.bodies_in_flight -= n
+                    self._room.notify_all()
                 if metrics is not None:
                     model, api = metric_labels(method, path, self.routes)
                     metrics.record_request(model, api, "REST", code, loop.time() - start)

@@ -2,8 +2,24 @@
 
 For machines without `tensorflow_model_server` (no binary, no Docker): local checks,
 tests and CI. It is NOT a production replacement for TF Serving: it runs models
-through TensorFlow's Python runtime, has no request logging, TLS or resource
-accounting, and is built for correctness of the protocol, not for throughput.
+through TensorFlow's Python runtime, has no TLS and no request logging, and is built
+for correctness of the protocol and for surviving any client, not for throughput.
+
+This module is the facade (`DevServer`, `serve()`); the parts live apart, one concern
+each, as TF Serving splits its own server:
+
+- `_status`: canonical status codes, ServingError, the HTTP mapping;
+- `_tensor` / `_json_tensor`: TensorProto and REST JSON tensor codecs;
+- `_servable`: one loaded version (load, validate against the SignatureDef, call);
+- `_batcher`: server-side batching emulation (TF Serving's batching parameters);
+- `_manager`: model management (polling base paths, version policies, labels, load
+  retries, unloading);
+- `_rest`: the REST route table on aiohttp's HTTP/1.1 server, with size and time limits;
+- `_grpc`: the PredictionService and ModelService servicers;
+- `_inference`: Classify, Regress and MultiInference over tf.Example inputs;
+- `_loading` / `_warmup` / `_tflite`: load options, warm-up replay, TF Lite models;
+- `_metrics`: Prometheus metrics with TF Serving's names; `_profiler`: the profiler service;
+- `_flags`: every tensorflow_model_server flag, in one table.
 
 What it implements, with TF Serving's names and behaviour:
 
@@ -28,9 +44,10 @@ What it implements, with TF Serving's names and behaviour:
   error and keeps serving, and shuts down cleanly.
 
 Every flag of tensorflow_model_server is in `tfbn.serving._flags` (one table).
-Signature inputs are fed without checking their static shapes against the
+TF1 signature inputs are fed without checking their static shapes against the
 SignatureDef, as TF Serving's session-based runtime does (the half_plus_two fixtures
-declare x as [-1, 1] and are queried with a flat list).
+declare x as [-1, 1] and are queried with a flat list); see `_servable` for the checks
+made before TensorFlow sees a tensor.
 """
 
 from __future__ import annotations

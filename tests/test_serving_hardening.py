@@ -167,6 +167,30 @@ def test_json_decoding_peak_memory_is_a_small_multiple_of_the_body(layout, shape
     assert peak < 10 * len(body), f"peak {peak / len(body):.1f}x the body"
 
 
+def test_bodies_decoded_at_once_stay_within_the_server_budget():
+    """Many large bodies at once: all answered, never more than 4 x --max_request_bytes of
+    them decoded together (the per-request bound would otherwise multiply by the threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    limit = 8192
+    with DevServer([_config.ModelConfig("default", HALF_PLUS_TWO)], port=None, rest_api_port=0,
+                   max_request_bytes=limit, rest_api_num_threads=16) as srv:
+        values = [float(i) for i in range(1000)]
+        body = json.dumps({"instances": values}).encode()
+        assert limit / 2 < len(body) <= limit
+
+        def one(_):
+            return post(srv, "/v1/models/default:predict", body)
+
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(one, range(48)))
+        assert all(r.status_code == 200 for r in answers)
+        assert all(r.json()["predictions"][:3] == [2.0, 2.5, 3.0] for r in answers)
+        rest = srv._rest  # noqa: SLF001 - the accounting is what is under test
+        assert rest.bodies_in_flight == 0
+        assert len(body) <= rest.peak_bodies_in_flight <= rest.body_budget == 4 * limit
+
+
 # --- 3. a version seen half-copied is retried, and loads are retried --------------------
 
 def test_half_copied_version_is_loaded_once_complete(tmp_path):
