@@ -58,6 +58,9 @@ class _SessionRunner:
         self.session = tf.compat.v1.Session(graph=self.graph, config=config)
         with self.graph.as_default():
             tf.compat.v1.saved_model.loader.load(self.session, list(tags), path)
+        self._graph_def = self.graph.as_graph_def()
+        self._shape_checks: dict[tuple, str] = {}  # (signature, fed shapes) -> error message or ""
+        self._shape_lock = threading.Lock()
 
     def run(self, sig, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         g = self.graph
@@ -68,6 +71,45 @@ class _SessionRunner:
         fetches = [g.get_tensor_by_name(sig.outputs[a].name)._as_tf_output() for a in outputs]
         results = self.session._call_tf_sessionrun(None, feeds, fetches, [], None)  # noqa: SLF001
         return {a: np.asarray(r) for a, r in zip(outputs, results, strict=True)}
+
+    def check_shapes(self, key: str, sig, inputs: dict[str, np.ndarray]) -> None:
+        """Run TensorFlow's shape inference over the graph with the fed shapes (dimension 0
+        left unknown) before anything executes: an op that cannot take them (a convolution
+        fed a rank-3 image) is reported with TensorFlow's message instead of reaching a
+        kernel that may abort the process. Feeds the graph can take keep working even
+        where they contradict the SignatureDef (TF Serving's fixtures rely on that)."""
+        import tensorflow as tf
+
+        shapes = tuple(sorted((alias, (None, *arr.shape[1:]) if arr.ndim else ())
+                              for alias, arr in inputs.items()))
+        cache_key = (key, shapes)
+        with self._shape_lock:
+            if cache_key in self._shape_checks:
+                message = self._shape_checks[cache_key]
+                if message:
+                    raise error("INVALID_ARGUMENT", message)
+                return
+        message = ""
+        checked = tf.Graph()
+        with checked.as_default():
+            input_map = {}
+            for alias, shape in shapes:
+                name = sig.inputs[alias].name
+                dtype = self.graph.get_tensor_by_name(name).dtype
+                input_map[name] = tf.compat.v1.placeholder(dtype, list(shape), name=f"feed_{alias}")
+            try:
+                tf.graph_util.import_graph_def(self._graph_def, input_map=input_map, name="model")
+            except ValueError as err:
+                fed = ", ".join(f"{a}: [{','.join('-1' if d is None else str(d) for d in shp)}]"
+                                for a, shp in shapes)
+                message = (f"input tensor shape mismatch: the model cannot take inputs of shape "
+                           f"{fed}: {str(err).splitlines()[0]}")
+        with self._shape_lock:
+            if len(self._shape_checks) >= 256:
+                self._shape_checks.clear()
+            self._shape_checks[cache_key] = message
+        if message:
+            raise error("INVALID_ARGUMENT", message)
 
     def close(self):
         self.session.close()
@@ -173,11 +215,14 @@ class Servable:
         given a tensor of the wrong rank may abort the whole process (oneDNN's CHECKs)
         instead of failing the request.
 
-        TF1 SavedModels run on a Session with their feeds unchecked, as TF Serving runs
-        them (its own fixtures declare x as [-1, 1] and are queried with a flat list), so
-        they have no specs here; TF Serving checks no shapes at all, and dimension 0 is left
-        free for the same reason (the half_plus_two TF2 fixture declares x as [1] and is
-        queried with three values)."""
+        TF1 SavedModels (run on a Session) are checked by shape inference over their graph
+        instead (`_SessionRunner.check_shapes`): TF Serving's own fixtures declare x as
+        [-1, 1] and are queried with a flat list, which their graph takes. TF Serving checks
+        no shapes at all; dimension 0 is left free for the same reason (the half_plus_two TF2
+        fixture declares x as [1] and is queried with three values)."""
+        if self._session is not None:
+            self._session.check_shapes(key, self.signature_defs[key], inputs)
+            return
         shapes = self._input_shapes.get(key)
         if not shapes:
             return

@@ -138,6 +138,54 @@ def test_wrong_rank_input_is_invalid_argument_and_the_process_survives(conv_mode
                 proc.wait()
 
 
+@pytest.fixture(scope="module")
+def tf1_conv_model(tmp_path_factory):
+    """A TF1 (Session, no object graph) SavedModel with a [None, 8, 8, 3] conv input."""
+    import tensorflow as tf
+
+    path = str(tmp_path_factory.mktemp("tf1conv") / "conv" / "1")
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="image")
+        w = tf.compat.v1.get_variable("w", [3, 3, 3, 4], initializer=tf.compat.v1.ones_initializer())
+        y = tf.reduce_mean(tf.nn.conv2d(x, w, 1, "SAME"), axis=[1, 2], name="y")
+        with tf.compat.v1.Session(graph=graph) as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            builder = tf.compat.v1.saved_model.Builder(path)
+            sig = tf.compat.v1.saved_model.predict_signature_def({"image": x}, {"y": y})
+            builder.add_meta_graph_and_variables(sess, ["serve"],
+                                                 signature_def_map={"serving_default": sig})
+            builder.save()
+    return os.path.dirname(path)
+
+
+def test_wrong_rank_input_to_a_tf1_model_is_invalid_argument_and_the_process_survives(tf1_conv_model):
+    rest_port = _free_port()
+    proc, _ = _start_cli(["--port=0", f"--rest_api_port={rest_port}", "--model_name=conv",
+                          f"--model_base_path={tf1_conv_model}", "--file_system_poll_wait_seconds=0"])
+    url = f"http://127.0.0.1:{rest_port}/v1/models/conv:predict"
+    try:
+        for body in ({"inputs": {"image": np.zeros((8, 8, 3)).tolist()}},
+                     {"inputs": {"image": [[[0, 0, 0]]]}}, {"instances": np.zeros((2, 8, 3)).tolist()}):
+            r = requests.post(url, json=body, timeout=30)
+            assert r.status_code == 400, r.text
+            assert "input tensor shape mismatch" in r.json()["error"]
+            assert "Shape must be rank 4 but is rank 3" in r.json()["error"]
+            assert proc.poll() is None
+        r = requests.post(url, json={"instances": np.ones((2, 8, 8, 3)).tolist()}, timeout=30)
+        # ones through a 3x3x3 all-ones SAME conv, averaged over 8x8: (4*12 + 24*18 + 36*27) / 64
+        assert r.status_code == 200 and r.json()["predictions"] == [[22.6875] * 4] * 2, r.text
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 # --- 2. decoding memory is bounded by a small multiple of the body -------------------------
 
 def _float_infos(name="x"):
