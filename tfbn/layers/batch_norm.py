@@ -365,25 +365,40 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
             self._update_moving_stats(mean, variance, count)
         return outputs
 
-    def _normalize(self, x, mean, variance, gamma_beta=None):
-        """Normalise `x` with given per-channel statistics (no gradient through them
-        is needed at inference; the unfused form still provides it)."""
-        gamma, beta = gamma_beta or self._gamma_beta(optional=True)
+    def _normalize(self, x, mean, variance):
+        """Inference: normalise `x` with the moving statistics (fused kernel where it applies)."""
         if self._fused_format is not None and x.dtype in stats.FUSED_DTYPES:
             x4, restore = self._to_4d(x)
             y, _, _ = stats.fused_batch_norm(
                 x4,
-                *self._fill_gamma_beta(gamma, beta),
+                *self._gamma_beta(),
                 self.epsilon,
                 self._fused_format,
                 tf.convert_to_tensor(mean),
                 tf.convert_to_tensor(variance),
             )
             return restore(y)
-        return stats.batch_normalize(
-            x, tf.convert_to_tensor(mean), tf.convert_to_tensor(variance), gamma, beta,
-            self.epsilon, self._broadcast_shape(len(x.shape)),
-        )  # fmt: skip
+        return self._normalize_batch(x, mean, variance, self._gamma_beta(optional=True))
+
+    def _normalize_batch(self, x, mean, variance, gamma_beta, mask=None):
+        """Training: normalise with batch statistics, differentiable through them.
+
+        With a mask, masked-out positions are selected away before the arithmetic
+        whose gradient reaches the statistics: their outputs are normalised with
+        the statistics held constant, so a NaN/Inf there stays there (as in Keras)
+        and neither the other outputs nor any gradient sees it.
+        """
+        shape = self._broadcast_shape(len(x.shape))
+        mean, variance = tf.convert_to_tensor(mean), tf.convert_to_tensor(variance)
+        if mask is None:
+            return stats.batch_normalize(x, mean, variance, *gamma_beta, self.epsilon, shape)
+        keep = tf.broadcast_to(mask > 0, tf.shape(x))
+        kept = stats.batch_normalize(
+            tf.where(keep, x, tf.zeros_like(x)), mean, variance, *gamma_beta, self.epsilon, shape
+        )
+        held = [tf.stop_gradient(t) if t is not None else None for t in (mean, variance, *gamma_beta)]
+        dropped = stats.batch_normalize(x, *held, self.epsilon, shape)
+        return tf.where(keep, kept, dropped)
 
     def _batch_norm(self, x, mask):
         """Normalise with batch statistics; returns (y, mean, variance, count)."""
@@ -407,7 +422,8 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
         if self.virtual_batch_size is not None:
             return self._ghost_batch_norm(x, mask)
         mean, variance, count = self._moments(x, mask, distributed)
-        return self._normalize(x, mean, variance), mean, variance, count
+        y = self._normalize_batch(x, mean, variance, self._gamma_beta(optional=True), mask)
+        return y, mean, variance, count
 
     def _moments(self, x, mask, distributed):
         """Batch moments of `x` (global ones when synchronised), with their gradient."""
@@ -428,7 +444,8 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
             return restore(y), mean, variance, count
         mean, variance, count = self._moments(x, mask, distributed)
         scale, offset = self._renorm_scale_offset(mean, variance)
-        return self._normalize(x, mean, variance, (scale, offset)), mean, variance, count
+        y = self._normalize_batch(x, mean, variance, (scale, offset), mask)
+        return y, mean, variance, count
 
     def _renorm_scale_offset(self, mean, variance):
         r, d = stats.renorm_correction(
