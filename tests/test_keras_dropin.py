@@ -20,7 +20,11 @@ RNG = np.random.default_rng(3)
 
 @pytest.mark.parametrize("dtype", ["int32", "int64", "uint8", "bool"])
 def test_integer_and_boolean_inputs_are_cast_as_keras_casts_them(dtype):
-    x = (RNG.integers(0, 5, size=(8, 3)) > 1) if dtype == "bool" else RNG.integers(0, 5, size=(8, 3))
+    x = (
+        (RNG.integers(0, 5, size=(8, 3)) > 1)
+        if dtype == "bool"
+        else RNG.integers(0, 5, size=(8, 3))
+    )
     x = x.astype(dtype)
     ours, theirs = tfbn.BatchNormalization(), keras.layers.BatchNormalization()
     for training in (True, False):
@@ -35,7 +39,9 @@ def test_numpy_arrays_in_call_and_stateless_call():
     ours, theirs = tfbn.BatchNormalization(), keras.layers.BatchNormalization()
     ours.build(x.shape)
     theirs.build(x.shape)
-    np.testing.assert_allclose(ours.call(x, training=True), theirs.call(x, training=True), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        ours.call(x, training=True), theirs.call(x, training=True), rtol=1e-5, atol=1e-5
+    )
     # stateless_call with exactly the arguments Keras's layer takes.
     trainable = [v.value for v in theirs.trainable_variables]
     non_trainable = [v.value for v in theirs.non_trainable_variables]
@@ -57,7 +63,9 @@ def test_numpy_integer_axis(axis):
 def test_epsilon_zero_is_allowed_and_matches_keras():
     x = RNG.normal(2.0, 3.0, size=(16, 3)).astype("float32")
     ours, theirs = tfbn.BatchNormalization(epsilon=0), keras.layers.BatchNormalization(epsilon=0)
-    np.testing.assert_allclose(ours(x, training=True), theirs(x, training=True), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        ours(x, training=True), theirs(x, training=True), rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
 
 
@@ -73,7 +81,9 @@ def test_bad_epsilon_is_rejected(eps):
 
 
 def _one_value_reference(beta=0.5):
-    theirs = keras.layers.BatchNormalization(momentum=0.5, beta_initializer=keras.initializers.Constant(beta))
+    theirs = keras.layers.BatchNormalization(
+        momentum=0.5, beta_initializer=keras.initializers.Constant(beta)
+    )
     theirs(np.full((1, 3), 2.0, "float32"), training=True)
     return theirs
 
@@ -81,7 +91,9 @@ def _one_value_reference(beta=0.5):
 @pytest.mark.parametrize("fused", ["auto", False])
 def test_one_value_per_channel_behaves_as_keras_and_warns_once(fused, caplog):
     theirs = _one_value_reference()
-    layer = tfbn.BatchNormalization(momentum=0.5, beta_initializer=keras.initializers.Constant(0.5), fused=fused)
+    layer = tfbn.BatchNormalization(
+        momentum=0.5, beta_initializer=keras.initializers.Constant(0.5), fused=fused
+    )
     x = np.full((1, 3), 2.0, "float32")
     with caplog.at_level(logging.WARNING, logger="tfbn"):
         y = layer(x, training=True)
@@ -175,14 +187,18 @@ def test_is_an_instance_of_keras_batch_normalization_without_its_call():
     assert isinstance(layer, keras.layers.BatchNormalization)
     assert not isinstance(tfbn.FrozenBatchNormalization(), keras.layers.BatchNormalization)
     for name in ("__init__", "build", "call", "get_config", "compute_output_shape"):
-        assert getattr(type(layer), name) is not getattr(keras.layers.BatchNormalization, name), name
+        assert getattr(type(layer), name) is not getattr(keras.layers.BatchNormalization, name), (
+            name
+        )
 
 
 # ---------------------------------------------------------------- loading --
 
 
 def test_load_model_turns_keras_bn_into_tfbn(tmp_path):
-    inner = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(renorm=True)], name="inner")
+    inner = keras.Sequential(
+        [keras.Input((4,)), keras.layers.BatchNormalization(renorm=True)], name="inner"
+    )
     inputs = keras.Input((6,))
     h = keras.layers.Dense(4)(inputs)
     h = keras.layers.BatchNormalization(momentum=0.9)(h)
@@ -192,7 +208,9 @@ def test_load_model_turns_keras_bn_into_tfbn(tmp_path):
     model.fit(x, RNG.normal(size=(8, 4)).astype("float32"), verbose=0)
     path = tmp_path / "keras_bn.keras"
     model.save(path)
-    ignored = keras.saving.load_model(path, custom_objects={"BatchNormalization": tfbn.BatchNormalization})
+    ignored = keras.saving.load_model(
+        path, custom_objects={"BatchNormalization": tfbn.BatchNormalization}
+    )
     assert not any(isinstance(l, tfbn.BatchNormalization) for l in _all_layers(ignored))  # noqa: E741
     loaded = tfbn.load_model(path)
     bns = [l for l in _all_layers(loaded) if isinstance(l, keras.layers.BatchNormalization)]  # noqa: E741
@@ -251,7 +269,9 @@ def test_unsynchronised_replica_with_nan_is_counted_and_left_out():
         return layer(x, training=True)
 
     it = iter(shards)
-    strategy.run(step, args=(strategy.experimental_distribute_values_from_function(lambda _: next(it)),))
+    strategy.run(
+        step, args=(strategy.experimental_distribute_values_from_function(lambda _: next(it)),)
+    )
     good = [0, 1, 3]
     expected_mean = np.mean([0.5 * 0 + 0.5 * shards[i].mean(0) for i in good], axis=0)
     expected_var = np.mean([0.5 * 1 + 0.5 * shards[i].var(0) for i in good], axis=0)
@@ -284,7 +304,9 @@ def test_large_mean_uses_the_stable_form_on_every_unfused_path():
     for layer in (tfbn.BatchNormalization(fused=False, momentum=0.0),
                   tfbn.BatchNormalization(virtual_batch_size=512, momentum=0.0)):  # fmt: skip
         y = layer(x, training=True)  # momentum 0: the moving statistics are the batch's
-        np.testing.assert_allclose(y, reference(layer.moving_mean, layer.moving_variance), atol=1e-5)
+        np.testing.assert_allclose(
+            y, reference(layer.moving_mean, layer.moving_variance), atol=1e-5
+        )
     mean, var = x64.mean(0).astype("float32"), x64.var(0).astype("float32")
     for layer in (tfbn.FrozenBatchNormalization(), tfbn.BatchNormalization(fused=False)):
         layer.build(x.shape)

@@ -35,4 +35,3 @@ class TestKerasBatchNormalizationSuiteOnTfbn(keras_bn_test.BatchNormalizationTes
         """Guards the suite itself: the layer it builds is tfbn's."""
         layer = keras_bn_test.layers.BatchNormalization()
         assert type(layer) is tfbn.BatchNormalization
-

@@ -65,7 +65,9 @@ def test_outputs_gradients_and_all_state_match_keras_over_steps(shape, axis, cli
             np.testing.assert_allclose(getattr(ours, name), getattr(theirs, name),
                                        rtol=1e-5, atol=1e-6, err_msg=name)  # fmt: skip
     x = RNG.normal(size=shape).astype("float32")
-    np.testing.assert_allclose(ours(x, training=False), theirs(x, training=False), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        ours(x, training=False), theirs(x, training=False), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_corrections_are_clipped_and_change_the_output():
@@ -89,14 +91,18 @@ def test_variables_names_order_and_lists_are_keras():
 
 
 def test_stddev_initializers_are_square_roots():
-    layer = tfbn.BatchNormalization(renorm=True, moving_variance_initializer=keras.initializers.Constant(9.0))
+    layer = tfbn.BatchNormalization(
+        renorm=True, moving_variance_initializer=keras.initializers.Constant(9.0)
+    )
     layer.build((None, 2))
     np.testing.assert_allclose(layer.moving_stddev, [3.0, 3.0])
     np.testing.assert_allclose(layer.renorm_stddev, [3.0, 3.0])
 
 
 def test_configs_load_both_ways():
-    theirs = keras.layers.BatchNormalization(renorm=True, renorm_clipping={"rmax": 3.0}, renorm_momentum=0.9)
+    theirs = keras.layers.BatchNormalization(
+        renorm=True, renorm_clipping={"rmax": 3.0}, renorm_momentum=0.9
+    )
     ours = tfbn.BatchNormalization.from_config(theirs.get_config())
     assert ours.renorm and ours.renorm_clipping == {"rmax": 3.0} and ours.renorm_momentum == 0.9
     back = keras.layers.BatchNormalization.from_config(ours.keras_config())
@@ -159,7 +165,9 @@ def test_synchronized_renorm_on_4_replicas_equals_one_device():
     shape, momentum = (16, 6, 3), dict(momentum=0.8, renorm_momentum=0.7)
     clipping = {"rmax": 1.3, "rmin": 0.8, "dmax": 0.4}
     with strategy.scope():
-        synced = tfbn.BatchNormalization(renorm=True, synchronized=True, renorm_clipping=clipping, **momentum)
+        synced = tfbn.BatchNormalization(
+            renorm=True, synchronized=True, renorm_clipping=clipping, **momentum
+        )
         synced.build(shape)
     single = tfbn.BatchNormalization(renorm=True, renorm_clipping=clipping, **momentum)
     single.build(shape)
@@ -167,14 +175,23 @@ def test_synchronized_renorm_on_4_replicas_equals_one_device():
     @tf.function
     def replica_step(x):
         assert tf.distribute.get_replica_context().num_replicas_in_sync == 4
-        return synced(x, training=True)
+        y, (dx, dgamma, dbeta) = _step(synced, x)
+        ctx = tf.distribute.get_replica_context()
+        return y, dx, ctx.all_reduce("sum", dgamma), ctx.all_reduce("sum", dbeta)
 
     for step in range(3):
         x = RNG.normal(1.0 + step, 2.0, size=shape).astype("float32")
-        shards = iter(np.split(x, 4))
-        per_replica = strategy.experimental_distribute_values_from_function(lambda _: next(shards))
-        y = strategy.gather(strategy.run(replica_step, args=(per_replica,)), axis=0)
-        np.testing.assert_allclose(y, single(x, training=True), rtol=1e-5, atol=1e-5)
+        shards = np.split(x, 4)
+        per_replica = strategy.experimental_distribute_values_from_function(
+            lambda ctx, shards=shards: shards[ctx.replica_id_in_sync_group]
+        )
+        y, dx, dgamma, dbeta = strategy.run(replica_step, args=(per_replica,))
+        y_single, (dx_single, dgamma_single, dbeta_single) = _step(single, tf.constant(x))
+        np.testing.assert_allclose(strategy.gather(y, axis=0), y_single, rtol=1e-5, atol=1e-5)
+        # The input gradient flows through the global statistics (an all-reduce).
+        np.testing.assert_allclose(strategy.gather(dx, axis=0), dx_single, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(dgamma.values[0], dgamma_single, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(dbeta.values[0], dbeta_single, rtol=1e-4, atol=1e-4)
         for name in RENORM_STATE:
             np.testing.assert_allclose(getattr(synced, name), getattr(single, name),
                                        rtol=1e-5, atol=1e-6, err_msg=name)  # fmt: skip
@@ -192,13 +209,17 @@ def test_fold_and_freeze_use_the_moving_statistics():
 
 
 def test_keras_renorm_layers_convert():
-    model = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(renorm=True, renorm_momentum=0.5)])
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.BatchNormalization(renorm=True, renorm_momentum=0.5)]
+    )
     x = RNG.normal(size=(8, 4)).astype("float32")
     model(x, training=True)
     converted = tfbn.convert_sync_batch_norm(model)
     bn = converted.layers[0]
     assert isinstance(bn, tfbn.BatchNormalization) and bn.renorm and bn.renorm_momentum == 0.5
-    np.testing.assert_allclose(converted(x, training=True), model(x, training=True), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        converted(x, training=True), model(x, training=True), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_recalibration_keeps_the_renorm_state_consistent():
@@ -225,12 +246,18 @@ def test_momentum_schedule_drives_the_inference_statistics_only():
 
 
 def test_freeze_and_unfreeze_round_trip_a_renorm_layer():
-    model = keras.Sequential([keras.Input((4,)), tfbn.BatchNormalization(renorm=True, epsilon=1e-2)])
+    model = keras.Sequential(
+        [keras.Input((4,)), tfbn.BatchNormalization(renorm=True, epsilon=1e-2)]
+    )
     x = RNG.normal(3.0, 2.0, size=(16, 4)).astype("float32")
     for _ in range(3):
         model(x, training=True)
     back = tfbn.unfreeze_batch_norm(tfbn.freeze_batch_norm(model))
     bn, orig = back.layers[0], model.layers[0]
     assert bn.renorm
-    np.testing.assert_allclose(back(x, training=False), model(x, training=False), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(bn.moving_stddev, np.sqrt(np.asarray(orig.moving_variance) + 1e-2), rtol=1e-5)
+    np.testing.assert_allclose(
+        back(x, training=False), model(x, training=False), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        bn.moving_stddev, np.sqrt(np.asarray(orig.moving_variance) + 1e-2), rtol=1e-5
+    )

@@ -44,8 +44,10 @@ def momentum(name: str, value, allow_none: bool = False) -> float | None:
     if value is None and allow_none:
         return None
     if not _is_real(value) or not 0.0 <= float(value) <= 1.0:
-        accepted = "a float in [0, 1] or None (cumulative average)" if allow_none else (
-            "a float in [0, 1]"
+        accepted = (
+            "a float in [0, 1] or None (cumulative average)"
+            if allow_none
+            else ("a float in [0, 1]")
         )
         raise ValueError(f"`{name}` must be {accepted}. Received: {name}={value!r}")
     return float(value)
@@ -54,17 +56,17 @@ def momentum(name: str, value, allow_none: bool = False) -> float | None:
 def epsilon(name: str, value) -> float:
     """A finite, non-negative float (0 allowed, as in Keras; not bool, NaN or Inf)."""
     if not _is_real(value) or not math.isfinite(float(value)) or float(value) < 0:
-        raise ValueError(
-            f"`{name}` must be a finite float >= 0. Received: {name}={value!r}"
-        )
+        raise ValueError(f"`{name}` must be a finite float >= 0. Received: {name}={value!r}")
     return float(value)
 
 
 def axis(name: str, value) -> list[int]:
     """An integer or a non-empty list/tuple of distinct integers (NumPy ints accepted)."""
     values = [value] if _is_integer(value) else value
-    if not isinstance(values, (list, tuple)) or not values or not all(
-        _is_integer(a) for a in values
+    if (
+        not isinstance(values, (list, tuple))
+        or not values
+        or not all(_is_integer(a) for a in values)
     ):
         raise ValueError(
             f"`{name}` must be an integer or a non-empty list of integers. "

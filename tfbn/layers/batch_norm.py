@@ -309,7 +309,7 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
         )
 
     def _fused_data_format(self, rank: int) -> str | None:
-        """"NHWC"/"NCHW" when the fused kernel can serve this layer, else None."""
+        """ "NHWC"/"NCHW" when the fused kernel can serve this layer, else None."""
         if self.fused is False or self.virtual_batch_size is not None:
             return None
         if self.epsilon < FUSED_MIN_EPSILON:
@@ -396,7 +396,9 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
         kept = stats.batch_normalize(
             tf.where(keep, x, tf.zeros_like(x)), mean, variance, *gamma_beta, self.epsilon, shape
         )
-        held = [tf.stop_gradient(t) if t is not None else None for t in (mean, variance, *gamma_beta)]
+        held = [
+            tf.stop_gradient(t) if t is not None else None for t in (mean, variance, *gamma_beta)
+        ]
         dropped = stats.batch_normalize(x, *held, self.epsilon, shape)
         return tf.where(keep, kept, dropped)
 
@@ -410,7 +412,10 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
             x4, restore = self._to_4d(x)
             if distributed:
                 y, mean, variance, count = distribute.sync_fused_batch_norm(
-                    x4, *self._gamma_beta(), self.epsilon, self._fused_format,
+                    x4,
+                    *self._gamma_beta(),
+                    self.epsilon,
+                    self._fused_format,
                     self.sync_group_size,
                 )
                 return restore(y), mean, variance, count
@@ -488,9 +493,7 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
         if self.moving_variance_estimator == "unbiased":
             moving_batch_var = stats.bessel_correction(variance, count)
         nonempty = tf.reduce_all(count > 0)
-        finite = tf.reduce_all(tf.math.is_finite(mean)) & tf.reduce_all(
-            tf.math.is_finite(variance)
-        )
+        finite = tf.reduce_all(tf.math.is_finite(mean)) & tf.reduce_all(tf.math.is_finite(variance))
         apply = nonempty & finite if self.skip_nonfinite_updates else nonempty
         skipped = tf.cast(nonempty & ~finite, tf.int64)
         targets = self._moving_targets(mean, variance, moving_batch_var)
@@ -618,9 +621,7 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
             "beta_initializer": initializers.serialize(self.beta_initializer),
             "gamma_initializer": initializers.serialize(self.gamma_initializer),
             "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
-            "moving_variance_initializer": initializers.serialize(
-                self.moving_variance_initializer
-            ),
+            "moving_variance_initializer": initializers.serialize(self.moving_variance_initializer),
             "beta_regularizer": regularizers.serialize(self.beta_regularizer),
             "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
             "beta_constraint": constraints.serialize(self.beta_constraint),
