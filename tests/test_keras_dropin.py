@@ -124,6 +124,18 @@ def test_one_value_per_channel_in_compiled_fit(jit_compile):
     for a, b in zip(ours.get_weights(), theirs.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert int(ours.layers[0].num_batches_tracked) == 3
+    assert int(ours.layers[0].num_single_value_batches) == 1  # counted at run time
+
+
+def test_inspect_reports_one_value_per_channel_from_a_saved_file(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), tfbn.BatchNormalization(name="bn")])
+    model.compile("sgd", "mse")
+    x = RNG.normal(size=(5, 3)).astype("float32")
+    model.fit(x, x, batch_size=4, epochs=1, verbose=0)  # batches of 4 and 1
+    model.save(tmp_path / "m.keras")
+    report = tfbn.inspect_model(keras.saving.load_model(tmp_path / "m.keras"))
+    assert report.rows[0].flags == ["one_value_per_channel"]
+    assert "one value per channel" in report.table()
 
 
 # ------------------------------------------------------------------ state --

@@ -148,7 +148,7 @@ def sync_fused_batch_norm(
 
 
 def mean_over_replicas_where(
-    values: list[tf.Tensor], keep: tf.Tensor, skipped: tf.Tensor
+    values: list[tf.Tensor], keep: tf.Tensor, counts: tf.Tensor
 ) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
     """Mean of each of `values` over the replicas whose `keep` is True: one all-reduce.
 
@@ -159,29 +159,30 @@ def mean_over_replicas_where(
     Args:
         values: Per-replica tensors (e.g. updated moving statistics), float.
         keep: Scalar bool, this replica's decision to apply its values.
-        skipped: Scalar int64, this replica's count of skipped updates.
+        counts: 1-D int64, this replica's event counts (e.g. skipped updates).
 
     Returns:
-        `(means, kept, skipped_total)`: the means over keeping replicas (zeros
+        `(means, kept, counts_total)`: the means over keeping replicas (zeros
         where none kept; callers then keep the old value), the number of keeping
-        replicas and the sum of `skipped` over replicas, the same on every
-        replica. Outside a multi-replica context: `values`, `keep` as 0/1, `skipped`.
+        replicas and the sum of `counts` over replicas, the same on every
+        replica. Outside a multi-replica context: `values`, `keep` as 0/1, `counts`.
     """
     ctx = replica_context()
     if ctx is None:
-        return list(values), tf.cast(keep, tf.int64), skipped
+        return list(values), tf.cast(keep, tf.int64), counts
     dtype = values[0].dtype
     flat = [tf.where(keep, tf.reshape(v, [-1]), tf.zeros_like(tf.reshape(v, [-1]))) for v in values]
-    flags = tf.stack([tf.cast(keep, dtype), tf.cast(skipped, dtype)])
+    flags = tf.concat([tf.cast(keep, dtype)[None], tf.cast(counts, dtype)], 0)
     total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat(flat + [flags], 0))
-    kept, skipped_total = total[-2], total[-1]
+    n = counts.shape[0]
+    kept, counts_total = total[-n - 1], total[-n:]
     means, start = [], 0
     for v in values:
         size = v.shape.num_elements()  # per-channel statistics: static shapes
         part = total[start : start + size]
         means.append(tf.reshape(tf.math.divide_no_nan(part, kept), tf.shape(v)))
         start += size
-    return means, tf.cast(kept, tf.int64), tf.cast(skipped_total, tf.int64)
+    return means, tf.cast(kept, tf.int64), tf.cast(counts_total, tf.int64)
 
 
 def _all_reduce_sum(

@@ -3,8 +3,8 @@
 Axis handling, Keras's four weights (same names, order, dtype), the two tfbn
 counters, Keras's input rules and the common part of the config live here once.
 
-**Where the counters live.** `num_batches_tracked` and `num_skipped_updates` are
-Keras variables (so a strategy mirrors them and a traced or compiled step updates
+**Where the counters live.** `num_batches_tracked`, `num_skipped_updates` and
+`num_single_value_batches` are Keras variables (so a strategy mirrors them and a traced or compiled step updates
 them like any other state) that the layer does NOT track: they are not in
 `weights`, `variables` or `non_trainable_variables`, which are exactly Keras's
 lists. Hence `stateless_call` takes Keras's arguments and `.weights.h5` files
@@ -28,7 +28,9 @@ import tensorflow as tf
 
 from tfbn import _validate, stats
 
-COUNTER_NAMES = ("num_batches_tracked", "num_skipped_updates")
+COUNTER_NAMES = ("num_batches_tracked", "num_skipped_updates", "num_single_value_batches")
+# tfbn 0.1 stored these two after the weights in the weights store.
+_LEGACY_COUNTERS = COUNTER_NAMES[:2]
 _COUNTERS_FILE = "tfbn_counters.json"
 logger = logging.getLogger("tfbn")
 
@@ -148,6 +150,15 @@ class BatchNormBase(keras.layers.Layer):
         """Training batches whose non-finite statistics were not applied (int64 variable)."""
         return self._counter("num_skipped_updates")
 
+    @property
+    def num_single_value_batches(self):
+        """Training batches with one value per channel (variance 0; int64 variable).
+
+        Counted at run time, so also in traced steps whose batch size is unknown
+        when traced; `tfbn inspect` reports a layer where it is nonzero.
+        """
+        return self._counter("num_single_value_batches")
+
     # ------------------------------------------------------------- saving --
 
     def save_assets(self, dir_path):
@@ -173,10 +184,12 @@ class BatchNormBase(keras.layers.Layer):
         """Loads Keras-layout stores, and tfbn 0.1 stores that also held the two
         counters after the weights."""
         all_vars = self._trainable_variables + self._non_trainable_variables
-        if self._counters is not None and len(store.keys()) == len(all_vars) + len(COUNTER_NAMES):
+        if self._counters is not None and len(store.keys()) == len(all_vars) + len(
+            _LEGACY_COUNTERS
+        ):
             for i, v in enumerate(all_vars):
                 v.assign(store[f"{i}"])
-            for i, name in enumerate(COUNTER_NAMES):
+            for i, name in enumerate(_LEGACY_COUNTERS):
                 self._counters.variables[name].assign(store[f"{len(all_vars) + i}"])
             return
         super().load_own_variables(store)

@@ -94,7 +94,9 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
     channel (e.g. shape `(1, C)`) behaves as Keras's layer: the variance is 0,
     the output is `beta`, and the moving statistics are updated. tfbn logs one
     warning per layer (logger `"tfbn"`) the first time it sees this with a known
-    shape (eagerly, or traced with static shapes).
+    shape (eagerly, or traced with static shapes), and counts every such batch
+    at run time in `num_single_value_batches` (also in compiled steps traced
+    with an unknown batch size), which `tfbn inspect` reports.
 
     **Under a `tf.distribute` strategy.** With `synchronized=True` every replica
     normalises with the mean and variance of the global batch (or of its group of
@@ -495,20 +497,22 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
         nonempty = tf.reduce_all(count > 0)
         finite = tf.reduce_all(tf.math.is_finite(mean)) & tf.reduce_all(tf.math.is_finite(variance))
         apply = nonempty & finite if self.skip_nonfinite_updates else nonempty
-        skipped = tf.cast(nonempty & ~finite, tf.int64)
+        # Per-batch event counts: [skipped (non-finite), one value per channel].
+        events = tf.cast(tf.stack([nonempty & ~finite, tf.reduce_any(count == 1)]), tf.int64)
         targets = self._moving_targets(mean, variance, moving_batch_var)
         new_values = [new for _, new in targets]
         if not self.synchronized and distribute.replica_context() is not None:
             # Unsynchronised replicas: average only the replicas that applied.
-            new_values, applied, skipped = distribute.mean_over_replicas_where(
-                new_values, apply, skipped
+            new_values, applied, events = distribute.mean_over_replicas_where(
+                new_values, apply, events
             )
             apply = applied > 0
         for (moving, _), new in zip(targets, new_values):
             moving.assign(tf.where(apply, new, moving))
         self.num_batches_tracked.assign_add(tf.cast(apply, tf.int64))
         if self.skip_nonfinite_updates:
-            self.num_skipped_updates.assign_add(skipped)
+            self.num_skipped_updates.assign_add(events[0])
+        self.num_single_value_batches.assign_add(events[1])
 
     def _moving_targets(self, mean, variance, moving_batch_var):
         """`[(variable, updated value), ...]` for every moving statistic of the layer.
