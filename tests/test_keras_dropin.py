@@ -185,6 +185,25 @@ def test_counters_are_saved_in_keras_files_not_weight_files(tmp_path):
     assert int(fresh.layers[0].num_batches_tracked) == 0
 
 
+def test_keras_files_without_counter_assets_load(tmp_path):
+    """A `.keras` file without the counters' assets (tfbn 0.1 wrote none) loads; counters 0."""
+    import zipfile
+
+    model = keras.Sequential([keras.Input((3,)), tfbn.BatchNormalization()])
+    model(RNG.normal(size=(4, 3)).astype("float32"), training=True)
+    model.save(tmp_path / "m.keras")
+    with (
+        zipfile.ZipFile(tmp_path / "m.keras") as src,
+        zipfile.ZipFile(tmp_path / "old.keras", "w") as dst,
+    ):
+        for item in src.infolist():
+            if not item.filename.startswith("assets"):
+                dst.writestr(item, src.read(item.filename))
+    loaded = keras.saving.load_model(tmp_path / "old.keras")
+    assert int(loaded.layers[0].num_batches_tracked) == 0
+    np.testing.assert_array_equal(loaded.layers[0].moving_mean, model.layers[0].moving_mean)
+
+
 def test_old_tfbn_weight_stores_with_counters_still_load():
     layer = tfbn.BatchNormalization()
     layer.build((2, 3))

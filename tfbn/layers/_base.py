@@ -171,8 +171,10 @@ class BatchNormBase(keras.layers.Layer):
 
     def load_assets(self, dir_path):
         """Restores the counters from a `.keras` file written by `save_assets`."""
+        if dir_path is None or self._counters is None:  # Keras passes None: no assets saved
+            return
         path = os.path.join(dir_path, _COUNTERS_FILE)
-        if self._counters is None or not os.path.exists(path):
+        if not os.path.exists(path):
             return
         with open(path) as f:
             values = json.load(f)
