@@ -264,14 +264,16 @@ def _all_layers(model):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, 1e20])
-@pytest.mark.parametrize("fused", ["auto", False])
-def test_masked_out_values_never_enter_the_arithmetic(bad, fused):
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"fused": False}, {"virtual_batch_size": 2}, {"renorm": True}]
+)
+def test_masked_out_values_never_enter_the_arithmetic(bad, kwargs):
     x = RNG.normal(size=(4, 5, 2)).astype("float32")
     mask = np.ones((4, 5), bool)
     mask[1, 3] = mask[2, 0] = False
     poisoned = x.copy()
     poisoned[~mask] = bad
-    clean, dirty = tfbn.BatchNormalization(fused=fused), tfbn.BatchNormalization(fused=fused)
+    clean, dirty = tfbn.BatchNormalization(**kwargs), tfbn.BatchNormalization(**kwargs)
     x_dirty = tf.constant(poisoned)
     with tf.GradientTape() as tape:
         tape.watch(x_dirty)

@@ -382,7 +382,7 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
             return restore(y)
         return self._normalize_batch(x, mean, variance, self._gamma_beta(optional=True))
 
-    def _normalize_batch(self, x, mean, variance, gamma_beta, mask=None):
+    def _normalize_batch(self, x, mean, variance, gamma_beta, mask=None, shape=None):
         """Training: normalise with batch statistics, differentiable through them.
 
         With a mask, masked-out positions are selected away before the arithmetic
@@ -390,7 +390,7 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
         the statistics held constant, so a NaN/Inf there stays there (as in Keras)
         and neither the other outputs nor any gradient sees it.
         """
-        shape = self._broadcast_shape(len(x.shape))
+        shape = shape or self._broadcast_shape(len(x.shape))
         mean, variance = tf.convert_to_tensor(mean), tf.convert_to_tensor(variance)
         if mask is None:
             return stats.batch_normalize(x, mean, variance, *gamma_beta, self.epsilon, shape)
@@ -478,8 +478,8 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
         axes = [a + 1 for a in self._reduction_axes]
         mean, variance, count = stats.moments(xg, axes, mask)  # each [ghosts, C...]
         per_ghost = [-1] + self._broadcast_shape(len(x.shape))
-        y = stats.batch_normalize(
-            xg, mean, variance, *self._gamma_beta(optional=True), self.epsilon, per_ghost
+        y = self._normalize_batch(
+            xg, mean, variance, self._gamma_beta(optional=True), mask, per_ghost
         )
         y = tf.reshape(y, shape)
         # As tf.keras: the moving statistics track the mean of the ghosts' moments.
