@@ -112,7 +112,8 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
     different copy), and a replica whose batch statistics are non-finite is left
     out of that mean: the update is the mean over the replicas that applied
     theirs (none applied: unchanged), `num_skipped_updates` grows by the number
-    of replicas that skipped and `num_batches_tracked` by 1 if any applied.
+    of replicas that skipped and `num_batches_tracked` by 1 if any applied
+    (one packed all-reduce per layer and training step).
     What is saved, exported or used at inference is therefore that replica mean.
 
     Args:
