@@ -308,7 +308,7 @@ def test_frozen_layer_channels_first_multi_axis_and_float16():
     half = FrozenBatchNormalization(axis=1, dtype="mixed_float16")
     assert half(tf.constant(x, tf.float16)).dtype == tf.float16
     assert half.moving_mean.dtype == "float32"  # statistics stay float32
-    with pytest.raises(ValueError, match="epsilon"):
-        FrozenBatchNormalization(epsilon=0)
+    with pytest.raises(ValueError, match="epsilon"):  # 0 is allowed (Keras's rule); NaN is not
+        FrozenBatchNormalization(epsilon=float("nan"))
     with pytest.raises(ValueError, match="axis"):
         FrozenBatchNormalization(axis="last")

@@ -92,7 +92,12 @@ def recalibrate(
     tfbn layers get `num_batches_tracked` = batches in the dataset, so a later
     cumulative average (`momentum=None`) continues with the right weight.
     `tfbn.FrozenBatchNormalization` layers (statistics fixed by design) and tfbn
-    layers with `track_running_stats=False` are left alone.
+    layers with `track_running_stats=False` are left alone. Batch-renorm layers
+    (`renorm=True`, Keras's or tfbn's) get consistent renorm state: `moving_stddev =
+    sqrt(moving_variance + epsilon)` (so the variance they derive from it is the
+    recalibrated one), and `renorm_mean` / `renorm_stddev` = the population mean
+    and `sqrt(biased variance + epsilon)`, so training resumes with corrections
+    `r`, `d` of ~1 and ~0 on data like the calibration set.
 
     Args:
         model: A built Keras model with at least one BN layer. Under a
@@ -238,11 +243,17 @@ def _one_pass(model, step, batches_of, bar, first: bool):
 
 def _assign(layer, sums: np.ndarray, batches: int) -> None:
     """Writes population statistics from summed `moment_sums` into `layer`."""
-    mean, variance, count = stats.moments_from_sums(tf.constant(sums), tf.float64)
+    mean, biased, count = stats.moments_from_sums(tf.constant(sums), tf.float64)
+    variance = biased
     if getattr(layer, "moving_variance_estimator", "biased") == "unbiased":
         variance = stats.bessel_correction(variance, count)
     layer.moving_mean.assign(tf.cast(mean, layer.moving_mean.dtype))
     layer.moving_variance.assign(tf.cast(variance, layer.moving_variance.dtype))
+    if getattr(layer, "renorm", False):  # Keras's and tfbn's renorm state, kept consistent
+        eps = tf.constant(layer.epsilon, tf.float64)
+        for var, value in ((layer.moving_stddev, tf.sqrt(variance + eps)),
+                           (layer.renorm_mean, mean), (layer.renorm_stddev, tf.sqrt(biased + eps))):
+            var.assign(tf.cast(value, var.dtype))  # fmt: skip
     if getattr(layer, "num_batches_tracked", None) is not None:
         layer.num_batches_tracked.assign(batches)
 

@@ -118,6 +118,10 @@ class BatchNormMomentumScheduler(keras.callbacks.Callback):
     no-op synchronisation outside a strategy) or build the model with
     `tfbn.BatchNormalization` to schedule them. Layers with `momentum=None`
     (cumulative average) have no momentum to schedule and are an error too.
+    For batch-renorm layers (`renorm=True`) the schedule sets `momentum`, which
+    drives the inference statistics (`moving_mean`, `moving_stddev` and the
+    `moving_variance` derived from it); `renorm_momentum` (the training-time
+    `renorm_mean` / `renorm_stddev`) is not scheduled and stays as configured.
 
     Args:
         schedule: `"linear"`, `"exponential"`, `"cosine"` (see `momentum_schedule`)

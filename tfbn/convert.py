@@ -27,6 +27,7 @@ KERAS_BN_ARGS = (
     "beta_initializer", "gamma_initializer", "moving_mean_initializer",
     "moving_variance_initializer", "beta_regularizer", "gamma_regularizer",
     "beta_constraint", "gamma_constraint", "name", "dtype", "trainable",
+    "renorm", "renorm_clipping", "renorm_momentum",
 )  # fmt: skip
 
 
@@ -77,8 +78,26 @@ def rewrite_layers(
 
 
 def copy_weights(old: keras.layers.Layer, new: keras.layers.Layer) -> None:
-    """Copies weights (and tfbn counters, where both layers have them) from old to new."""
-    new.set_weights(old.get_weights())
+    """Copies weights (and tfbn counters, where both layers have them) from old to new.
+
+    Same weight count: in order. Otherwise (a batch-renorm BN frozen into the four
+    weights of a FrozenBatchNormalization, or unfrozen back) by weight name; a
+    renorm layer that receives no renorm state gets the consistent one derived
+    from its moving statistics (`moving_stddev = renorm_stddev =
+    sqrt(moving_variance + epsilon)`, `renorm_mean = moving_mean`).
+    """
+    if len(old.weights) == len(new.weights):
+        new.set_weights(old.get_weights())
+    else:
+        source = {w.name: w for w in old.weights}
+        for w in new.weights:
+            if w.name in source:
+                w.assign(np.asarray(source[w.name]))
+        if getattr(new, "renorm", False) and "moving_stddev" not in source:
+            stddev = np.sqrt(np.asarray(new.moving_variance) + new.epsilon)
+            new.moving_stddev.assign(stddev)
+            new.renorm_stddev.assign(stddev)
+            new.renorm_mean.assign(np.asarray(new.moving_mean))
     for name in COUNTER_NAMES:
         src, dst = getattr(old, name, None), getattr(new, name, None)
         if src is not None and dst is not None:
@@ -90,11 +109,7 @@ def batch_norm_config(layer: keras.layers.Layer) -> dict:
     config = layer.get_config()
     if isinstance(layer, BatchNormalization):
         return config
-    if config.get("renorm"):
-        raise ValueError(
-            f"Layer '{layer.name}' uses batch renormalization (renorm=True), which tfbn "
-            "does not implement; it cannot be converted."
-        )
+    # Renorm layers convert too: tfbn's has Keras's renorm arguments and variables.
     return {k: config[k] for k in KERAS_BN_ARGS if k in config}
 
 
@@ -174,10 +189,7 @@ def _restore_config(layer: keras.layers.Layer) -> dict | None:
     """What `unfreeze_batch_norm` needs to rebuild `layer` as a tfbn BatchNormalization."""
     if isinstance(layer, FrozenBatchNormalization):
         return layer.restore_config
-    try:
-        config = batch_norm_config(layer)
-    except ValueError:  # renorm: restore a plain BN with the same arguments otherwise
-        config = {k: v for k, v in layer.get_config().items() if k in KERAS_BN_ARGS}
+    config = batch_norm_config(layer)
     return keras.saving.serialize_keras_object(
         {k: v for k, v in config.items() if k not in ("name", "dtype", "trainable")}
     )

@@ -147,6 +147,44 @@ def sync_fused_batch_norm(
     return normalize(x, gamma, beta), mean, variance, count
 
 
+def mean_over_replicas_where(
+    values: list[tf.Tensor], keep: tf.Tensor, counts: tf.Tensor
+) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
+    """Mean of each of `values` over the replicas whose `keep` is True: one all-reduce.
+
+    For unsynchronised BN's moving statistics: a replica that skipped its update
+    (non-finite batch statistics) must not pull the mean towards its old value,
+    nor push NaN into it. Its values are selected away (never multiplied by 0).
+
+    Args:
+        values: Per-replica tensors (e.g. updated moving statistics), float.
+        keep: Scalar bool, this replica's decision to apply its values.
+        counts: 1-D int64, this replica's event counts (e.g. skipped updates).
+
+    Returns:
+        `(means, kept, counts_total)`: the means over keeping replicas (zeros
+        where none kept; callers then keep the old value), the number of keeping
+        replicas and the sum of `counts` over replicas, the same on every
+        replica. Outside a multi-replica context: `values`, `keep` as 0/1, `counts`.
+    """
+    ctx = replica_context()
+    if ctx is None:
+        return list(values), tf.cast(keep, tf.int64), counts
+    dtype = values[0].dtype
+    flat = [tf.where(keep, tf.reshape(v, [-1]), tf.zeros_like(tf.reshape(v, [-1]))) for v in values]
+    flags = tf.concat([tf.cast(keep, dtype)[None], tf.cast(counts, dtype)], 0)
+    total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat(flat + [flags], 0))
+    n = counts.shape[0]
+    kept, counts_total = total[-n - 1], total[-n:]
+    means, start = [], 0
+    for v in values:
+        size = v.shape.num_elements()  # per-channel statistics: static shapes
+        part = total[start : start + size]
+        means.append(tf.reshape(tf.math.divide_no_nan(part, kept), tf.shape(v)))
+        start += size
+    return means, tf.cast(kept, tf.int64), tf.cast(counts_total, tf.int64)
+
+
 def _all_reduce_sum(
     ctx: tf.distribute.ReplicaContext, value: tf.Tensor, group_size: int | None
 ) -> tf.Tensor:

@@ -477,6 +477,11 @@ FLAG_ADVICE = {
         "(num_skipped_updates > 0): a sign of overflow, e.g. under mixed precision",
         "look for the overflow (loss scaling, input range); the statistics themselves are safe",
     ),
+    "one_value_per_channel": (
+        "some training batches had one value per channel (num_single_value_batches > 0): "
+        "their variance was 0, the output was beta and the moving variance moved towards 0",
+        "use larger batches (or drop_remainder=True), or synchronized=True under a strategy",
+    ),
 }
 
 
@@ -577,7 +582,8 @@ def inspect_model(
     - `dead_channels`: `|gamma| < dead_gamma` for some channel.
     - `variance_collapse`: normalised output std `sqrt(var / (var + eps))` below
       `collapsed_std` (var < ~eps / 99 at the default 0.1) for some channel.
-    - `negative_variance`, and `skipped_updates` (tfbn skipped non-finite batches).
+    - `negative_variance`, `skipped_updates` (tfbn skipped non-finite batches) and
+      `one_value_per_channel` (tfbn trained on batches with one value per channel).
 
     Args:
         model_or_path: A keras.Model or the path of a `.keras` file.
@@ -655,6 +661,9 @@ def inspect_model(
                 row.details["negative_variance_channels"] = negative.tolist()
         if row.skipped_updates:
             row.flags.append("skipped_updates")
+        single = getattr(layer, "num_single_value_batches", None)
+        if single is not None and int(single.numpy()) > 0:
+            row.flags.append("one_value_per_channel")
         report.rows.append(row)
     return report
 

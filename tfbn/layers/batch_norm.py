@@ -2,21 +2,44 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
-from tfbn import distribute, stats
+from tfbn import _validate, distribute, stats
+from tfbn.layers._base import COUNTER_NAMES, BatchNormBase, logger, resolve_channel_axes
+
+__all__ = ["BatchNormalization", "SyncBatchNormalization", "COUNTER_NAMES", "resolve_channel_axes"]
 
 ESTIMATORS = ("biased", "unbiased")
 FUSED_CHOICES = ("auto", True, False)
-# Weights beyond Keras's four; they are layer state (saved, restored, mirrored)
-# but not part of `layer.weights`, so `set_weights` stays Keras-compatible.
-COUNTER_NAMES = ("num_batches_tracked", "num_skipped_updates")
+RENORM_CLIPPING_KEYS = ["rmax", "rmin", "dmax"]
+# Aggregation of every moving statistic (moving_mean/variance and renorm's three):
+# under a strategy each replica's assignment is averaged over replicas before it is
+# written to every copy, so the copies never drift apart.
+MOVING_AGGREGATION = "mean"
+# The fused kernel on a GPU is cuDNN's, whose documented floor is CUDNN_BN_MIN_EPSILON
+# (1e-5 before cuDNN 7.5; tf-keras clamps to 1.001e-5). Below this, tfbn does not
+# use the fused kernel at all, so a smaller epsilon gives the unfused path's
+# numbers on every device (see /README "GPU notes").
+FUSED_MIN_EPSILON = 1.001e-5
+# tfbn's own constructor arguments, which keras.layers.BatchNormalization lacks, with
+# the defaults under which tfbn's layer computes what Keras's computes.
+TFBN_ONLY_DEFAULTS = {
+    "sync_group_size": None,
+    "momentum_convention": "keras",
+    "moving_variance_estimator": "biased",
+    "track_running_stats": True,
+    "virtual_batch_size": None,
+    "skip_nonfinite_updates": True,
+    "fused": "auto",
+}
 
 
 @keras.saving.register_keras_serializable(package="tfbn")
-class BatchNormalization(keras.layers.Layer):
+class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
     """Batch normalization on TensorFlow's fused kernel, a drop-in for Keras's layer.
 
     Normalises each channel with the statistics of the current batch while
@@ -33,16 +56,47 @@ class BatchNormalization(keras.layers.Layer):
     Inference: `mean`/`var` are `moving_mean`/`moving_variance`, so the output of
     one example never depends on the rest of its batch.
 
-    Constructor arguments, defaults, weight names and weight order are Keras's
-    (`gamma`, `beta`, `moving_mean`, `moving_variance`), so weights move between
-    the two layers with `get_weights`/`set_weights` and outputs match. Two int64
-    counters, `num_batches_tracked` and `num_skipped_updates`, are saved with the
-    layer and mirrored under a strategy, but are not in `layer.weights`.
+    **Drop-in.** Constructor arguments (names, order, defaults), weight names and
+    order (`gamma`, `beta`, `moving_mean`, `moving_variance`, then renorm's
+    `moving_stddev`, `renorm_mean`, `renorm_stddev`), `weights`/`variables`
+    lists, configs and input rules are Keras's, and
+    `isinstance(layer, keras.layers.BatchNormalization)` is True (the class
+    derives from Keras's layer but overrides its constructor, `build` and
+    `call`, so none of Keras's computation runs). Two int64 counters,
+    `num_batches_tracked` and `num_skipped_updates`, are layer state outside
+    Keras's variable lists: mirrored under a strategy, saved in `.keras` files,
+    not in `.weights.h5` files (see `tfbn.layers._base`).
+
+    **Batch renormalization** (`renorm=True`, Ioffe 2017), as Keras: in training
+    the output is `(xhat * r + d) * gamma + beta` with `xhat` normalised by the
+    batch statistics and the corrections (constants for the gradient)
+
+        r = sqrt(var + eps) / renorm_stddev,   d = (mean - renorm_mean) / renorm_stddev
+
+    clipped by `renorm_clipping`; `renorm_mean`/`renorm_stddev` are moving
+    averages of the batch mean and `sqrt(var + eps)` with `renorm_momentum`
+    (always Keras's convention: the weight of the old value). The inference
+    statistics follow `momentum`: `moving_mean` as above, `moving_stddev` the
+    moving average of `sqrt(var + eps)`, and `moving_variance =
+    max(moving_stddev**2 - eps, 0)`; inference is the same as without renorm.
+    With `synchronized=True` the corrections and every update use the global
+    batch statistics. Renorm runs the fused kernel where the layer otherwise
+    would (one extra pass for the moments first), except when synchronised
+    (then the unfused global-moments path). Not combined with
+    `virtual_batch_size` or `track_running_stats=False` (ValueError).
 
     **`trainable=False` means inference mode** (as in Keras): a frozen layer
     normalises with its moving statistics and never updates them, even when
     called with `training=True`, which is what fine-tuning on a new dataset
     needs. (In PyTorch, `requires_grad=False` alone does not do this.)
+
+    **One value per channel.** Training on a batch with a single value per
+    channel (e.g. shape `(1, C)`) behaves as Keras's layer: the variance is 0,
+    the output is `beta`, and the moving statistics are updated. tfbn logs one
+    warning per layer (logger `"tfbn"`) the first time it sees this with a known
+    shape (eagerly, or traced with static shapes), and counts every such batch
+    at run time in `num_single_value_batches` (also in compiled steps traced
+    with an unknown batch size), which `tfbn inspect` reports.
 
     **Under a `tf.distribute` strategy.** With `synchronized=True` every replica
     normalises with the mean and variance of the global batch (or of its group of
@@ -52,14 +106,15 @@ class BatchNormalization(keras.layers.Layer):
     cancellation. Where the fused kernel applies, it computes the local moments
     and a custom gradient all-reduces the two backward sums once (as PyTorch's
     SyncBatchNorm); elsewhere gradients flow through the all-reduce.
-    The moving statistics are mirrored variables with `aggregation="mean"`:
-    each replica's update is averaged over replicas before it is written to
-    every copy, so the copies never drift apart. Unsynchronised, they hold the
-    mean over replicas of the per-replica EMA updates (Keras's layer instead
-    keeps each replica's own, different copy); synchronised, every replica's
-    update is already the same (with groups: the mean over groups). What is
-    saved, exported or used at inference is therefore that replica mean. The
-    counters use `aggregation="only_first_replica"`.
+    Synchronised, every replica's update of the moving statistics is the same.
+    Unsynchronised, the moving statistics become the mean over replicas of the
+    per-replica updates (Keras's layer instead keeps each replica's own,
+    different copy), and a replica whose batch statistics are non-finite is left
+    out of that mean: the update is the mean over the replicas that applied
+    theirs (none applied: unchanged), `num_skipped_updates` grows by the number
+    of replicas that skipped and `num_batches_tracked` by 1 if any applied
+    (one packed all-reduce per layer and training step).
+    What is saved, exported or used at inference is therefore that replica mean.
 
     Args:
         axis: Integer or list of integers, the channel axis/axes (not reduced).
@@ -70,7 +125,9 @@ class BatchNormalization(keras.layers.Layer):
         momentum_convention: `"keras"` (default; `momentum` is the weight of the
             old value, ~0.99) or `"pytorch"` (`momentum` is the weight of the new
             batch, ~0.1): `moving = (1 - momentum) * moving + momentum * batch`.
-        epsilon: Small float added to the variance to avoid dividing by zero.
+        epsilon: Small float added to the variance to avoid dividing by zero;
+            0 is allowed (as in Keras), NaN/Inf/negative values are rejected.
+            Below 1.001e-5 the fused kernel is not used (see "GPU notes" in README).
         center: If True, add the learned offset `beta`.
         scale: If True, multiply by the learned scale `gamma`.
         beta_initializer, gamma_initializer, moving_mean_initializer,
@@ -99,12 +156,17 @@ class BatchNormalization(keras.layers.Layer):
             valid: a single channel axis that is last or `1`, no mask, no virtual
             batch, float16/bfloat16/float32. `True` requires it (ValueError
             otherwise); `False` always uses the unfused path.
-        renorm, renorm_clipping, renorm_momentum: Accepted so Keras configs load;
-            batch renormalization is not implemented (`renorm=True` raises).
+        renorm: If True, batch renormalization (see above).
+        renorm_clipping: With `renorm`, a dict with optional keys `"rmax"`,
+            `"rmin"`, `"dmax"` bounding the corrections (`r` to [rmin, rmax], `d`
+            to [-dmax, dmax]); missing keys are unbounded. Keras's validation.
+        renorm_momentum: With `renorm`, momentum of `renorm_mean` and
+            `renorm_stddev` (Keras convention whatever `momentum_convention` says).
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
 
     Call arguments:
-        inputs: Float tensor of any rank >= 2.
+        inputs: Tensor or array of any rank >= 2. Integer and boolean inputs are
+            cast to the layer's compute dtype, as Keras casts them.
         training: Python boolean or None: batch statistics (True) or moving
             statistics (False/None).
         mask: Optional boolean tensor of the inputs' shape without the last
@@ -112,6 +174,7 @@ class BatchNormalization(keras.layers.Layer):
 
     Reference:
         - [Ioffe and Szegedy, 2015](https://arxiv.org/abs/1502.03167).
+        - [Ioffe, 2017](https://arxiv.org/abs/1702.03275) (batch renormalization).
         - [Hoffer et al., 2017](https://arxiv.org/abs/1705.08741) (ghost batch norm).
     """
 
@@ -130,6 +193,9 @@ class BatchNormalization(keras.layers.Layer):
         gamma_regularizer=None,
         beta_constraint=None,
         gamma_constraint=None,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
         synchronized=False,
         sync_group_size=None,
         momentum_convention="keras",
@@ -138,26 +204,14 @@ class BatchNormalization(keras.layers.Layer):
         virtual_batch_size=None,
         skip_nonfinite_updates=True,
         fused="auto",
-        renorm=False,
-        renorm_clipping=None,
-        renorm_momentum=0.99,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.axis = _validate_axis(axis)
+        super().__init__(axis=axis, epsilon=epsilon, center=center, scale=scale, **kwargs)
         self._momentum_variable = None
         self.momentum = momentum  # validated by the `momentum` property setter
-        if momentum_convention not in stats.MOMENTUM_CONVENTIONS:
-            raise ValueError(
-                f"`momentum_convention` must be one of {stats.MOMENTUM_CONVENTIONS}. "
-                f"Received: momentum_convention={momentum_convention!r}"
-            )
-        self.momentum_convention = momentum_convention
-        self.epsilon = float(epsilon)
-        if not self.epsilon > 0:
-            raise ValueError(f"`epsilon` must be positive. Received: epsilon={epsilon}")
-        self.center = bool(center)
-        self.scale = bool(scale)
+        self.momentum_convention = _validate.choice(
+            "momentum_convention", momentum_convention, stats.MOMENTUM_CONVENTIONS
+        )
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
@@ -167,96 +221,66 @@ class BatchNormalization(keras.layers.Layer):
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
         self.synchronized = bool(synchronized)
-        if sync_group_size is not None and (
-            not isinstance(sync_group_size, int) or sync_group_size < 1
-        ):
-            raise ValueError(
-                "`sync_group_size` must be None or a positive integer. "
-                f"Received: sync_group_size={sync_group_size!r}"
-            )
-        self.sync_group_size = sync_group_size
-        if moving_variance_estimator not in ESTIMATORS:
-            raise ValueError(
-                f"`moving_variance_estimator` must be one of {ESTIMATORS}. "
-                f"Received: moving_variance_estimator={moving_variance_estimator!r}"
-            )
-        self.moving_variance_estimator = moving_variance_estimator
+        self.sync_group_size = _validate.positive_int(
+            "sync_group_size", sync_group_size, allow_none=True
+        )
+        self.moving_variance_estimator = _validate.choice(
+            "moving_variance_estimator", moving_variance_estimator, ESTIMATORS
+        )
         self.track_running_stats = bool(track_running_stats)
-        if virtual_batch_size is not None and (
-            not isinstance(virtual_batch_size, int) or virtual_batch_size < 1
-        ):
-            raise ValueError(
-                "`virtual_batch_size` must be None or a positive integer. "
-                f"Received: virtual_batch_size={virtual_batch_size!r}"
-            )
-        self.virtual_batch_size = virtual_batch_size
+        self.virtual_batch_size = _validate.positive_int(
+            "virtual_batch_size", virtual_batch_size, allow_none=True
+        )
         self.skip_nonfinite_updates = bool(skip_nonfinite_updates)
-        if fused not in FUSED_CHOICES:
-            raise ValueError(f"`fused` must be one of {FUSED_CHOICES}. Received: fused={fused!r}")
-        self.fused = fused
-        if renorm:
-            raise ValueError(
-                "tfbn.BatchNormalization does not implement batch renormalization. "
-                "Received: renorm=True; use keras.layers.BatchNormalization(renorm=True)."
-            )
-        self.supports_masking = True
-        self.gamma = self.beta = self.moving_mean = self.moving_variance = None
-        self.num_batches_tracked = self.num_skipped_updates = None
+        self.fused = _validate.choice("fused", fused, FUSED_CHOICES)
+        self.renorm = bool(renorm)
+        self.renorm_clipping = _renorm_clipping(renorm_clipping) if self.renorm else renorm_clipping
+        self.renorm_momentum = renorm_momentum
+        if self.renorm:
+            _validate.momentum("renorm_momentum", renorm_momentum)
+            if self.virtual_batch_size is not None or not self.track_running_stats:
+                raise ValueError(
+                    "renorm=True needs moving statistics of whole batches: it cannot be "
+                    "combined with virtual_batch_size or track_running_stats=False. "
+                    f"Received: virtual_batch_size={self.virtual_batch_size}, "
+                    f"track_running_stats={self.track_running_stats}"
+                )
+        self.moving_stddev = self.renorm_mean = self.renorm_stddev = None
+        self._warned_single_value = False
 
     # ---------------------------------------------------------------- build --
 
     def build(self, input_shape):
-        input_shape = tuple(input_shape)
-        rank = len(input_shape)
-        axes = resolve_channel_axes(self.axis, input_shape)
-        self._channel_axes = axes
-        self._reduction_axes = [a for a in range(rank) if a not in axes]
-        param_shape = tuple(input_shape[a] for a in axes)
-        param_dtype = stats.stat_dtype(self.variable_dtype)
-        common = dict(shape=param_shape, dtype=param_dtype, autocast=False)
-        if self.scale:
-            self.gamma = self.add_weight(
-                name="gamma",
+        self._build_base(
+            input_shape,
+            gamma=dict(
                 initializer=self.gamma_initializer,
                 regularizer=self.gamma_regularizer,
                 constraint=self.gamma_constraint,
-                **common,
-            )
-        if self.center:
-            self.beta = self.add_weight(
-                name="beta",
+            ),
+            beta=dict(
                 initializer=self.beta_initializer,
                 regularizer=self.beta_regularizer,
                 constraint=self.beta_constraint,
-                **common,
+            ),
+            moving={
+                "mean": dict(
+                    initializer=self.moving_mean_initializer, aggregation=MOVING_AGGREGATION
+                ),
+                "variance": dict(
+                    initializer=self.moving_variance_initializer, aggregation=MOVING_AGGREGATION
+                ),
+            },
+        )
+        if self.renorm:
+            # Keras's names and order. moving_stddev and renorm_stddev start at the
+            # square root of the moving-variance initializer (as in Keras).
+            stddev_init = _sqrt_initializer(self.moving_variance_initializer)
+            self.moving_stddev = self._add_moving_weight("moving_stddev", stddev_init)
+            self.renorm_mean = self._add_moving_weight(
+                "renorm_mean", _clone_initializer(self.moving_mean_initializer)
             )
-        # Under a strategy, "mean" aggregation averages each replica's update, so
-        # unsynchronised moving statistics never drift apart across replicas.
-        self.moving_mean = self.add_weight(
-            name="moving_mean",
-            initializer=self.moving_mean_initializer,
-            trainable=False,
-            aggregation="mean",
-            **common,
-        )
-        self.moving_variance = self.add_weight(
-            name="moving_variance",
-            initializer=self.moving_variance_initializer,
-            trainable=False,
-            aggregation="mean",
-            **common,
-        )
-        self.num_batches_tracked, self.num_skipped_updates = (
-            self.add_weight(
-                name=name,
-                shape=(),
-                dtype="int64",
-                initializer="zeros",
-                trainable=False,
-                aggregation="only_first_replica",
-            )
-            for name in COUNTER_NAMES
-        )
+            self.renorm_stddev = self._add_moving_weight("renorm_stddev", stddev_init)
         if self._momentum is not None:
             # Read by the update inside the traced train step, so assigning
             # `layer.momentum` (e.g. a momentum schedule) applies in compiled
@@ -266,21 +290,32 @@ class BatchNormalization(keras.layers.Layer):
                 self._momentum_variable = tf.Variable(
                     self._momentum, dtype=tf.float32, trainable=False, name="momentum"
                 )
-        self.input_spec = keras.layers.InputSpec(
-            ndim=rank, axes={a: input_shape[a] for a in axes}
-        )
+        rank = len(input_shape)
         self._fused_format = self._fused_data_format(rank)
         if self.fused is True and self._fused_format is None:
             raise ValueError(
                 "fused=True needs a single channel axis that is last or 1, no "
-                "virtual_batch_size and no float64 weights. Received: "
-                f"axis={self.axis}, input_shape={input_shape}, "
-                f"virtual_batch_size={self.virtual_batch_size}, dtype={self.variable_dtype}."
+                "virtual_batch_size, no float64 weights and epsilon >= "
+                f"{FUSED_MIN_EPSILON} (cuDNN's floor on a GPU). Received: "
+                f"axis={self.axis}, input_shape={tuple(input_shape)}, "
+                f"virtual_batch_size={self.virtual_batch_size}, dtype={self.variable_dtype}, "
+                f"epsilon={self.epsilon}."
             )
 
+    def _add_moving_weight(self, name, initializer):
+        return self.add_weight(
+            name=name,
+            initializer=initializer,
+            trainable=False,
+            aggregation=MOVING_AGGREGATION,
+            **self._param_kwargs,
+        )
+
     def _fused_data_format(self, rank: int) -> str | None:
-        """"NHWC"/"NCHW" when the fused kernel can serve this layer, else None."""
+        """ "NHWC"/"NCHW" when the fused kernel can serve this layer, else None."""
         if self.fused is False or self.virtual_batch_size is not None:
+            return None
+        if self.epsilon < FUSED_MIN_EPSILON:
             return None
         if stats.stat_dtype(self.variable_dtype) != tf.float32:
             return None
@@ -298,24 +333,16 @@ class BatchNormalization(keras.layers.Layer):
 
         Assigning a float after `build` updates the variable the update reads, so
         the new value applies inside an already compiled `model.fit` (this is how
-        `tfbn.callbacks.BatchNormMomentumScheduler` works). A layer built with
+        `tfbn.callbacks.BatchNormMomentumScheduler` works). With `renorm=True`
+        it drives the inference statistics (`moving_mean`, `moving_stddev` and
+        so `moving_variance`), never `renorm_momentum`. A layer built with
         `momentum=None` cannot switch to an EMA afterwards, nor the reverse.
         """
         return self._momentum
 
     @momentum.setter
     def momentum(self, value):
-        if value is not None:
-            received = value
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                value = float("nan")
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(
-                    "`momentum` must be in [0, 1] or None (cumulative average). "
-                    f"Received: momentum={received!r}"
-                )
+        value = _validate.momentum("momentum", value, allow_none=True)
         if getattr(self, "built", False) and (value is None) != (self._momentum is None):
             raise ValueError(
                 f"Layer '{self.name}' was built with momentum={self._momentum!r}; after build "
@@ -326,45 +353,23 @@ class BatchNormalization(keras.layers.Layer):
             self._momentum_variable.assign(value)
         self._momentum = value
 
-    @property
-    def weights(self):
-        """Keras's four weights (gamma, beta, moving_mean, moving_variance); no counters."""
-        counters = {id(v) for v in (self.num_batches_tracked, self.num_skipped_updates)}
-        return [w for w in super().weights if id(w) not in counters]
-
-    def load_own_variables(self, store):
-        """Loads tfbn saves and Keras BatchNormalization saves (no counters)."""
-        all_vars = self._trainable_variables + self._non_trainable_variables
-        if len(store.keys()) == len(all_vars) - len(COUNTER_NAMES):
-            for i, v in enumerate(all_vars[: len(store.keys())]):
-                v.assign(store[f"{i}"])
-            return
-        super().load_own_variables(store)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     # ----------------------------------------------------------------- call --
 
     def call(self, inputs, training=None, mask=None):
-        if not inputs.dtype.is_floating:
-            raise TypeError(
-                f"{type(self).__name__} '{self.name}' needs float inputs "
-                f"(float16, bfloat16, float32, float64). Received: dtype={inputs.dtype.name}"
-            )
+        inputs = self._standardize_inputs(inputs)
         training = bool(training) and self.trainable
         if not (training or not self.track_running_stats):
             return self._normalize(inputs, self.moving_mean, self.moving_variance)
         if mask is not None:
             mask = self._mask_weights(inputs, mask)
-        self._check_more_than_one_value(inputs, mask)
+        self._warn_one_value_per_channel(inputs, mask)
         outputs, mean, variance, count = self._batch_norm(inputs, mask)
         if training and self.track_running_stats:
             self._update_moving_stats(mean, variance, count)
         return outputs
 
     def _normalize(self, x, mean, variance):
-        """Normalise `x` with given per-channel statistics (inference)."""
+        """Inference: normalise `x` with the moving statistics (fused kernel where it applies)."""
         if self._fused_format is not None and x.dtype in stats.FUSED_DTYPES:
             x4, restore = self._to_4d(x)
             y, _, _ = stats.fused_batch_norm(
@@ -376,19 +381,44 @@ class BatchNormalization(keras.layers.Layer):
                 tf.convert_to_tensor(variance),
             )
             return restore(y)
-        scale, offset = stats.fold_scale_offset(
-            *self._gamma_beta(optional=True), mean, variance, self.epsilon
+        return self._normalize_batch(x, mean, variance, self._gamma_beta(optional=True))
+
+    def _normalize_batch(self, x, mean, variance, gamma_beta, mask=None, shape=None):
+        """Training: normalise with batch statistics, differentiable through them.
+
+        With a mask, masked-out positions are selected away before the arithmetic
+        whose gradient reaches the statistics: their outputs are normalised with
+        the statistics held constant, so a NaN/Inf there stays there (as in Keras)
+        and neither the other outputs nor any gradient sees it.
+        """
+        shape = shape or self._broadcast_shape(len(x.shape))
+        mean, variance = tf.convert_to_tensor(mean), tf.convert_to_tensor(variance)
+        if mask is None:
+            return stats.batch_normalize(x, mean, variance, *gamma_beta, self.epsilon, shape)
+        keep = tf.broadcast_to(mask > 0, tf.shape(x))
+        kept = stats.batch_normalize(
+            tf.where(keep, x, tf.zeros_like(x)), mean, variance, *gamma_beta, self.epsilon, shape
         )
-        return self._affine(x, scale, offset)
+        held = [
+            tf.stop_gradient(t) if t is not None else None for t in (mean, variance, *gamma_beta)
+        ]
+        dropped = stats.batch_normalize(x, *held, self.epsilon, shape)
+        return tf.where(keep, kept, dropped)
 
     def _batch_norm(self, x, mask):
         """Normalise with batch statistics; returns (y, mean, variance, count)."""
         distributed = self.synchronized and distribute.replica_context() is not None
-        if self._fused_format is not None and mask is None and x.dtype in stats.FUSED_DTYPES:
+        fused = self._fused_format is not None and mask is None and x.dtype in stats.FUSED_DTYPES
+        if self.renorm:
+            return self._renorm_batch_norm(x, mask, fused and not distributed, distributed)
+        if fused:
             x4, restore = self._to_4d(x)
             if distributed:
                 y, mean, variance, count = distribute.sync_fused_batch_norm(
-                    x4, *self._gamma_beta(), self.epsilon, self._fused_format,
+                    x4,
+                    *self._gamma_beta(),
+                    self.epsilon,
+                    self._fused_format,
                     self.sync_group_size,
                 )
                 return restore(y), mean, variance, count
@@ -399,16 +429,39 @@ class BatchNormalization(keras.layers.Layer):
             return restore(y), mean, variance, count
         if self.virtual_batch_size is not None:
             return self._ghost_batch_norm(x, mask)
+        mean, variance, count = self._moments(x, mask, distributed)
+        y = self._normalize_batch(x, mean, variance, self._gamma_beta(optional=True), mask)
+        return y, mean, variance, count
+
+    def _moments(self, x, mask, distributed):
+        """Batch moments of `x` (global ones when synchronised), with their gradient."""
         if distributed:
-            mean, variance, count = distribute.global_moments(
-                x, self._reduction_axes, mask, self.sync_group_size
-            )
-        else:
-            mean, variance, count = stats.moments(x, self._reduction_axes, mask)
-        scale, offset = stats.fold_scale_offset(
-            *self._gamma_beta(optional=True), mean, variance, self.epsilon
-        )
-        return self._affine(x, scale, offset), mean, variance, count
+            return distribute.global_moments(x, self._reduction_axes, mask, self.sync_group_size)
+        return stats.moments(x, self._reduction_axes, mask)
+
+    def _renorm_batch_norm(self, x, mask, fused, distributed):
+        """Batch renormalization: batch statistics, then Keras's `(r, d)` correction."""
+        if fused:
+            # Moments first (the corrections need them), then the fused training
+            # kernel with the composed scale/offset: its gradient is batch norm's
+            # exact gradient, and r, d are constants for it.
+            x4, restore = self._to_4d(x)
+            mean, variance, count = stats.fused_moments(tf.stop_gradient(x4), self._fused_format)
+            scale, offset = self._renorm_scale_offset(mean, variance)
+            y, _, _ = stats.fused_batch_norm(x4, scale, offset, self.epsilon, self._fused_format)
+            return restore(y), mean, variance, count
+        mean, variance, count = self._moments(x, mask, distributed)
+        scale, offset = self._renorm_scale_offset(mean, variance)
+        y = self._normalize_batch(x, mean, variance, (scale, offset), mask)
+        return y, mean, variance, count
+
+    def _renorm_scale_offset(self, mean, variance):
+        r, d = stats.renorm_correction(
+            mean, variance,
+            tf.convert_to_tensor(self.renorm_mean), tf.convert_to_tensor(self.renorm_stddev),
+            self.epsilon, self.renorm_clipping,
+        )  # fmt: skip
+        return stats.renorm_scale_offset(r, d, *self._gamma_beta(optional=True))
 
     def _ghost_batch_norm(self, x, mask):
         """Statistics per virtual batch of `virtual_batch_size` consecutive examples."""
@@ -425,26 +478,50 @@ class BatchNormalization(keras.layers.Layer):
         # Axis 0 indexes the ghost batches, axis 1 the examples inside one.
         axes = [a + 1 for a in self._reduction_axes]
         mean, variance, count = stats.moments(xg, axes, mask)  # each [ghosts, C...]
-        scale, offset = stats.fold_scale_offset(
-            *self._gamma_beta(optional=True), mean, variance, self.epsilon
-        )
         per_ghost = [-1] + self._broadcast_shape(len(x.shape))
-        y = tf.cast(xg, scale.dtype) * tf.reshape(scale, per_ghost) + tf.reshape(offset, per_ghost)
-        y = tf.reshape(tf.cast(y, x.dtype), shape)
+        y = self._normalize_batch(
+            xg, mean, variance, self._gamma_beta(optional=True), mask, per_ghost
+        )
+        y = tf.reshape(y, shape)
         # As tf.keras: the moving statistics track the mean of the ghosts' moments.
         total = tf.reduce_sum(count, 0)
         share = tf.math.divide_no_nan(count, total)
         return y, tf.reduce_sum(mean * share, 0), tf.reduce_sum(variance * share, 0), total
 
+    # ------------------------------------------------------ moving statistics --
+
     def _update_moving_stats(self, mean, variance, count):
         """EMA / cumulative update, skipped for empty or non-finite batches."""
+        moving_batch_var = variance
         if self.moving_variance_estimator == "unbiased":
-            variance = stats.bessel_correction(variance, count)
+            moving_batch_var = stats.bessel_correction(variance, count)
         nonempty = tf.reduce_all(count > 0)
-        finite = tf.reduce_all(tf.math.is_finite(mean)) & tf.reduce_all(
-            tf.math.is_finite(variance)
-        )
+        finite = tf.reduce_all(tf.math.is_finite(mean)) & tf.reduce_all(tf.math.is_finite(variance))
         apply = nonempty & finite if self.skip_nonfinite_updates else nonempty
+        # Per-batch event counts: [skipped (non-finite), one value per channel].
+        events = tf.cast(tf.stack([nonempty & ~finite, tf.reduce_any(count == 1)]), tf.int64)
+        targets = self._moving_targets(mean, variance, moving_batch_var)
+        new_values = [new for _, new in targets]
+        if not self.synchronized and distribute.replica_context() is not None:
+            # Unsynchronised replicas: average only the replicas that applied.
+            new_values, applied, events = distribute.mean_over_replicas_where(
+                new_values, apply, events
+            )
+            apply = applied > 0
+        for (moving, _), new in zip(targets, new_values):
+            moving.assign(tf.where(apply, new, moving))
+        self.num_batches_tracked.assign_add(tf.cast(apply, tf.int64))
+        if self.skip_nonfinite_updates:
+            self.num_skipped_updates.assign_add(events[0])
+        self.num_single_value_batches.assign_add(events[1])
+
+    def _moving_targets(self, mean, variance, moving_batch_var):
+        """`[(variable, updated value), ...]` for every moving statistic of the layer.
+
+        `variance` is the biased batch variance (what normalised the batch);
+        `moving_batch_var` is what the inference statistics track (Bessel-corrected
+        with `moving_variance_estimator="unbiased"`).
+        """
         if self.momentum is None:
             update = lambda moving, batch: stats.cumulative_average_update(  # noqa: E731
                 moving, batch, self.num_batches_tracked
@@ -453,11 +530,24 @@ class BatchNormalization(keras.layers.Layer):
             update = lambda moving, batch: stats.ema_update(  # noqa: E731
                 moving, batch, self._momentum_variable, self.momentum_convention
             )
-        for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
-            moving.assign(tf.where(apply, update(moving, batch), moving))
-        self.num_batches_tracked.assign_add(tf.cast(apply, tf.int64))
-        if self.skip_nonfinite_updates:
-            self.num_skipped_updates.assign_add(tf.cast(nonempty & ~finite, tf.int64))
+        targets = [(self.moving_mean, update(self.moving_mean, mean))]
+        if not self.renorm:
+            targets.append((self.moving_variance, update(self.moving_variance, moving_batch_var)))
+            return targets
+        # Renorm, as Keras: the inference statistics track the standard deviation
+        # and derive the variance from it; renorm's own pair always uses Keras's
+        # convention with `renorm_momentum`.
+        eps = tf.cast(self.epsilon, mean.dtype)
+        moving_stddev = update(self.moving_stddev, tf.sqrt(moving_batch_var + eps))
+        renorm = lambda moving, batch: stats.ema_update(  # noqa: E731
+            moving, batch, self.renorm_momentum, stats.KERAS
+        )
+        return targets + [
+            (self.moving_stddev, moving_stddev),
+            (self.moving_variance, tf.nn.relu(moving_stddev * moving_stddev - eps)),
+            (self.renorm_mean, renorm(self.renorm_mean, mean)),
+            (self.renorm_stddev, renorm(self.renorm_stddev, tf.sqrt(variance + eps))),
+        ]
 
     # -------------------------------------------------------------- helpers --
 
@@ -468,27 +558,16 @@ class BatchNormalization(keras.layers.Layer):
     def _gamma_beta(self, optional=False):
         """(gamma, beta) as tensors; a disabled one is None if `optional`, else 1 / 0
         (the fused kernel needs both)."""
-        gamma = beta = None
-        if self.scale:
-            gamma = tf.convert_to_tensor(self.gamma)
-        elif not optional:
+        gamma = tf.convert_to_tensor(self.gamma) if self.scale else None
+        beta = tf.convert_to_tensor(self.beta) if self.center else None
+        return (gamma, beta) if optional else self._fill_gamma_beta(gamma, beta)
+
+    def _fill_gamma_beta(self, gamma, beta):
+        if gamma is None:
             gamma = tf.ones(self._param_shape, self.moving_mean.dtype)
-        if self.center:
-            beta = tf.convert_to_tensor(self.beta)
-        elif not optional:
+        if beta is None:
             beta = tf.zeros(self._param_shape, self.moving_mean.dtype)
         return gamma, beta
-
-    def _broadcast_shape(self, rank):
-        """Shape that broadcasts a per-channel statistic against a rank-`rank` input."""
-        dims = iter(self._param_shape)
-        return [next(dims) if a in self._channel_axes else 1 for a in range(rank)]
-
-    def _affine(self, x, scale, offset):
-        """`x * scale + offset` with per-channel statistics broadcast, in float32."""
-        shape = self._broadcast_shape(len(x.shape))
-        y = tf.cast(x, scale.dtype) * tf.reshape(scale, shape) + tf.reshape(offset, shape)
-        return tf.cast(y, x.dtype)
 
     def _to_4d(self, x):
         """Reshape to the 4D layout the fused kernel takes, and a function to undo it."""
@@ -504,44 +583,58 @@ class BatchNormalization(keras.layers.Layer):
         return x4, lambda y: tf.reshape(y, shape)
 
     def _mask_weights(self, inputs, mask):
+        """Keras's mask rule: one dimension less than the inputs, any dtype, read as
+        a boolean (nonzero = use)."""
+        mask = tf.convert_to_tensor(mask)
         if len(mask.shape) != len(inputs.shape) - 1:
             raise ValueError(
                 "The mask must have one dimension less than the inputs. Received: "
                 f"mask.shape={tuple(mask.shape)}, inputs.shape={tuple(inputs.shape)}"
             )
-        return tf.expand_dims(tf.cast(mask, stats.stat_dtype(inputs.dtype)), -1)
+        return tf.expand_dims(tf.cast(tf.cast(mask, tf.bool), stats.stat_dtype(inputs.dtype)), -1)
 
-    def _check_more_than_one_value(self, inputs, mask):
-        """PyTorch's rule: batch statistics need more than one value per channel."""
-        if mask is not None or (self.synchronized and distribute.replica_context()):
+    def _warn_one_value_per_channel(self, inputs, mask):
+        """Logs once per layer when a (known-shape) batch has one value per channel.
+
+        Keras's numbers follow anyway: variance 0, output `beta`, statistics
+        updated. Skipped with a mask or when synchronised (the count is then not
+        known from the shape).
+        """
+        if self._warned_single_value or mask is not None:
+            return
+        if self.synchronized and distribute.replica_context() is not None:
             return
         dims = [inputs.shape[a] for a in self._reduction_axes]
         if self.virtual_batch_size is not None:
             dims[0] = self.virtual_batch_size
-        if all(d is not None for d in dims) and _prod(dims) == 1:
-            raise ValueError(
-                "Expected more than 1 value per channel when training, got input "
-                f"shape {tuple(inputs.shape)} (axis={self.axis})."
-            )
+        if all(d is not None for d in dims) and math.prod(dims) == 1:
+            self._warned_single_value = True
+            logger.warning(
+                "BatchNormalization '%s' trained on a batch with one value per channel "
+                "(input shape %s, axis=%s): its variance is 0, so the output is beta and "
+                "the moving variance moves towards 0 (as in Keras). Use a larger batch, "
+                "or synchronized=True under a strategy.",
+                self.name, tuple(inputs.shape), self.axis,
+            )  # fmt: skip
+
+    # --------------------------------------------------------------- config --
 
     def get_config(self):
         config = {
-            "axis": self.axis if len(self.axis) > 1 else self.axis[0],
+            **self._base_config(),
             "momentum": self.momentum,
-            "epsilon": self.epsilon,
-            "center": self.center,
-            "scale": self.scale,
             "beta_initializer": initializers.serialize(self.beta_initializer),
             "gamma_initializer": initializers.serialize(self.gamma_initializer),
             "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
-            "moving_variance_initializer": initializers.serialize(
-                self.moving_variance_initializer
-            ),
+            "moving_variance_initializer": initializers.serialize(self.moving_variance_initializer),
             "beta_regularizer": regularizers.serialize(self.beta_regularizer),
             "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
             "beta_constraint": constraints.serialize(self.beta_constraint),
             "gamma_constraint": constraints.serialize(self.gamma_constraint),
             "synchronized": self.synchronized,
+            "renorm": self.renorm,
+            "renorm_clipping": self.renorm_clipping,
+            "renorm_momentum": self.renorm_momentum,
             "sync_group_size": self.sync_group_size,
             "momentum_convention": self.momentum_convention,
             "moving_variance_estimator": self.moving_variance_estimator,
@@ -550,7 +643,27 @@ class BatchNormalization(keras.layers.Layer):
             "skip_nonfinite_updates": self.skip_nonfinite_updates,
             "fused": self.fused,
         }
-        return {**super().get_config(), **config}
+        return {**keras.layers.Layer.get_config(self), **config}
+
+    def keras_config(self) -> dict:
+        """This layer's config as `keras.layers.BatchNormalization.from_config` takes it.
+
+        Drops tfbn's own arguments; raises ValueError if one of them is set to a
+        value under which Keras's layer would compute something else (e.g.
+        `virtual_batch_size`, `momentum=None`, the PyTorch momentum convention).
+        """
+        config = self.get_config()
+        changed = {k: config[k] for k, v in TFBN_ONLY_DEFAULTS.items() if config[k] != v}
+        changed.pop("fused", None)  # a speed choice, not a numerical one
+        if self.momentum is None:
+            changed["momentum"] = None
+        if changed:
+            raise ValueError(
+                f"Layer '{self.name}' uses tfbn options keras.layers.BatchNormalization "
+                f"does not have: {changed}. Received a layer with those options; "
+                f"accepted: {dict(TFBN_ONLY_DEFAULTS)} and a float momentum."
+            )
+        return {k: v for k, v in config.items() if k not in TFBN_ONLY_DEFAULTS}
 
 
 @keras.saving.register_keras_serializable(package="tfbn")
@@ -561,41 +674,45 @@ class SyncBatchNormalization(BatchNormalization):
         super().__init__(*args, synchronized=synchronized, **kwargs)
 
 
-def resolve_channel_axes(axis: list[int], input_shape: tuple) -> list[int]:
-    """Non-negative, sorted channel axes of `axis` for `input_shape`.
-
-    Raises ValueError naming the shape when an axis is out of range (or is the batch
-    axis) or a channel dimension is unknown.
-    """
-    rank = len(input_shape)
-    axes = sorted({a % rank if -rank <= a < rank else a for a in axis})
-    if any(not 0 <= a < rank for a in axes) or 0 in axes:
+def _renorm_clipping(clipping) -> dict:
+    """Keras's validation of `renorm_clipping` (same messages), plus: values are numbers."""
+    clipping = dict(clipping or {})
+    if set(clipping) - set(RENORM_CLIPPING_KEYS):
         raise ValueError(
-            f"`axis` {axis} is out of range for input shape {input_shape} "
-            f"(rank {rank}); accepted: channel axes in [1, {rank - 1}] or "
-            f"[-{rank - 1}, -1]."
+            "Received invalid keys for `renorm_clipping` argument: "
+            f"{clipping}. Supported values: {RENORM_CLIPPING_KEYS}."
         )
-    if any(input_shape[a] is None for a in axes):
+    for key, value in clipping.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or math.isnan(value)):  # fmt: skip
+            raise ValueError(
+                f"`renorm_clipping['{key}']` must be a number or None. Received: {value!r}"
+            )
+    rmax, rmin, dmax = (clipping.get(k) for k in ("rmax", "rmin", "dmax"))
+    if rmax is not None and rmin is not None and rmax < rmin:
         raise ValueError(
-            f"The channel dimension(s) {axis} of the input must be known. "
-            f"Received: input_shape={input_shape}"
+            "rmax should be greater than rmin in the `renorm_clipping` "
+            f"argument. Received: rmax={rmax}, rmin={rmin}."
         )
-    return axes
-
-
-def _validate_axis(axis) -> list[int]:
-    axes = [axis] if isinstance(axis, int) else list(axis) if isinstance(axis, (list, tuple)) else None
-    if not axes or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+    if dmax is not None and dmax < 0:
         raise ValueError(
-            f"`axis` must be an integer or a non-empty list of integers. Received: axis={axis!r}"
+            f"dmax should be non-negative in the `renorm_clipping` argument. Received: dmax={dmax}."
         )
-    if len(set(axes)) != len(axes):
-        raise ValueError(f"`axis` must not repeat an axis. Received: axis={axis!r}")
-    return axes
+    return clipping
 
 
-def _prod(values):
-    out = 1
-    for v in values:
-        out *= v
-    return out
+def _clone_initializer(initializer):
+    """A fresh copy of an initializer object (a new seed for random ones), as Keras does."""
+    if isinstance(initializer, initializers.Initializer):
+        return initializer.__class__.from_config(initializer.get_config())
+    return initializer
+
+
+def _sqrt_initializer(initializer):
+    """Initializer of `sqrt(initializer(shape))`: renorm's standard deviations start at
+    the square root of the moving-variance initializer."""
+
+    def init(shape, dtype=None):
+        return tf.sqrt(initializers.get(_clone_initializer(initializer))(shape, dtype=dtype))
+
+    return init

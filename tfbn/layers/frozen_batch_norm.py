@@ -6,23 +6,23 @@ import keras
 import tensorflow as tf
 
 from tfbn import stats
-from tfbn.layers.batch_norm import COUNTER_NAMES, _validate_axis, resolve_channel_axes
+from tfbn.layers._base import BatchNormBase
 
 
 @keras.saving.register_keras_serializable(package="tfbn")
-class FrozenBatchNormalization(keras.layers.Layer):
+class FrozenBatchNormalization(BatchNormBase):
     """Batch normalization with frozen statistics: an affine map per channel.
 
     Whatever `training` says, the output is
 
-        scale  = gamma / sqrt(moving_variance + epsilon)
-        offset = beta - moving_mean * scale
-        y      = x * scale + offset
+        y = (x - moving_mean) * gamma / sqrt(moving_variance + epsilon) + beta
 
-    (`tfbn.stats.fold_scale_offset`), so one example's output never depends on
+    (the mean is subtracted first, which keeps the precision of `x` at a large
+    mean; `scale_offset()` gives the folded `x * scale + offset` form), so one example's output never depends on
     the rest of its batch and the statistics never change. It keeps Keras's four
     weights (`gamma`, `beta`, `moving_mean`, `moving_variance`, same names and
-    order) and tfbn's two counters (layer state, not in `layer.weights`), so
+    order) and tfbn's two counters (layer state outside Keras's variable lists,
+    as in `tfbn.BatchNormalization`), so
     `tfbn.convert.freeze_batch_norm` / `unfreeze_batch_norm` round-trip exactly.
 
     Args:
@@ -38,7 +38,8 @@ class FrozenBatchNormalization(keras.layers.Layer):
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
 
     Call arguments:
-        inputs: Float tensor of any rank >= 2.
+        inputs: Tensor or array of any rank >= 2; integer and boolean inputs are
+            cast to the compute dtype (Keras's rule).
         training: Ignored: a frozen layer behaves the same in training and inference.
         mask: Ignored (passed through): the map is per position.
 
@@ -56,13 +57,7 @@ class FrozenBatchNormalization(keras.layers.Layer):
         restore_config=None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.axis = _validate_axis(axis)
-        self.epsilon = float(epsilon)
-        if not self.epsilon > 0:
-            raise ValueError(f"`epsilon` must be positive. Received: epsilon={epsilon}")
-        self.center = bool(center)
-        self.scale = bool(scale)
+        super().__init__(axis=axis, epsilon=epsilon, center=center, scale=scale, **kwargs)
         self.trainable_affine = bool(trainable_affine)
         if restore_config is not None and not isinstance(restore_config, dict):
             raise ValueError(
@@ -70,45 +65,14 @@ class FrozenBatchNormalization(keras.layers.Layer):
                 f"Received: restore_config={restore_config!r}"
             )
         self.restore_config = restore_config
-        self.supports_masking = True
-        self.gamma = self.beta = self.moving_mean = self.moving_variance = None
-        self.num_batches_tracked = self.num_skipped_updates = None
 
     def build(self, input_shape):
-        input_shape = tuple(input_shape)
-        axes = resolve_channel_axes(self.axis, input_shape)
-        self._channel_axes = axes
-        common = dict(
-            shape=tuple(input_shape[a] for a in axes),
-            dtype=stats.stat_dtype(self.variable_dtype),
-            autocast=False,
+        affine = dict(trainable=self.trainable_affine)
+        self._build_base(
+            input_shape,
+            gamma=dict(initializer="ones", **affine),
+            beta=dict(initializer="zeros", **affine),
         )
-        if self.scale:
-            self.gamma = self.add_weight(
-                name="gamma", initializer="ones", trainable=self.trainable_affine, **common
-            )
-        if self.center:
-            self.beta = self.add_weight(
-                name="beta", initializer="zeros", trainable=self.trainable_affine, **common
-            )
-        self.moving_mean = self.add_weight(
-            name="moving_mean", initializer="zeros", trainable=False, **common
-        )
-        self.moving_variance = self.add_weight(
-            name="moving_variance", initializer="ones", trainable=False, **common
-        )
-        self.num_batches_tracked, self.num_skipped_updates = (
-            self.add_weight(name=name, shape=(), dtype="int64", initializer="zeros",
-                            trainable=False)
-            for name in COUNTER_NAMES
-        )  # fmt: skip
-        self.input_spec = keras.layers.InputSpec(ndim=len(input_shape), axes={a: input_shape[a] for a in axes})
-
-    @property
-    def weights(self):
-        """Keras's four weights (gamma, beta, moving_mean, moving_variance); no counters."""
-        counters = {id(v) for v in (self.num_batches_tracked, self.num_skipped_updates)}
-        return [w for w in super().weights if id(w) not in counters]
 
     def scale_offset(self) -> tuple[tf.Tensor, tf.Tensor]:
         """The per-channel `(scale, offset)` this layer applies."""
@@ -121,29 +85,20 @@ class FrozenBatchNormalization(keras.layers.Layer):
         )
 
     def call(self, inputs, training=None, mask=None):
-        if not inputs.dtype.is_floating:
-            raise TypeError(
-                f"{type(self).__name__} '{self.name}' needs float inputs. "
-                f"Received: dtype={inputs.dtype.name}"
-            )
-        scale, offset = self.scale_offset()
-        rank = len(inputs.shape)
-        if self._channel_axes != [rank - 1]:
-            dims = iter(self.moving_mean.shape)
-            shape = [next(dims) if a in self._channel_axes else 1 for a in range(rank)]
-            scale, offset = tf.reshape(scale, shape), tf.reshape(offset, shape)
-        y = tf.cast(inputs, scale.dtype) * scale + offset
-        return tf.cast(y, inputs.dtype)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
+        inputs = self._standardize_inputs(inputs)
+        return stats.batch_normalize(
+            inputs,
+            tf.convert_to_tensor(self.moving_mean),
+            tf.convert_to_tensor(self.moving_variance),
+            tf.convert_to_tensor(self.gamma) if self.scale else None,
+            tf.convert_to_tensor(self.beta) if self.center else None,
+            self.epsilon,
+            self._broadcast_shape(len(inputs.shape)),
+        )
 
     def get_config(self):
         config = {
-            "axis": self.axis if len(self.axis) > 1 else self.axis[0],
-            "epsilon": self.epsilon,
-            "center": self.center,
-            "scale": self.scale,
+            **self._base_config(),
             "trainable_affine": self.trainable_affine,
             "restore_config": self.restore_config,
         }
