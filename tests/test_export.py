@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
-from tfbn.serving.invariance import load_golden  # the one reader of the golden file
+from tfbn.serving.invariance import load_golden, read_golden  # the one golden-file reader
 
 import tfbn
 from tfbn import cli
@@ -77,12 +77,15 @@ def test_export_layout_signature_warmup_and_golden(tmp_path):
 
     # golden file: the contract the serving check reads
     with np.load(os.path.join(result.path, "assets.extra", GOLDEN_FILE)) as golden:
-        assert sorted(golden.files) == ["inputs/image", "outputs/logits"]
+        assert sorted(golden.files) == ["inputs/image", "meta", "outputs/logits"]
         x, y = golden["inputs/image"], golden["outputs/logits"]
     assert x.dtype == np.float32 and y.dtype == np.float32 and x.shape[0] == y.shape[0] >= 4
-    np.testing.assert_allclose(y, model(x, training=False), rtol=0, atol=0)
-    np.testing.assert_allclose(fn(image=tf.constant(x))["logits"], y, rtol=1e-5, atol=1e-5)
-    assert load_golden(result.path)[0]["image"].shape == x.shape
+    # the export's own answers, which the gate held to the Keras model
+    np.testing.assert_array_equal(fn(image=tf.constant(x))["logits"], y)
+    np.testing.assert_allclose(y, model(x, training=False), rtol=1e-5, atol=1e-5)
+    golden = read_golden(result.path)
+    assert golden.inputs["image"].shape == x.shape
+    assert golden.meta == {"format": 2, "compute_dtype": "float32", "rtol": 1e-4, "dtypes": {}}
 
     # warm-up: PredictionLog records TF Serving replays on load
     records = list(tf.data.TFRecordDataset(os.path.join(result.path, "assets.extra", WARMUP_FILE)))

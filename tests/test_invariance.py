@@ -12,6 +12,7 @@ import pytest
 from _serving_helpers import INPUT, OUTPUT, examples, export_bn_models
 from tfbn.serving import _config
 from tfbn.serving.invariance import (
+    CheckError,
     check_batch_invariance,
     load_golden,
     run_check,
@@ -109,9 +110,10 @@ def test_bad_arguments_are_named(kwargs, match):
 
 
 def test_bad_predict_outputs_are_reported():
-    with pytest.raises(ValueError, match="expected 2 rows"):
+    """Wrong answers are the server's fault (CheckError, exit 1), not a usage error."""
+    with pytest.raises(CheckError, match="expected 2 rows"):
         check_batch_invariance(lambda b: {"y": np.zeros(3)}, {"x": np.zeros((2, 1))})
-    with pytest.raises(ValueError, match="did not return outputs"):
+    with pytest.raises(CheckError, match="did not return outputs"):
         check_batch_invariance(lambda b: {"q": b["x"]}, X, reference={"y": X["x"]})
     with pytest.raises(ValueError, match="same number of rows"):
         check_batch_invariance(rowwise, {"x": np.zeros((2, 1)), "w": np.zeros((3, 1))})
