@@ -298,3 +298,149 @@ def test_export_real_architecture_mobilenet_v2(tmp_path):
     assert len(result.fold_report.folded) == 52 and result.fold_report.frozen == []
     assert result.gate.ok and max(result.gate.parity.values()) < 1e-5
     assert lint_saved_model(result.path).ok
+
+
+# ------------------------------------------------- the gate cannot be fooled --
+
+
+def _dense_bn(bn_class=keras.layers.BatchNormalization):
+    inputs = keras.Input((5,), name="x")
+    x = keras.layers.Dense(4, use_bias=False)(inputs)
+    x = bn_class(name="bn")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="y")(x))
+
+
+def test_nan_statistics_are_refused_with_every_reason(tmp_path):
+    """Issue 13.1: a negative moving variance made every output NaN and the gate said
+    'parity 0.00e+00, lint OK' (NaN counted equal to NaN)."""
+    model = _trained_stats(_dense_bn())
+    model.get_layer("bn").moving_variance.assign(-np.ones(4, "float32"))
+    with pytest.raises(ExportGateError) as err:
+        export_saved_model(model, tmp_path / "m")
+    report = err.value.report
+    text = "\n".join(report.problems)
+    assert "NaN/Inf for finite sample inputs" in text and "negative_variance" in text
+    assert report.nonfinite and not (tmp_path / "m").exists()
+    # allowing the statistics finding alone still refuses the NaN outputs
+    with pytest.raises(ExportGateError, match="NaN/Inf for finite"):
+        export_saved_model(model, tmp_path / "m", allow=["negative_variance"])
+    # both allowed: written, and the report says what was allowed
+    result = export_saved_model(model, tmp_path / "m",
+                                allow=["negative_variance", "nonfinite_outputs"])
+    assert result.gate.allowed == ["negative_variance", "nonfinite_outputs"]
+    assert "allowed: negative_variance, nonfinite_outputs" in result.format()
+    with pytest.raises(ValueError, match="allow"):
+        export_saved_model(model, tmp_path / "m", allow=["everything"])
+
+
+@pytest.mark.parametrize("bn_class", [keras.layers.BatchNormalization, tfbn.BatchNormalization])
+def test_never_trained_statistics_are_refused(tmp_path, bn_class):
+    """Issue 13.2: moving mean 0 / variance 1 exactly (never updated) exported with 'lint: OK'."""
+    model = _dense_bn(bn_class)
+    with pytest.raises(ExportGateError, match=r"never_updated\] BN layer 'bn'") as err:
+        export_saved_model(model, tmp_path / "m")
+    assert err.value.report.statistics and not (tmp_path / "m").exists()
+    assert export_saved_model(model, tmp_path / "m", allow=["never_updated"]).gate.ok
+    # the same finding tfbn inspect reports
+    assert "never_updated" in tfbn.inspect.inspect_model(model).rows[0].flags
+
+
+def test_cli_export_allow_flag(tmp_path, capsys):
+    path = str(tmp_path / "fresh.keras")
+    _dense_bn().save(path)
+    assert cli.main(["export", path, str(tmp_path / "b")]) == 1
+    assert "never_updated" in capsys.readouterr().err
+    assert cli.main(["export", path, str(tmp_path / "b"), "--allow", "never_updated"]) == 0
+
+
+@pytest.mark.parametrize("bad", [2**63, "9223372036854775808", 2**70, -1, "1e3", "٣"])
+def test_versions_are_int64(tmp_path, bad):
+    """Issue 13.10: 2**63 and 2**70 were written although TF Serving cannot parse them."""
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*63 - 1\]"):
+        export_saved_model(_cnn(), tmp_path / "m", version=bad)
+    assert not (tmp_path / "m").exists()
+
+
+def test_cli_export_rejects_an_int64_overflow(tmp_path, capsys):
+    path = str(tmp_path / "m.keras")
+    _cnn().save(path)
+    assert cli.main(["export", path, str(tmp_path / "b"), "--version", str(2**63)]) == 2
+    assert "2**63 - 1" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------ mixed precision --
+
+
+@pytest.fixture
+def policy(request):
+    old = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(request.param)
+    yield request.param
+    keras.mixed_precision.set_global_policy(old)
+
+
+def _mixed_cnn(fit=True):
+    """Keras's mixed-precision recipe: float16/bfloat16 body, float32 softmax head."""
+    inputs = keras.Input((12, 12, 3), name="image")
+    x = inputs
+    for filters in (8, 16):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(5)(x)
+    outputs = keras.layers.Activation("softmax", dtype="float32", name="probs")(x)
+    model = _trained_stats(keras.Model(inputs, outputs))
+    if fit:
+        rng = np.random.default_rng(0)
+        model.compile("sgd", "sparse_categorical_crossentropy")
+        model.fit(rng.normal(size=(32, 12, 12, 3)), rng.integers(0, 5, 32), batch_size=16,
+                  epochs=1, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"], indirect=True)
+@pytest.mark.parametrize("fold", [True, False])
+def test_mixed_precision_model_passes_the_gate(tmp_path, policy, fold):
+    """Issue 19.1/19.2: refused folded and unfolded at 1e-4 although nothing was wrong."""
+    model = _mixed_cnn()
+    result = export_saved_model(model, tmp_path / "m", fold=fold)
+    gate = result.gate
+    low = policy.removeprefix("mixed_")
+    assert gate.ok and gate.compute_dtype == low and gate.reference == "float32 truth"
+    assert gate.rtol == tfbn.tolerance.default_rtol(low)
+    truth = gate.truth["probs"]
+    assert truth["export"] <= truth["bound"] and truth["model"] > 0
+    golden = read_golden(result.path)
+    assert golden.meta["compute_dtype"] == low and golden.meta["rtol"] == gate.rtol
+
+
+def _forgot_the_sqrt(gamma, beta, mean, variance, epsilon):
+    """A wrong fold: gamma / (var + eps) instead of gamma / sqrt(var + eps)."""
+    scale = 1.0 / (variance + tf.cast(epsilon, variance.dtype)) * tf.cast(gamma, variance.dtype)
+    return scale, tf.cast(beta, scale.dtype) - mean * scale
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"], indirect=True)
+def test_gate_still_refuses_wrong_folds_training_bn_and_nan(tmp_path, policy, monkeypatch):
+    """Issue 19.3: the dtype-aware gate is not a looser one."""
+    model = _mixed_cnn(fit=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(tfbn.stats, "fold_scale_offset", _forgot_the_sqrt)
+        with pytest.raises(ExportGateError) as err:
+            export_saved_model(model, tmp_path / "wrong_fold")
+    assert any("differs from model" in p or "float32 truth" in p for p in err.value.report.problems)
+
+    def train_mode(serving_model):
+        return tf.function(lambda image: {"y": serving_model(image, training=True)},
+                           input_signature=[tf.TensorSpec((None, 12, 12, 3), tf.float32)])
+
+    with pytest.raises(ExportGateError, match="training_batch_norm|batch_moments"):
+        export_saved_model(model, tmp_path / "train", fold=False,
+                           extra_signatures={"train": train_mode})
+
+    bn = [layer for layer in model.layers if "batch_normalization" in layer.name][0]
+    bn.moving_variance.assign(-np.ones(bn.moving_variance.shape, "float32"))
+    with pytest.raises(ExportGateError, match="NaN/Inf for finite"):
+        export_saved_model(model, tmp_path / "nan", allow=["negative_variance"])
+    assert not any((tmp_path / d).exists() for d in ("wrong_fold", "train", "nan"))
