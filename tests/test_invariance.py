@@ -420,9 +420,9 @@ def test_mixed_precision_fit_export_check_in_process_rest_and_grpc(policy, tmp_p
     """Issue 19.4/19.9: every mixed-precision export that passed the gate failed `tfbn check`
     ("15 of 15 runs depend on the batch")."""
     import keras
+    from tfbn.serving.server import DevServer
 
     from tfbn import export
-    from tfbn.serving.server import DevServer
 
     rng = np.random.default_rng(0)
     inputs = keras.Input((6, 6, 3), name="image")
