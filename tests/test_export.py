@@ -444,3 +444,158 @@ def test_gate_still_refuses_wrong_folds_training_bn_and_nan(tmp_path, policy, mo
     with pytest.raises(ExportGateError, match="NaN/Inf for finite"):
         export_saved_model(model, tmp_path / "nan", allow=["negative_variance"])
     assert not any((tmp_path / d).exists() for d in ("wrong_fold", "train", "nan"))
+
+
+# ------------------------------------------------------------ versions on disk --
+
+_KILL_SCRIPT = """
+import os, signal, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import keras
+import tfbn
+from tfbn import export
+
+model_path, base, mode = sys.argv[1:4]
+model = keras.saving.load_model(model_path, compile=False)
+if mode == "kill-after-first-version-change":
+    def kill_after(fn):
+        def wrapper(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            if any(os.fspath(a).endswith(os.sep + "3") for a in args):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+        return wrapper
+    os.rename = kill_after(os.rename)
+    export._exchange = kill_after(getattr(export, "_exchange", lambda a, b: None))
+else:  # "term-while-exporting": wait inside the export for the parent's SIGTERM
+    def slow(*args, **kwargs):
+        open(os.path.join(os.path.dirname(base), "ready"), "w").close()
+        import time
+        time.sleep(120)
+    export._write_warmup = slow
+export.export_saved_model(model, base, version=3, overwrite=True)
+"""
+
+
+def _run_export_process(tmp_path, mode, on_ready=None):
+    import subprocess
+    import sys
+
+    model_path = str(tmp_path / "m.keras")
+    if not os.path.exists(model_path):
+        _cnn().save(model_path)
+    script = tmp_path / "script.py"
+    script.write_text(_KILL_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, str(script), model_path, str(tmp_path / "base"), mode],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        if on_ready is not None:
+            on_ready(proc)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err.decode(errors="replace")
+
+
+def test_overwrite_is_atomic_even_under_sigkill(tmp_path):
+    """Issue 13.8: a kill between --overwrite's two renames left no version directory."""
+    base = tmp_path / "base"
+    export_saved_model(_cnn(), base, version=3)
+    (base / "3" / "old-marker").write_text("")
+    code, err = _run_export_process(tmp_path, "kill-after-first-version-change")
+    assert code == -9, err[-2000:]
+    # TF Serving sees a complete version 3: the new one (the swap is a single renameat2)
+    assert (base / "3" / "saved_model.pb").exists() and not (base / "3" / "old-marker").exists()
+    # the killed export's temp dir (holding the old version) is stale; the next export removes it
+    from tfbn import layout
+
+    assert len(layout.stale_temp_dirs(base)) == 1
+    export_saved_model(_cnn(), base, version=4)
+    assert _entries(base) == ["3", "4"]
+
+
+def test_overwrite_refuses_where_an_atomic_swap_is_impossible(tmp_path, monkeypatch):
+    import errno
+
+    from tfbn import export
+
+    base = tmp_path / "base"
+    export_saved_model(_cnn(), base, version=1)
+    (base / "1" / "old-marker").write_text("")
+
+    def no_exchange(a, b):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(export, "_exchange", no_exchange)
+    with pytest.raises(OSError, match="atomically"):
+        export_saved_model(_cnn(), base, version=1, overwrite=True)
+    assert (base / "1" / "old-marker").exists() and _entries(base) == ["1"]
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    """Issue 13.9: SIGTERM during an export left its .tfbn-export-* directory behind."""
+    import signal
+    import time
+
+    def terminate_when_ready(proc):
+        deadline = time.monotonic() + 200
+        while not (tmp_path / "ready").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "export never started"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+
+    code, err = _run_export_process(tmp_path, "term-while-exporting", terminate_when_ready)
+    assert code != 0 and "SIGTERM" in err, err[-2000:]
+    assert _entries(tmp_path / "base") in (None, [])
+
+
+def test_stale_temp_dirs_are_removed_live_ones_kept(tmp_path):
+    """Issue 13.9: temp dirs of killed exports were never removed."""
+    import subprocess
+    import sys
+    import time
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    base = tmp_path / "base"
+    try:
+        names = {"dead": f"{TMP_PREFIX}{dead.pid}-x1", "alive": f"{TMP_PREFIX}{alive.pid}-x2",
+                 "legacy_old": f"{TMP_PREFIX}abc", "legacy_new": f"{TMP_PREFIX}def"}
+        for name in names.values():
+            (base / name / "model").mkdir(parents=True)
+        old = time.time() - 2 * 3600
+        os.utime(base / names["legacy_old"], (old, old))
+        export_saved_model(_cnn(), base, version=1)
+        assert _entries(base) == sorted(["1", names["alive"], names["legacy_new"]])
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_layout_is_the_one_reader_of_version_directories(tmp_path):
+    """Issue 10.7: one module owns the TF Serving layout; export, inspect and the check use it."""
+    from tfbn.serving import invariance
+
+    from tfbn import inspect as tfbn_inspect
+    from tfbn import layout
+
+    for name in ("1", "007", "7", str(2**63 - 1), str(2**63), "٣", "tmp", ".tfbn-export-1-x"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "12").write_text("a file, not a version")
+    versions = layout.version_dirs(tmp_path)
+    assert list(versions) == [1, 7, 2**63 - 1] and versions[7] == str(tmp_path / "7")
+    assert layout.latest_version(tmp_path) == 2**63 - 1
+    with pytest.raises(ValueError, match="2\\*\\*63 - 1"):
+        layout.next_version(tmp_path)
+    assert layout.next_version(tmp_path / "missing") == 1
+    assert layout.parse_version("0") == 0 and layout.parse_version("-1") is None
+    assert layout.validate_version("42") == 42 and layout.validate_version(np.int64(5)) == 5
+    assert layout.temp_dir_owner(layout.temp_dir_prefix(123) + "abc") == 123
+    assert layout.golden_path("v") == os.path.join("v", "assets.extra", GOLDEN_FILE)
+    assert layout.warmup_path("v") == os.path.join("v", "assets.extra", WARMUP_FILE)
+    assert tfbn_inspect.resolve_saved_model_dir is layout.resolve_saved_model_dir
+    assert invariance.GOLDEN_RELPATH == layout.GOLDEN_RELPATH
