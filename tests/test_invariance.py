@@ -448,3 +448,28 @@ def test_mixed_precision_fit_export_check_in_process_rest_and_grpc(policy, tmp_p
             report = run_check(**{transport: address}, model_name="m", orders=1,
                                golden=os.path.join(base, "2"), concurrent=True)
             assert report.passed, report.table()
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16"], indirect=True)
+def test_bfloat16_outputs_export_and_check(policy, tmp_path, capsys):
+    """Issue 19.5: a bfloat16-output export's golden file held void |V2 and `tfbn check`
+    exited 2 with 'No cast function available.'"""
+    import keras
+    import ml_dtypes
+
+    from tfbn import export
+
+    inputs = keras.Input((6, 6, 3), name="image")
+    x = keras.layers.Conv2D(4, 3, use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    outputs = keras.layers.Dense(3, name="logits")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs)  # no float32 head: bfloat16 outputs
+    bn = model.layers[2]
+    bn.moving_mean.assign(np.linspace(-1, 1, 4))
+    bn.moving_variance.assign(np.linspace(0.5, 2, 4))
+    result = export.export_saved_model(model, tmp_path / "m")
+    golden = read_golden(result.path)
+    assert golden.outputs["logits"].dtype == ml_dtypes.bfloat16
+    assert golden.meta["dtypes"] == {"outputs/logits": "bfloat16"}
+    assert cli.main(["check", str(tmp_path / "m"), "--orders", "1"]) == 0
+    assert "PASSED" in capsys.readouterr().out
