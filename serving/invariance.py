@@ -306,6 +306,7 @@ def check_batch_invariance(
     compute_dtype: str | None = None,
     allow_nonfinite: bool = False,
     max_batch_size: int | None = None,
+    progress: bool | None = False,
 ) -> InvarianceReport:
     """Check that every example's prediction is independent of the batch it is in.
 
@@ -331,6 +332,8 @@ def check_batch_invariance(
       compute_dtype: what the model computes in, for the default rtol.
       allow_nonfinite: count identical NaN/Inf as equal instead of failing.
       max_batch_size: the server's largest accepted batch (its batching limit).
+      progress: requests sent / planned on stderr (`tfbn.progress`): True, False, or None
+        for "when stderr is a terminal".
 
     Returns:
       An `InvarianceReport`; `report.passed` is the verdict, `report.table()` the table.
@@ -361,6 +364,30 @@ def check_batch_invariance(
     if not sizes and not concurrent:
         raise ValueError("nothing to check: pass at least one batch size or concurrent=True")
 
+    from tfbn.progress import progress_bar
+
+    planned = sum(orders * -(-n // b) for b in sizes) + (n * concurrent_rounds if concurrent else 0)
+    planned += 0 if reference is not None else -(-n // limit) + (limit < n)
+    bar = progress_bar(planned, "tfbn check", progress, unit="req")
+    counted = predict
+
+    def predict(batch):  # noqa: F811 - the same callable, counted
+        out = counted(batch)
+        bar.update(1)
+        return out
+
+    try:
+        return _check(predict, inputs, reference, sizes, orders, n, limit, closeness_args=(
+            rtol, atol, compute_dtype), allow_nonfinite=allow_nonfinite, seed=seed,
+            reference_name=reference_name, concurrent=concurrent,
+            concurrent_rounds=concurrent_rounds, max_workers=max_workers)
+    finally:
+        bar.close()
+
+
+def _check(predict, inputs, reference, sizes, orders, n, limit, closeness_args, allow_nonfinite,
+           seed, reference_name, concurrent, concurrent_rounds, max_workers) -> InvarianceReport:
+    rtol, atol, compute_dtype = closeness_args
     if reference is None:
         full = predict(inputs) if limit >= n else None
         if full is not None:
@@ -572,6 +599,7 @@ def run_check(
     seed: int = 0,
     allow_nonfinite: bool = False,
     max_batch_size: int | None = None,
+    progress: bool | None = False,
 ) -> InvarianceReport:
     """The check behind `tfbn check`: pick the backend, the examples and the reference.
 
@@ -665,7 +693,7 @@ def run_check(
         return check_batch_invariance(
             predict, inputs, reference, batch_sizes, orders, atol, rtol, concurrent,
             concurrent_rounds, max_workers, seed, name, compute_dtype=compute_dtype,
-            allow_nonfinite=allow_nonfinite, max_batch_size=limit)
+            allow_nonfinite=allow_nonfinite, max_batch_size=limit, progress=progress)
 
     from tfbn.serving.client import TFServingError
 

@@ -599,3 +599,15 @@ def test_layout_is_the_one_reader_of_version_directories(tmp_path):
     assert layout.warmup_path("v") == os.path.join("v", "assets.extra", WARMUP_FILE)
     assert tfbn_inspect.resolve_saved_model_dir is layout.resolve_saved_model_dir
     assert invariance.GOLDEN_RELPATH == layout.GOLDEN_RELPATH
+
+
+def test_export_progress_steps_on_stderr(tmp_path, capsys, monkeypatch):
+    """Issue 13.11: the gate's steps on stderr when asked (or on a terminal), else silent."""
+    from tfbn import progress
+
+    monkeypatch.setattr(progress, "DELAY", 0.0)
+    export_saved_model(_cnn(), tmp_path / "a", progress=True)
+    err = capsys.readouterr().err
+    assert "tfbn export" in err and "/6 " in err  # planned steps
+    export_saved_model(_cnn(), tmp_path / "b")
+    assert capsys.readouterr().err == ""

@@ -473,3 +473,23 @@ def test_bfloat16_outputs_export_and_check(policy, tmp_path, capsys):
     assert golden.meta["dtypes"] == {"outputs/logits": "bfloat16"}
     assert cli.main(["check", str(tmp_path / "m"), "--orders", "1"]) == 0
     assert "PASSED" in capsys.readouterr().out
+
+
+def test_progress_on_stderr_only_when_asked_or_on_a_terminal(capsys, monkeypatch, bn):
+    """Issue 13.11: requests sent / planned on stderr; quiet under --quiet and off a terminal."""
+    from tfbn import progress
+
+    monkeypatch.setattr(progress, "DELAY", 0.0)
+    check_batch_invariance(rowwise, X, orders=1, progress=True)  # 20+10+7+3+1 requests + 1
+    err = capsys.readouterr().err
+    assert "tfbn check" in err and "/42 " in err  # planned requests
+    check_batch_invariance(rowwise, X, orders=1)  # library default: silent
+    assert capsys.readouterr().err == ""
+    assert cli.main(["check", bn["frozen"], "--orders", "1"]) == 0  # stderr is not a terminal
+    assert "tfbn check" not in capsys.readouterr().err
+    monkeypatch.setattr(type(__import__("sys").stderr), "isatty", lambda self: True,
+                        raising=False)
+    assert cli.main(["check", bn["frozen"], "--orders", "1"]) == 0
+    assert "tfbn check" in capsys.readouterr().err
+    assert cli.main(["check", bn["frozen"], "--orders", "1", "--quiet"]) == 0
+    assert "tfbn check" not in capsys.readouterr().err

@@ -181,7 +181,13 @@ def _add_check(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path",
                    help="also write the report as JSON here (always, failures included)")
+    _add_quiet_flag(p, "requests sent / planned")
     p.set_defaults(func=_run_check)
+
+
+def _add_quiet_flag(p, what: str) -> None:
+    p.add_argument("--quiet", action="store_true",
+                   help=f"no progress on stderr ({what}; shown after 2 s, only on a terminal)")
 
 
 USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError)
@@ -211,7 +217,7 @@ def _run_check(args) -> int:
             atol=args.atol, rtol=args.rtol, concurrent=args.concurrent,
             concurrent_rounds=args.concurrent_rounds, batching=batching, timeout=args.timeout,
             seed=args.seed, allow_nonfinite=args.allow_nonfinite,
-            max_batch_size=args.max_batch_size)
+            max_batch_size=args.max_batch_size, progress=False if args.quiet else None)
         code = 0 if report.passed else 1
     except (TFServingError, invariance.CheckError) as err:
         code, error = 1, f"the server failed: {err}"
@@ -338,6 +344,7 @@ def _add_export(sub) -> None:
     p.add_argument("--allow", action="append", default=[], metavar="CHECK",
                    help="lift one refusal (repeatable): never_updated, nonfinite, "
                         "negative_variance (BN statistics) or nonfinite_outputs")
+    _add_quiet_flag(p, "the gate's steps")
     p.set_defaults(func=_run_export)
 
 
@@ -359,7 +366,7 @@ def _run_export(args) -> int:
         result = export.export_saved_model(
             model, args.base_path, version=args.model_version, sample_inputs=samples,
             fold=args.fold, overwrite=args.overwrite, model_name=args.model_name, rtol=args.rtol,
-            allow=args.allow,
+            allow=args.allow, progress=False if args.quiet else None,
         )  # fmt: skip
     except export.ExportGateError as err:
         print(f"tfbn export: {err}", file=sys.stderr)

@@ -614,6 +614,7 @@ def export_saved_model(
     seed: int = 0,
     allow: Collection[str] = (),
     fold_margin: float = FOLD_MARGIN,
+    progress: bool | None = False,
 ) -> ExportResult:
     """Exports `model` as `<base_path>/<version>/` for TF Serving, after a parity gate.
 
@@ -649,6 +650,8 @@ def export_saved_model(
             them) and "nonfinite_outputs". The report lists them.
         fold_margin: Mixed precision: how much further (relatively) than the Keras
             model itself the export may be from the float32 truth.
+        progress: The export's steps on stderr (`tfbn.progress`): True, False, or None
+            for "when stderr is a terminal".
 
     Returns:
         An `ExportResult` (`result.fold_report` says what was folded).
@@ -686,15 +689,34 @@ def export_saved_model(
     if SERVING_KEY in extra_signatures:
         raise ValueError(f"`extra_signatures` must not redefine '{SERVING_KEY}'")
 
+    from tfbn.progress import progress_bar
+
+    with progress_bar(len(EXPORT_STEPS), "tfbn export", progress, unit="step") as bar:
+        return _export(model, base_path, version, specs, out_names, samples, fold, overwrite,
+                       extra_signatures, model_name, closeness, allow, fold_margin, bar)
+
+
+EXPORT_STEPS = ("statistics", "fold", "reference", "save", "gate", "version")
+
+
+def _export(model, base_path, version, specs, out_names, samples, fold, overwrite,
+            extra_signatures, model_name, closeness, allow, fold_margin, bar) -> ExportResult:
+    def step(name):
+        bar.set_postfix_str(name, refresh=False)
+        bar.update(1)
+
     stat_findings = _statistics_findings(model)
+    step("statistics")
     fold_report = None
     serving_model = model
     if fold:
         serving_model, fold_report = convert.fold_batch_norm(model, return_report=True)
+    step("fold")
     model_out = _call_numpy(model, specs, out_names, samples)
     truth = None
     if tolerance.is_low_precision(closeness.dtype):
         truth = _call_numpy(_float32_twin(model), specs, out_names, samples)
+    step("reference")
 
     module = _ServingModule(serving_model, specs, out_names)
     serve = module.serve.get_concrete_function()
@@ -725,8 +747,10 @@ def export_saved_model(
                 model_name or os.path.basename(base_path),
                 samples,
             )
+            step("save")
             gate, served = _gate(export_dir, samples, model_out, truth, out_names, closeness,
                                  fold_margin, allow, stat_findings)  # fmt: skip
+            step("gate")
             if not gate.ok:
                 raise ExportGateError(gate)
             golden, dtypes = _golden_arrays(samples, served)
@@ -735,6 +759,7 @@ def export_saved_model(
             np.savez(os.path.join(extra_dir, GOLDEN_FILE), meta=np.array(json.dumps(meta)),
                      **golden)  # fmt: skip
             _replace_version(export_dir, target, overwrite)
+            step("version")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             _remove_created(base_path, first_created)
