@@ -493,3 +493,46 @@ def test_progress_on_stderr_only_when_asked_or_on_a_terminal(capsys, monkeypatch
     assert "tfbn check" in capsys.readouterr().err
     assert cli.main(["check", bn["frozen"], "--orders", "1", "--quiet"]) == 0
     assert "tfbn check" not in capsys.readouterr().err
+
+
+def test_demo_plots_are_readable_on_their_own(tmp_path, monkeypatch):
+    """Issue 13.12: training.png had no y labels; invariance.png had 'sequ b1 o0' ticks, no x
+    label, no tolerance line and one series hidden under another."""
+    import importlib.util
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "demo.py"
+    spec = importlib.util.spec_from_file_location("demo_plots", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    history = {"loss": [1.0, 0.5], "val_loss": [1.1, 0.6], "accuracy": [0.6, 0.9],
+               "val_accuracy": [0.5, 0.85]}
+    good = check_batch_invariance(rowwise, X, orders=2, concurrent=True)
+    bad = check_batch_invariance(batch_stats, X, orders=2, concurrent=True)
+    reports = {"digits rest": good, "digits grpc": good,
+               "digits_training_mode rest": bad, "digits_training_mode grpc": bad}
+    paths = demo.plot(history, reports, tmp_path)
+    assert [p.name for p in paths] == ["training.png", "invariance.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
+    training, invariance = figures
+    for ax in training.axes:
+        assert ax.get_ylabel() and ax.get_xlabel() == "epoch"
+    ax = invariance.axes[0]
+    assert ax.get_xlabel() and ax.get_ylabel()
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert "batch 1" in ticks and not any("sequ" in t for t in ticks)
+    lines = ax.get_lines()
+    tolerance = [line for line in lines if "tolerance" in str(line.get_label())]
+    assert len(tolerance) == 1 and tolerance[0].get_ydata()[0] == good.rtol
+    series = [line for line in lines if line not in tolerance]
+    assert len(series) == 4
+    # identical REST and gRPC results must not hide each other: different x positions
+    xs = {tuple(line.get_xdata()) for line in series}
+    assert len(xs) == 2 and len({line.get_label() for line in series}) == 4
