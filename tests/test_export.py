@@ -611,3 +611,19 @@ def test_export_progress_steps_on_stderr(tmp_path, capsys, monkeypatch):
     assert "tfbn export" in err and "/6 " in err  # planned steps
     export_saved_model(_cnn(), tmp_path / "b")
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"], indirect=True)
+def test_mixed_precision_mobilenet_v2_folds_and_passes(tmp_path, policy):
+    """Issue 19.2/19.9: MobileNetV2 blocks (depthwise, pointwise, ReLU6, residual adds) under
+    mixed precision: every BN folds and the export is no further from the float32 truth than
+    the Keras model (with the stated margin)."""
+    model = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10,
+        classifier_activation=None,
+    )
+    result = export_saved_model(_trained_stats(model), tmp_path)
+    assert len(result.fold_report.folded) == 52 and result.gate.ok
+    truth = result.gate.truth["predictions"]
+    assert truth["export"] <= (1 + 0.5) * truth["model"] + result.gate.rtol
+    assert result.gate.compute_dtype == policy.removeprefix("mixed_")
