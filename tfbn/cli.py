@@ -330,7 +330,8 @@ def _add_export(sub) -> None:
     p.add_argument("model", help="a .keras model file")
     p.add_argument("base_path", help="the model's base path (TF Serving model_base_path)")
     p.add_argument("--version", dest="model_version", metavar="N",
-                   help="integer version (default: one more than the highest existing)")
+                   help="integer version in [0, 2**63 - 1], TF Serving's int64 (default: one "
+                        "more than the highest existing)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
     p.add_argument("--no-fold", dest="fold", action="store_false",
                    help="export the model as it is (inference mode) instead of folding BN")
