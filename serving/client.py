@@ -10,8 +10,13 @@
   TensorProtos over gRPC; outputs decoded to the signature's dtypes (float32 exact);
 - `metadata()` (GetModelMetadata) and `status()` (GetModelStatus);
 - select a version (`version=`) or a version label (`label=`), per client or per call;
-- put an explicit deadline on every call (`timeout=`, seconds) and retry, with
-  exponential backoff and within that deadline, only when the server is UNAVAILABLE;
+- put an explicit deadline on every call (`timeout=`, seconds): connect, send and every
+  read together, so a server trickling bytes cannot stretch it (REST: the connection is
+  shut down at the deadline; gRPC: the call's deadline); retry, with exponential
+  backoff and within that deadline, only when the server is UNAVAILABLE;
+- speak bfloat16 (DT_BFLOAT16) as TF Serving does: JSON numbers over REST, TensorProto
+  `half_val` (the upper 16 bits of the float32) or `tensor_content` over gRPC, NumPy
+  arrays of `ml_dtypes.bfloat16` on the Python side;
 - raise `TFServingError` carrying the canonical status code, the HTTP status (REST) or
   gRPC code, and TF Serving's error message.
 """
@@ -21,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -44,6 +51,132 @@ _HTTP_TO_CODE = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSI
                  413: "RESOURCE_EXHAUSTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED",
                  500: "INTERNAL", 501: "UNIMPLEMENTED", 502: "UNAVAILABLE", 503: "UNAVAILABLE",
                  504: "DEADLINE_EXCEEDED"}
+
+
+# --- bfloat16: the one dtype the shared tensor codec (tfbn.serving._tensor) lacks -----------
+
+_DT_BFLOAT16 = 14  # tensorflow.core.framework.types_pb2.DT_BFLOAT16
+
+
+def _bfloat16():
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _is_bfloat16(array: np.ndarray) -> bool:
+    return np.asarray(array).dtype.name == "bfloat16"
+
+
+def _numpy_dtype(dt: int) -> np.dtype:
+    return _bfloat16() if dt == _DT_BFLOAT16 else _tensor.numpy_dtype(dt)
+
+
+def _to_json(array: np.ndarray, binary: bool) -> str:
+    if _is_bfloat16(array):  # JSON numbers; every bfloat16 is exactly a float32
+        array = np.asarray(array).astype(np.float32)
+    return _tensor.array_to_json(array, binary)
+
+
+def _to_tensor_proto(array: np.ndarray):
+    if not _is_bfloat16(array):
+        return _tensor.to_tensor_proto(array)
+    from tensorflow.core.framework import tensor_pb2
+
+    array = np.ascontiguousarray(array)
+    return tensor_pb2.TensorProto(dtype=_DT_BFLOAT16, tensor_shape=_tensor.shape_proto(array.shape),
+                                  tensor_content=array.view(np.uint16).astype("<u2").tobytes())
+
+
+def _from_tensor_proto(proto) -> np.ndarray:
+    if proto.dtype != _DT_BFLOAT16:
+        return _tensor.from_tensor_proto(proto)
+    shape = tuple(d.size for d in proto.tensor_shape.dim)
+    size = int(np.prod(shape, dtype=np.int64))
+    if proto.tensor_content:
+        bits = np.frombuffer(proto.tensor_content, dtype="<u2").astype(np.uint16)
+    else:
+        bits = np.asarray(proto.half_val, dtype=np.uint16)
+    if bits.size == 1 and size > 1:  # TF's "fill with the last value" rule
+        bits = np.full(size, bits[0], np.uint16)
+    if bits.size != size:
+        raise ValueError(f"bfloat16 tensor has {bits.size} values but its shape {list(shape)} "
+                         f"needs {size}")
+    return bits.view(_bfloat16()).reshape(shape)
+
+
+# --- REST deadlines ------------------------------------------------------------------------
+# requests/urllib3 time out each socket operation, not the call: a server sending one byte
+# every 0.2 s keeps a 3 s call alive forever. Each attempt records the connections it sends
+# on (thread-local: requests run in the caller's thread), and a timer shuts them down at the
+# deadline, which ends any blocked send or read at once.
+
+_ATTEMPT = threading.local()
+_ADAPTER = None
+
+
+def _deadline_adapter():
+    global _ADAPTER
+    if _ADAPTER is None:
+        import requests.adapters
+        import urllib3
+        from urllib3.connection import HTTPConnection, HTTPSConnection
+
+        class Watched:
+            def request(self, *args, **kwargs):
+                connections = getattr(_ATTEMPT, "connections", None)
+                if connections is not None:
+                    connections.append(self)
+                return super().request(*args, **kwargs)
+
+        class Connection(Watched, HTTPConnection):
+            pass
+
+        class SecureConnection(Watched, HTTPSConnection):
+            pass
+
+        class Pool(urllib3.HTTPConnectionPool):
+            ConnectionCls = Connection
+
+        class SecurePool(urllib3.HTTPSConnectionPool):
+            ConnectionCls = SecureConnection
+
+        class DeadlineAdapter(requests.adapters.HTTPAdapter):
+            def init_poolmanager(self, *args, **kwargs):
+                super().init_poolmanager(*args, **kwargs)
+                self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": SecurePool}
+
+        _ADAPTER = DeadlineAdapter
+    return _ADAPTER
+
+
+class _Deadline:
+    """Shuts down the connections of the current attempt when `seconds` have passed."""
+
+    def __init__(self, seconds: float):
+        self.connections: list = []
+        self.fired = threading.Event()
+        self._timer = threading.Timer(max(seconds, 0.0), self._fire)
+        self._timer.daemon = True
+
+    def _fire(self):
+        self.fired.set()
+        for connection in list(self.connections):
+            sock = getattr(connection, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        _ATTEMPT.connections = self.connections
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+        _ATTEMPT.connections = None
 
 
 class TFServingError(Exception):
@@ -72,7 +205,7 @@ class TensorInfo:
     def numpy_dtype(self) -> np.dtype:
         from tensorflow.core.framework import types_pb2
 
-        return _tensor.numpy_dtype(types_pb2.DataType.Value(self.dtype))
+        return _numpy_dtype(types_pb2.DataType.Value(self.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +263,8 @@ def _as_inputs(inputs, signature: SignatureInfo | None) -> dict[str, np.ndarray]
     if signature is not None:  # cast to the signature's dtypes (e.g. float64 data to DT_FLOAT)
         for k, arr in arrays.items():
             info = signature.inputs.get(k)
-            if info is not None and info.dtype != "DT_STRING" and arr.dtype.kind in "fiub":
+            if info is not None and info.dtype != "DT_STRING" and (arr.dtype.kind in "fiub"
+                                                                  or _is_bfloat16(arr)):
                 arrays[k] = arr.astype(info.numpy_dtype, copy=False)
     return arrays
 
@@ -213,10 +347,13 @@ class RestClient(_Base):
       model_name: the served model.
       version / label: pin a version or a version label (else the server's latest).
       signature_name: default signature ("serving_default").
-      timeout: seconds allowed for each call, retries included.
+      timeout: seconds allowed for each call: connect, send and the whole answer,
+        retries included.
       retries: extra attempts when the server is UNAVAILABLE (connection refused, 503).
       backoff: first pause between attempts (doubles each time, with jitter).
       session / pool_size: a requests.Session to use, else one with `pool_size` connections.
+        A session of your own keeps its adapters, so its deadline is per socket operation
+        (requests' rule), not per call.
     """
 
     def __init__(self, url: str, model_name: str, *, version: int | None = None,
@@ -234,7 +371,7 @@ class RestClient(_Base):
                          backoff=backoff)
         if session is None:  # one pool, big enough for the concurrent single-row mode
             session = requests.Session()
-            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+            adapter = _deadline_adapter()(pool_connections=4, pool_maxsize=pool_size)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
         self._session = session
@@ -255,14 +392,21 @@ class RestClient(_Base):
         requests = self._requests
 
         def attempt(remaining):
-            try:
-                r = self._session.request(method, url, data=body, timeout=remaining,
-                                          headers={"Content-Type": "application/json"} if body else None)
-            except requests.exceptions.ConnectionError as err:
-                raise TFServingError("UNAVAILABLE", f"cannot connect: {err}", target=self.target) from None
-            except requests.exceptions.Timeout:
-                raise TFServingError("DEADLINE_EXCEEDED", f"no answer within {remaining:.3g} s",
-                                     target=self.target) from None
+            with _Deadline(remaining) as deadline:
+                try:
+                    r = self._session.request(
+                        method, url, data=body, timeout=remaining,
+                        headers={"Content-Type": "application/json"} if body else None)
+                except requests.exceptions.RequestException as err:
+                    if deadline.fired.is_set() or isinstance(err, requests.exceptions.Timeout):
+                        raise TFServingError("DEADLINE_EXCEEDED",
+                                             f"no complete answer within {remaining:.3g} s",
+                                             target=self.target) from None
+                    if isinstance(err, requests.exceptions.ConnectionError):
+                        raise TFServingError("UNAVAILABLE", f"cannot connect: {err}",
+                                             target=self.target) from None
+                    raise TFServingError("UNAVAILABLE", f"the connection failed: {err}",
+                                         target=self.target) from None
             if r.status_code != 200:
                 try:
                     message = r.json().get("error", r.text)
@@ -305,7 +449,7 @@ class RestClient(_Base):
         binary = {k for k, a in arrays.items() if a.dtype.kind in "OS"}
         name = json.dumps(sig.name)
         if format == "columnar":
-            payload = "{" + ",".join(f"{json.dumps(k)}:{_tensor.array_to_json(a, k in binary)}"
+            payload = "{" + ",".join(f"{json.dumps(k)}:{_to_json(a, k in binary)}"
                                      for k, a in arrays.items()) + "}"
             body = '{"signature_name":' + name + ',"inputs":' + payload + "}"
         else:
@@ -313,7 +457,9 @@ class RestClient(_Base):
             if len(rows) != 1 or -1 in rows:
                 raise ValueError("row format needs every input to have the same first dimension; "
                                  f"Received shapes { {k: a.shape for k, a in arrays.items()} }")
-            body = '{"signature_name":' + name + ',"instances":' + _tensor.rows_to_json(arrays, binary, named=True) + "}"
+            rows_in = {k: (a.astype(np.float32) if _is_bfloat16(a) else a) for k, a in arrays.items()}
+            body = ('{"signature_name":' + name + ',"instances":'
+                    + _tensor.rows_to_json(rows_in, binary, named=True) + "}")
         doc = self._http("POST", self._path(version, label, ":predict"), body.encode("utf-8"), timeout)
         key = "outputs" if format == "columnar" else "predictions"
         if key not in doc:
@@ -327,14 +473,19 @@ class RestClient(_Base):
             info = sig.outputs.get(alias)
             return info.numpy_dtype if info is not None else np.float32
 
+        def decode(v, dt):
+            if dt == _bfloat16():  # numbers -> float32 (exact for bfloat16 values) -> bfloat16
+                return np.asarray(v, dtype=np.float32).astype(dt)
+            return _tensor.json_to_array(v, dt)
+
         names = list(sig.outputs)
         if format == "columnar":
             if isinstance(value, dict) and len(names) > 1:
-                return {k: _tensor.json_to_array(v, dtype(k)) for k, v in value.items()}
-            return {names[0]: _tensor.json_to_array(value, dtype(names[0]))}
+                return {k: decode(v, dtype(k)) for k, v in value.items()}
+            return {names[0]: decode(value, dtype(names[0]))}
         if len(names) == 1 or not (value and isinstance(value[0], dict)):
-            return {names[0]: _tensor.json_to_array(value, dtype(names[0]))}
-        return {k: _tensor.json_to_array([row[k] for row in value], dtype(k)) for k in value[0]}
+            return {names[0]: decode(value, dtype(names[0]))}
+        return {k: decode([row[k] for row in value], dtype(k)) for k in value[0]}
 
     def close(self):
         self._session.close()
@@ -432,10 +583,10 @@ class GrpcClient(_Base):
         req = predict_pb2.PredictRequest()
         self._fill_spec(req.model_spec, version, label, signature_name or self.signature_name)
         for k, a in arrays.items():
-            req.inputs[k].CopyFrom(_tensor.to_tensor_proto(a))
+            req.inputs[k].CopyFrom(_to_tensor_proto(a))
         req.output_filter.extend(output_filter)
         resp = self._rpc(self._predict_stub.Predict, req, timeout)
-        return {k: _tensor.from_tensor_proto(v) for k, v in resp.outputs.items()}
+        return {k: _from_tensor_proto(v) for k, v in resp.outputs.items()}
 
     def close(self):
         self._channel.close()

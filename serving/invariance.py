@@ -15,52 +15,94 @@ only ever sends one row and still gets a batch-dependent answer).
 dict of named arrays, so the check runs against an in-process SavedModel
 (`saved_model_predictor`), TF Serving over REST or gRPC (`tfbn.serving.client`), or a fake.
 
-Verdict per row of the report: every output element within `atol + rtol * |reference|`
-(NumPy's `allclose` rule). Deviations are also reported as max absolute and max
-relative (|y - ref| / max(|ref|, atol)) differences, with the worst example's index.
+"Close" is `tfbn.tolerance`'s, the export gate's own: per output,
+max |y - ref| <= atol + rtol * max |ref|, with rtol from the compute dtype (the golden
+file records the one the gate used; float16/bfloat16 outputs imply theirs; else 1e-4).
+
+The verdict tells apart what can go wrong:
+
+- `invariant`: every run within tolerance of the reference (exit 0 in `tfbn check`);
+- `batch_dependent`: the runs disagree with each other: an answer depends on the batch;
+- `reference_mismatch`: every run agrees with every other but all differ from the
+  reference by the same amount: not a batch dependence, the server computes something
+  else than the golden outputs (another version, another precision, other hardware);
+- `nonfinite`: NaN/Inf answers (refused unless `allow_nonfinite`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from tfbn import layout
+from tfbn.tolerance import Closeness, low_precision_of
+
 __all__ = [
     "GOLDEN_RELPATH",
+    "CheckError",
+    "Golden",
     "InvarianceReport",
     "InvarianceRow",
     "check_batch_invariance",
     "load_golden",
+    "read_golden",
     "saved_model_predictor",
     "run_check",
     "synthetic_inputs",
 ]
 
-GOLDEN_RELPATH = os.path.join("assets.extra", "tfbn_golden.npz")
+GOLDEN_RELPATH = layout.GOLDEN_RELPATH
+VERDICTS = ("invariant", "batch_dependent", "reference_mismatch", "nonfinite")
 
 Arrays = Mapping[str, np.ndarray]
 PredictFn = Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]
 
 
-def load_golden(version_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+class CheckError(RuntimeError):
+    """The server (or predict callable) misbehaved: wrong outputs, wrong shapes, refused
+    requests. `tfbn check` exits 1 on it (2 is for commands used wrongly)."""
+
+
+@dataclasses.dataclass
+class Golden:
+    """A golden file: inputs and expected outputs by name, and what the export recorded
+    (`meta`: compute_dtype, rtol, dtypes; {} for files written before it existed)."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+    meta: dict
+    path: str
+
+
+def _restore_dtype(array: np.ndarray, dtype: str | None) -> np.ndarray:
+    if dtype is None:
+        return array
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return array.astype(ml_dtypes.bfloat16)
+    return array.astype(dtype)
+
+
+def read_golden(version_dir: str | os.PathLike) -> Golden | None:
     """Read `<version_dir>/assets.extra/tfbn_golden.npz` written by the export module.
 
-    Returns `(inputs, outputs)` keyed by the serving_default input / output names (the
-    npz holds `inputs/<name>` and `outputs/<name>`), or None when there is no golden
-    file. A path to an .npz file itself is accepted too. Raises ValueError for a file
-    that is not a golden file.
-    """
+    A path to an .npz file itself is accepted too. Returns None when there is no golden
+    file; raises ValueError for a file that is not a golden file. bfloat16 arrays (stored
+    as float32, listed in `meta["dtypes"]`) come back as bfloat16."""
     path = os.fspath(version_dir)
     if not path.endswith(".npz"):
-        path = os.path.join(path, GOLDEN_RELPATH)
+        path = layout.golden_path(path)
     if not os.path.isfile(path):
         return None
-    inputs, outputs = {}, {}
+    inputs, outputs, meta = {}, {}, {}
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
@@ -70,13 +112,26 @@ def load_golden(version_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], 
     with data:
         for key in data.files:
             group, _, name = key.partition("/")
-            if group == "inputs" and name:
+            if key == "meta":
+                try:
+                    meta = json.loads(str(data[key]))
+                except ValueError as err:
+                    raise ValueError(f"{path}: 'meta' is not JSON: {err}") from None
+                if not isinstance(meta, dict):
+                    raise ValueError(f"{path}: 'meta' must be a JSON object")
+            elif group == "inputs" and name:
                 inputs[name] = data[key]
             elif group == "outputs" and name:
                 outputs[name] = data[key]
             else:
                 raise ValueError(f"{path}: unexpected array {key!r}; a golden file holds only "
-                                 "'inputs/<name>' and 'outputs/<name>' arrays")
+                                 "'inputs/<name>', 'outputs/<name>' and 'meta' arrays")
+    if any(a.dtype.kind == "V" for a in (*inputs.values(), *outputs.values())):
+        raise ValueError(f"{path} stores raw bytes (dtype |V); bfloat16 written by an old tfbn? "
+                         "Re-export the model")
+    dtypes = meta.get("dtypes", {})
+    inputs = {k: _restore_dtype(v, dtypes.get(f"inputs/{k}")) for k, v in inputs.items()}
+    outputs = {k: _restore_dtype(v, dtypes.get(f"outputs/{k}")) for k, v in outputs.items()}
     if not inputs or not outputs:
         raise ValueError(f"{path}: a golden file needs at least one 'inputs/<name>' and one "
                          f"'outputs/<name>' array; Received: {sorted(inputs)}, {sorted(outputs)}")
@@ -84,7 +139,13 @@ def load_golden(version_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], 
     n = _num_rows(outputs, "golden outputs")
     if n != _num_rows(inputs, "golden inputs"):
         raise ValueError(f"{path}: golden inputs and outputs have different numbers of rows")
-    return inputs, outputs
+    return Golden(inputs, outputs, meta, path)
+
+
+def load_golden(version_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+    """`(inputs, outputs)` of `read_golden(version_dir)`, or None without a golden file."""
+    golden = read_golden(version_dir)
+    return None if golden is None else (golden.inputs, golden.outputs)
 
 
 def _num_rows(arrays: Arrays, what: str) -> int:
@@ -110,12 +171,14 @@ class InvarianceRow:
     batch_size: int         # rows per request
     order: int              # 0 = natural order, k > 0 = k-th random permutation
     requests: int
-    max_abs: float
-    max_rel: float
+    max_abs: float          # max |y - ref| over all outputs
+    max_rel: float          # max |y - ref| / max |ref|, worst output (the gate's error)
     worst_index: int        # example (row of the inputs) with the largest tolerance ratio
     worst_output: str
-    tolerance_ratio: float  # max |y - ref| / (atol + rtol |ref|); <= 1 passes
+    tolerance_ratio: float  # max |y - ref| / (atol + rtol max |ref|); <= 1 passes
     passed: bool
+    spread_ratio: float = 0.0  # the same ratio against the first run: > 1 = batch-dependent
+    nonfinite: bool = False
 
 
 @dataclasses.dataclass
@@ -127,84 +190,103 @@ class InvarianceReport:
     atol: float
     rtol: float
     outputs: list[str]
+    verdict: str = "invariant"
+    compute_dtype: str = "float32"
+    tolerance_source: str = "float32 default"
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def failures(self) -> list[InvarianceRow]:
         return [r for r in self.rows if not r.passed]
 
+    def summary(self) -> str:
+        tol = (f"rtol={self.rtol:.3g}" + (f", atol={self.atol:g}" if self.atol else "")
+               + f" ({self.tolerance_source})")
+        head = f"{self.num_examples} examples against the {self.reference} reference, {tol}"
+        n, total = len(self.failures()), len(self.rows)
+        if self.verdict == "invariant":
+            return f"PASSED: {head}"
+        if self.verdict == "batch_dependent":
+            return (f"FAILED (depends on the batch): {head}; the runs disagree with each other "
+                    f"({sum(r.spread_ratio > 1 for r in self.rows)} of {total} differ from the "
+                    f"first run beyond tolerance), {n} of {total} runs fail")
+        if self.verdict == "reference_mismatch":
+            worst = max(r.max_rel for r in self.rows)
+            return (f"FAILED (differs from the reference, not from batch to batch): {head}; every "
+                    f"run agrees with every other within tolerance but all {n} of {total} differ "
+                    f"from the {self.reference} outputs (max rel. error {worst:.3g}): the server "
+                    "computes something else than the reference (another version or precision?)")
+        return f"FAILED (NaN/Inf answers): {head}; {n} of {total} runs have non-finite outputs"
+
     def table(self) -> str:
         """A markdown table, one line per run, and a verdict line."""
         head = ("| mode | batch | order | requests | max abs dev | max rel dev | worst example "
-                "| tol ratio | verdict |")
-        lines = [head, "|" + "---|" * 9]
+                "| tol ratio | vs first run | verdict |")
+        lines = [head, "|" + "---|" * 10]
         for r in self.rows:
             lines.append(f"| {r.mode} | {r.batch_size} | {r.order} | {r.requests} | {r.max_abs:.3g} "
                          f"| {r.max_rel:.3g} | {r.worst_index} ({r.worst_output}) "
-                         f"| {r.tolerance_ratio:.3g} | {'PASS' if r.passed else 'FAIL'} |")
-        verdict = "PASSED" if self.passed else "FAILED"
+                         f"| {r.tolerance_ratio:.3g} | {r.spread_ratio:.3g} "
+                         f"| {'PASS' if r.passed else 'FAIL'} |")
         lines.append("")
-        lines.append(f"{verdict}: {self.num_examples} examples against the {self.reference} "
-                     f"reference, atol={self.atol:g}, rtol={self.rtol:g}"
-                     + ("" if self.passed else f"; {len(self.failures())} of {len(self.rows)} runs "
-                        "depend on the batch"))
+        lines += self.notes
+        lines.append(self.summary())
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "num_examples": self.num_examples,
-                "reference": self.reference, "atol": self.atol, "rtol": self.rtol,
-                "outputs": self.outputs, "rows": [dataclasses.asdict(r) for r in self.rows]}
+        def num(v):
+            return v if np.isfinite(v) else str(v)
+
+        rows = [{k: (num(v) if isinstance(v, float) else v)
+                 for k, v in dataclasses.asdict(r).items()} for r in self.rows]
+        return {"passed": self.passed, "verdict": self.verdict, "summary": self.summary(),
+                "error": None, "num_examples": self.num_examples, "reference": self.reference,
+                "atol": self.atol, "rtol": self.rtol, "tolerance_source": self.tolerance_source,
+                "compute_dtype": self.compute_dtype, "outputs": self.outputs,
+                "notes": self.notes, "rows": rows}
 
     def __str__(self) -> str:
         return self.table()
 
 
-def _deviation(pred: Arrays, ref: Arrays, names: list[str], atol: float, rtol: float):
-    """(max_abs, max_rel, worst_row, worst_output, tolerance_ratio) over all outputs."""
+def _deviation(pred: Arrays, ref: Arrays, names: list[str], closeness: Closeness,
+               allow_nonfinite: bool):
+    """(max_abs, max_rel, worst_row, worst_output, tolerance_ratio, nonfinite) over outputs."""
     max_abs = max_rel = 0.0
     worst = (-1.0, 0, names[0])
-    tiny = np.finfo(np.float32).tiny
+    nonfinite = False
     for name in names:
-        y = np.asarray(pred[name])
-        r = np.asarray(ref[name])
+        y, r = np.asarray(pred[name]), np.asarray(ref[name])
         if y.shape != r.shape:
-            raise ValueError(f"output {name!r} has shape {y.shape} but the reference has {r.shape}")
-        if y.dtype.kind not in "fiucb" or r.dtype.kind not in "fiucb":
-            same = (y == r).reshape(len(y), -1).all(axis=1)
-            ratio = np.where(same, 0.0, np.inf)
-            if not same.all():
-                max_abs = max_rel = np.inf
-        else:
-            y64, r64 = y.astype(np.float64), r.astype(np.float64)
-            diff = np.abs(y64 - r64)
-            both_nan = np.isnan(y64) & np.isnan(r64)
-            diff = np.where(both_nan, 0.0, diff)
-            diff = np.where(np.isnan(diff), np.inf, diff)
-            rel = diff / np.maximum(np.abs(r64), max(atol, tiny))
-            tol = atol + rtol * np.abs(r64)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                el_ratio = np.where(diff == 0, 0.0, diff / np.where(tol > 0, tol, tiny))
-            ratio = el_ratio.reshape(len(y), -1).max(axis=1) if y.size else np.zeros(len(y))
-            if diff.size:
-                max_abs = max(max_abs, float(diff.max()))
-                max_rel = max(max_rel, float(rel.max()))
-        if len(ratio):
-            i = int(np.argmax(ratio))
-            if ratio[i] > worst[0]:
-                worst = (float(ratio[i]), i, name)
-    return max_abs, max_rel, worst[1], worst[2], max(worst[0], 0.0)
+            raise CheckError(f"output {name!r} has shape {y.shape} but the reference has {r.shape}")
+        cmp = closeness.compare(y, r, allow_nonfinite=allow_nonfinite)
+        nonfinite |= cmp.nonfinite
+        max_rel = max(max_rel, cmp.error)
+        max_abs = max(max_abs, cmp.max_abs)
+        if len(cmp.row_ratios):
+            i = int(np.argmax(cmp.row_ratios))
+            if cmp.row_ratios[i] > worst[0]:
+                worst = (float(cmp.row_ratios[i]), i, name)
+    return max_abs, max_rel, worst[1], worst[2], max(worst[0], 0.0), nonfinite
 
 
 def _call(predict: PredictFn, batch: dict[str, np.ndarray], names: list[str], n: int):
     out = predict(batch)
     if not isinstance(out, Mapping):
-        raise TypeError(f"predict must return a dict of named arrays; Received {type(out).__name__}")
+        raise CheckError(f"predict must return a dict of named arrays; Received {type(out).__name__}")
     missing = [k for k in names if k not in out]
     if missing:
-        raise ValueError(f"predict did not return outputs {missing}; it returned {sorted(out)}")
+        raise CheckError(f"predict did not return outputs {missing}; it returned {sorted(out)}")
     res = {k: np.asarray(out[k]) for k in names}
     for k, v in res.items():
         if v.ndim == 0 or v.shape[0] != n:
-            raise ValueError(f"output {k!r} has shape {v.shape}, expected {n} rows (one per example)")
+            raise CheckError(f"output {k!r} has shape {v.shape}, expected {n} rows (one per example)")
     return res
+
+
+def _chunked(predict: PredictFn, inputs: dict[str, np.ndarray], names, n: int, limit: int):
+    parts = [_call(predict, {k: v[lo:lo + limit] for k, v in inputs.items()}, names,
+                   min(limit, n - lo)) for lo in range(0, n, limit)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in names}
 
 
 def check_batch_invariance(
@@ -213,13 +295,18 @@ def check_batch_invariance(
     reference: Arrays | None = None,
     batch_sizes: Sequence[int | None] = (1, 2, 3, 7, None),
     orders: int = 3,
-    atol: float = 1e-5,
-    rtol: float = 1e-4,
+    atol: float = 0.0,
+    rtol: float | None = None,
     concurrent: bool = False,
     concurrent_rounds: int = 1,
     max_workers: int = 32,
     seed: int = 0,
     reference_name: str | None = None,
+    *,
+    compute_dtype: str | None = None,
+    allow_nonfinite: bool = False,
+    max_batch_size: int | None = None,
+    progress: bool | None = False,
 ) -> InvarianceReport:
     """Check that every example's prediction is independent of the batch it is in.
 
@@ -227,45 +314,95 @@ def check_batch_invariance(
       predict: callable, dict of named arrays (N rows) -> dict of named arrays (N rows).
       inputs: the examples, a dict of arrays sharing the first dimension.
       reference: expected outputs for `inputs` (e.g. the export's golden outputs, see
-        `load_golden`); default: `predict(inputs)` on the whole batch.
+        `read_golden`); default: `predict(inputs)` on the whole batch (in requests of
+        at most `max_batch_size` rows).
       batch_sizes: rows per request; None means all examples in one request. Sizes
-        larger than the number of examples are clipped to it.
+        larger than the number of examples (or `max_batch_size`) are clipped to it.
       orders: how many orders to try per batch size: order 0 is the natural order,
         orders 1.. are random permutations (seeded by `seed`).
-      atol, rtol: tolerance; a run passes when all |y - ref| <= atol + rtol |ref|.
+      atol, rtol: `tfbn.tolerance.Closeness`: a run passes when, per output,
+        max |y - ref| <= atol + rtol max |ref|. `rtol=None`: the default of
+        `compute_dtype`, else of float16/bfloat16 outputs, else float32's (1e-4).
       concurrent: also send every example as a single-row request, simultaneously, in
         waves of min(`max_workers`, half the examples), in a random order,
         `concurrent_rounds` times, so server-side batching mixes them (never into the
         full batch the default reference comes from).
       reference_name: label for the report ("golden", ...); defaults to "given" or
         "full-batch".
+      compute_dtype: what the model computes in, for the default rtol.
+      allow_nonfinite: count identical NaN/Inf as equal instead of failing.
+      max_batch_size: the server's largest accepted batch (its batching limit).
+      progress: requests sent / planned on stderr (`tfbn.progress`): True, False, or None
+        for "when stderr is a terminal".
 
     Returns:
       An `InvarianceReport`; `report.passed` is the verdict, `report.table()` the table.
+
+    Raises:
+      ValueError: bad arguments. CheckError: `predict` answered wrongly.
     """
     if orders < 1:
         raise ValueError(f"orders must be >= 1; Received: {orders}")
-    if atol < 0 or rtol < 0:
+    if atol < 0 or (rtol is not None and rtol < 0):
         raise ValueError(f"atol and rtol must be >= 0; Received: atol={atol}, rtol={rtol}")
     if concurrent_rounds < 1 or max_workers < 1:
         raise ValueError("concurrent_rounds and max_workers must be >= 1; Received: "
                          f"{concurrent_rounds}, {max_workers}")
+    if max_batch_size is not None and (not isinstance(max_batch_size, int | np.integer)
+                                       or max_batch_size < 1):
+        raise ValueError(f"max_batch_size must be a positive integer; Received: {max_batch_size!r}")
     inputs = {k: np.asarray(v) for k, v in inputs.items()}
     n = _num_rows(inputs, "inputs")
+    limit = n if max_batch_size is None else min(n, int(max_batch_size))
     sizes = []
     for b in batch_sizes:
         if b is not None and (not isinstance(b, int | np.integer) or b < 1):
             raise ValueError(f"batch sizes must be positive integers or None (all); Received: {b!r}")
-        b = n if b is None else min(int(b), n)
+        b = limit if b is None else min(int(b), limit)
         if b not in sizes:
             sizes.append(b)
     if not sizes and not concurrent:
         raise ValueError("nothing to check: pass at least one batch size or concurrent=True")
 
+    from tfbn.progress import progress_bar
+
+    planned = sum(orders * -(-n // b) for b in sizes) + (n * concurrent_rounds if concurrent else 0)
+    planned += 0 if reference is not None else -(-n // limit) + (limit < n)
+    bar = progress_bar(planned, "tfbn check", progress, unit="req")
+    counted = predict
+
+    def predict(batch):  # noqa: F811 - the same callable, counted
+        out = counted(batch)
+        bar.update(1)
+        return out
+
+    try:
+        return _check(predict, inputs, reference, sizes, orders, n, limit, closeness_args=(
+            rtol, atol, compute_dtype), allow_nonfinite=allow_nonfinite, seed=seed,
+            reference_name=reference_name, concurrent=concurrent,
+            concurrent_rounds=concurrent_rounds, max_workers=max_workers)
+    finally:
+        bar.close()
+
+
+def _check(predict, inputs, reference, sizes, orders, n, limit, closeness_args, allow_nonfinite,
+           seed, reference_name, concurrent, concurrent_rounds, max_workers) -> InvarianceReport:
+    rtol, atol, compute_dtype = closeness_args
     if reference is None:
-        full = predict(inputs)
-        names = sorted(full)
-        reference = _call(lambda _: full, inputs, names, n)
+        full = predict(inputs) if limit >= n else None
+        if full is not None:
+            if not isinstance(full, Mapping):
+                raise CheckError(f"predict must return a dict of named arrays; Received "
+                                 f"{type(full).__name__}")
+            names = sorted(full)
+            reference = _call(lambda _: full, inputs, names, n)
+        else:
+            first = predict({k: v[:limit] for k, v in inputs.items()})
+            if not isinstance(first, Mapping):
+                raise CheckError(f"predict must return a dict of named arrays; Received "
+                                 f"{type(first).__name__}")
+            names = sorted(first)
+            reference = _chunked(predict, inputs, names, n, limit)
         source = reference_name or "full-batch"
     else:
         reference = {k: np.asarray(v) for k, v in reference.items()}
@@ -274,15 +411,25 @@ def check_batch_invariance(
             raise ValueError(f"reference has {_num_rows(reference, 'reference')} rows but inputs "
                              f"have {n}")
         source = reference_name or "given"
+    dtype = compute_dtype or low_precision_of(np.asarray(v).dtype for v in reference.values()) \
+        or "float32"
+    closeness = Closeness.for_dtype(dtype, rtol, atol)
 
     rng = np.random.default_rng(seed)
     perms = [np.arange(n)] + [rng.permutation(n) for _ in range(orders - 1)]
     rows: list[InvarianceRow] = []
+    first_run: list[dict] = []
 
     def record(mode, b, order, requests, result):
-        max_abs, max_rel, worst, worst_name, ratio = _deviation(result, reference, names, atol, rtol)
+        max_abs, max_rel, worst, worst_name, ratio, nonfinite = _deviation(
+            result, reference, names, closeness, allow_nonfinite)
+        if not first_run:
+            first_run.append(result)
+        spread = _deviation(result, first_run[0], names, closeness, True)[4]
+        bad_nonfinite = nonfinite and not allow_nonfinite
         rows.append(InvarianceRow(mode, b, order, requests, max_abs, max_rel, worst, worst_name,
-                                  ratio, bool(ratio <= 1.0)))
+                                  ratio, bool(ratio <= 1.0 and not bad_nonfinite), spread,
+                                  nonfinite))
 
     for b in sizes:
         for order, perm in enumerate(perms):
@@ -320,25 +467,27 @@ def check_batch_invariance(
                             result[k][i] = out[k][0]
                 record("concurrent", 1, rnd, n, result)
 
-    return InvarianceReport(all(r.passed for r in rows), rows, n, source, atol, rtol, names)
+    passed = all(r.passed for r in rows)
+    if passed:
+        verdict = "invariant"
+    elif any(r.nonfinite for r in rows) and not allow_nonfinite:
+        verdict = "nonfinite"
+    elif all(r.spread_ratio <= 1.0 for r in rows):
+        verdict = "reference_mismatch"
+    else:
+        verdict = "batch_dependent"
+    notes = []
+    if limit < n:
+        notes.append(f"note: requests limited to the server's max_batch_size {limit} "
+                     f"(of {n} examples)")
+    return InvarianceReport(passed, rows, n, source, closeness.atol, closeness.rtol, names,
+                            verdict, closeness.dtype, closeness.source, notes)
 
 
 # --- backends ---------------------------------------------------------------------------
 
 def _find_version_dir(path: str) -> str:
-    if os.path.isfile(os.path.join(path, "saved_model.pb")) or os.path.isfile(
-            os.path.join(path, "saved_model.pbtxt")):
-        return path
-    versions = [int(d) for d in os.listdir(path) if d.isdigit()
-                and os.path.isdir(os.path.join(path, d))] if os.path.isdir(path) else []
-    if not versions:
-        raise FileNotFoundError(f"{path} is neither a SavedModel directory nor a base path with "
-                                "integer version directories")
-    best = max(versions)
-    for d in os.listdir(path):
-        if d.isdigit() and int(d) == best:
-            return os.path.join(path, d)
-    raise FileNotFoundError(path)  # pragma: no cover
+    return layout.resolve_saved_model_dir(path)
 
 
 def saved_model_predictor(path: str | os.PathLike, signature_name: str = "serving_default",
@@ -359,10 +508,19 @@ def saved_model_predictor(path: str | os.PathLike, signature_name: str = "servin
         raise ValueError(f"cannot load {version_dir}: {err.message}") from None
     if batching is not None:
         servable.batcher = _Batcher(batching)
-    servable.signature(signature_name)  # fail early on an unknown signature
+    try:
+        servable.signature(signature_name)  # fail early on an unknown signature
+    except ServingError as err:
+        servable.close()
+        raise ValueError(f"--signature_name {signature_name!r}: {err.message}") from None
 
     def predict(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return servable.run(signature_name, batch)[1]
+        try:
+            return servable.run(signature_name, batch)[1]
+        except ServingError as err:  # the same error a server would answer with
+            from tfbn.serving.client import TFServingError
+
+            raise TFServingError(err.code.name, err.message, target=version_dir) from None
 
     predict.servable = servable  # type: ignore[attr-defined]
     return predict, version_dir
@@ -408,6 +566,15 @@ def _load_inputs_file(path: str) -> dict[str, np.ndarray]:
                 if not k.startswith("outputs/")}
 
 
+_MAX_BATCH = re.compile(r"larger than maximum input batch size (\d+)")
+
+
+def _server_max_batch(err) -> int | None:
+    """The max_batch_size in TF Serving's refusal of a too-large batch, if that is what it is."""
+    match = _MAX_BATCH.search(getattr(err, "message", "") or str(err))
+    return int(match.group(1)) if match else None
+
+
 def run_check(
     model_path: str | None = None,
     *,
@@ -422,14 +589,17 @@ def run_check(
     num_examples: int = 64,
     batch_sizes: Sequence[int | None] = (1, 2, 3, 7, None),
     orders: int = 3,
-    atol: float = 1e-5,
-    rtol: float = 1e-4,
+    atol: float = 0.0,
+    rtol: float | None = None,
     concurrent: bool = False,
     concurrent_rounds: int = 1,
     max_workers: int = 32,
     batching=None,
     timeout: float = 10.0,
     seed: int = 0,
+    allow_nonfinite: bool = False,
+    max_batch_size: int | None = None,
+    progress: bool | None = False,
 ) -> InvarianceReport:
     """The check behind `tfbn check`: pick the backend, the examples and the reference.
 
@@ -439,10 +609,27 @@ def run_check(
     (`golden`, else the one inside `model_path`'s version directory), else
     `inputs_file` (.npz of named arrays) with the full-batch reference, else
     `num_examples` synthetic examples built from the signature.
+
+    Tolerance: `rtol` if given, else the one the golden file records (the export
+    gate's), else the default of float16/bfloat16 outputs, else 1e-4.
+    Requests never exceed the server's batching limit: `max_batch_size`, else the
+    batching parameters' (in process), else the limit a server states when it refuses
+    a batch ("Task size N is larger than maximum input batch size M").
+
+    Raises:
+      ValueError, FileNotFoundError: the check was asked for wrongly (`tfbn check`: 2).
+      TFServingError, CheckError: the server failed or answered wrongly (1).
     """
     if sum(x is not None for x in (model_path, rest, grpc)) != 1:
         raise ValueError("pass exactly one of a SavedModel path, --rest URL or --grpc target")
+    if not isinstance(num_examples, int | np.integer) or num_examples < 1:
+        raise ValueError(f"--num_examples must be a positive integer; Received: {num_examples!r}")
     gold = None
+    if golden is not None:
+        gold = read_golden(golden)
+        if gold is None:
+            raise FileNotFoundError(f"--golden {golden!r}: no golden file there (expected an .npz "
+                                    f"or a version directory with {GOLDEN_RELPATH})")
     if model_path is not None:
         if version is not None or label is not None:
             raise ValueError("--model_version / --model_version_label select versions on a server; "
@@ -454,7 +641,11 @@ def run_check(
         spec = {k: (_tensor.numpy_dtype(v.dtype),
                     None if v.tensor_shape.unknown_rank else [d.size for d in v.tensor_shape.dim])
                 for k, v in sig.inputs.items()}
-        gold = load_golden(golden or version_dir)
+        if gold is None:
+            gold = read_golden(version_dir)
+        if batching is not None and max_batch_size is None and \
+                not getattr(batching, "enable_large_batch_splitting", False):
+            max_batch_size = int(batching.max_batch_size)
     else:
         if not model_name:
             raise ValueError("--model_name is required with --rest / --grpc")
@@ -465,29 +656,66 @@ def run_check(
         client_cls, address = (RestClient, rest) if rest is not None else (GrpcClient, grpc)
         client = client_cls(address, model_name, version=version, label=label,
                             signature_name=signature_name, timeout=timeout)
-        sig_info = client.metadata().signature(signature_name)
+        metadata = client.metadata()
+        if signature_name not in metadata.signatures:
+            raise ValueError(f"--signature_name {signature_name!r}: the served model has no such "
+                             f"signature; it has {sorted(metadata.signatures)}")
+        sig_info = metadata.signature(signature_name)
         spec = {k: (v.numpy_dtype, None if v.shape is None else list(v.shape))
                 for k, v in sig_info.inputs.items()}
 
         def predict(batch):
             return client.predict(batch)
 
-        if golden:
-            gold = load_golden(golden)
-            if gold is None:
-                raise FileNotFoundError(f"no golden file at {golden!r} (expected an .npz or a "
-                                        f"version directory with {GOLDEN_RELPATH})")
+    compute_dtype = None
     if gold is not None:
-        inputs, reference = gold
+        inputs, reference = gold.inputs, gold.outputs
         missing = sorted(set(spec) - set(inputs))
         if missing:
             raise ValueError(f"the golden file has no inputs for {missing}; it has {sorted(inputs)}")
         inputs = {k: inputs[k] for k in spec}
-        return check_batch_invariance(predict, inputs, reference, batch_sizes, orders, atol, rtol,
-                                      concurrent, concurrent_rounds, max_workers, seed, "golden")
-    if inputs_file:
-        inputs = _load_inputs_file(inputs_file)
+        if rtol is None and "rtol" in gold.meta:
+            rtol = float(gold.meta["rtol"])
+            compute_dtype = gold.meta.get("compute_dtype")
+        name = "golden"
     else:
-        inputs = synthetic_inputs(spec, num_examples, seed)
-    return check_batch_invariance(predict, inputs, None, batch_sizes, orders, atol, rtol,
-                                  concurrent, concurrent_rounds, max_workers, seed)
+        reference = None
+        name = None
+        if inputs_file:
+            inputs = _load_inputs_file(inputs_file)
+        else:
+            inputs = synthetic_inputs(spec, num_examples, seed)
+    source = None
+    if compute_dtype is not None:
+        source = f"golden file: the export gate's, {compute_dtype}"
+
+    def check(limit):
+        return check_batch_invariance(
+            predict, inputs, reference, batch_sizes, orders, atol, rtol, concurrent,
+            concurrent_rounds, max_workers, seed, name, compute_dtype=compute_dtype,
+            allow_nonfinite=allow_nonfinite, max_batch_size=limit, progress=progress)
+
+    from tfbn.serving.client import TFServingError
+
+    try:
+        try:
+            report = check(max_batch_size)
+        except TFServingError as err:
+            limit = _server_max_batch(err)
+            if limit is None or (max_batch_size is not None and limit >= max_batch_size):
+                raise
+            report = check(limit)
+    except TFServingError as err:
+        limit = _server_max_batch(err)
+        if limit is not None:
+            err.message += (f" (the server batches at most {limit} rows: pass --max_batch_size "
+                            f"{limit} or --num_examples {limit})")
+            err.args = (f"{err.args[0]} (pass --max_batch_size {limit} or --num_examples {limit})",)
+        raise
+    finally:
+        servable = getattr(predict, "servable", None)
+        if servable is not None and batching is not None:
+            servable.close()
+    if source is not None:
+        report.tolerance_source = source
+    return report

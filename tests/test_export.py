@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
-from tfbn.serving.invariance import load_golden  # the one reader of the golden file
+from tfbn.serving.invariance import load_golden, read_golden  # the one golden-file reader
 
 import tfbn
 from tfbn import cli
@@ -77,12 +77,15 @@ def test_export_layout_signature_warmup_and_golden(tmp_path):
 
     # golden file: the contract the serving check reads
     with np.load(os.path.join(result.path, "assets.extra", GOLDEN_FILE)) as golden:
-        assert sorted(golden.files) == ["inputs/image", "outputs/logits"]
+        assert sorted(golden.files) == ["inputs/image", "meta", "outputs/logits"]
         x, y = golden["inputs/image"], golden["outputs/logits"]
     assert x.dtype == np.float32 and y.dtype == np.float32 and x.shape[0] == y.shape[0] >= 4
-    np.testing.assert_allclose(y, model(x, training=False), rtol=0, atol=0)
-    np.testing.assert_allclose(fn(image=tf.constant(x))["logits"], y, rtol=1e-5, atol=1e-5)
-    assert load_golden(result.path)[0]["image"].shape == x.shape
+    # the export's own answers, which the gate held to the Keras model
+    np.testing.assert_array_equal(fn(image=tf.constant(x))["logits"], y)
+    np.testing.assert_allclose(y, model(x, training=False), rtol=1e-5, atol=1e-5)
+    golden = read_golden(result.path)
+    assert golden.inputs["image"].shape == x.shape
+    assert golden.meta == {"format": 2, "compute_dtype": "float32", "rtol": 1e-4, "dtypes": {}}
 
     # warm-up: PredictionLog records TF Serving replays on load
     records = list(tf.data.TFRecordDataset(os.path.join(result.path, "assets.extra", WARMUP_FILE)))
@@ -295,3 +298,332 @@ def test_export_real_architecture_mobilenet_v2(tmp_path):
     assert len(result.fold_report.folded) == 52 and result.fold_report.frozen == []
     assert result.gate.ok and max(result.gate.parity.values()) < 1e-5
     assert lint_saved_model(result.path).ok
+
+
+# ------------------------------------------------- the gate cannot be fooled --
+
+
+def _dense_bn(bn_class=keras.layers.BatchNormalization):
+    inputs = keras.Input((5,), name="x")
+    x = keras.layers.Dense(4, use_bias=False)(inputs)
+    x = bn_class(name="bn")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="y")(x))
+
+
+def test_nan_statistics_are_refused_with_every_reason(tmp_path):
+    """Issue 13.1: a negative moving variance made every output NaN and the gate said
+    'parity 0.00e+00, lint OK' (NaN counted equal to NaN)."""
+    model = _trained_stats(_dense_bn())
+    model.get_layer("bn").moving_variance.assign(-np.ones(4, "float32"))
+    with pytest.raises(ExportGateError) as err:
+        export_saved_model(model, tmp_path / "m")
+    report = err.value.report
+    text = "\n".join(report.problems)
+    assert "NaN/Inf for finite sample inputs" in text and "negative_variance" in text
+    assert report.nonfinite and not (tmp_path / "m").exists()
+    # allowing the statistics finding alone still refuses the NaN outputs
+    with pytest.raises(ExportGateError, match="NaN/Inf for finite"):
+        export_saved_model(model, tmp_path / "m", allow=["negative_variance"])
+    # both allowed: written, and the report says what was allowed
+    result = export_saved_model(model, tmp_path / "m",
+                                allow=["negative_variance", "nonfinite_outputs"])
+    assert result.gate.allowed == ["negative_variance", "nonfinite_outputs"]
+    assert "allowed: negative_variance, nonfinite_outputs" in result.format()
+    with pytest.raises(ValueError, match="allow"):
+        export_saved_model(model, tmp_path / "m", allow=["everything"])
+
+
+@pytest.mark.parametrize("bn_class", [keras.layers.BatchNormalization, tfbn.BatchNormalization])
+def test_never_trained_statistics_are_refused(tmp_path, bn_class):
+    """Issue 13.2: moving mean 0 / variance 1 exactly (never updated) exported with 'lint: OK'."""
+    model = _dense_bn(bn_class)
+    with pytest.raises(ExportGateError, match=r"never_updated\] BN layer 'bn'") as err:
+        export_saved_model(model, tmp_path / "m")
+    assert err.value.report.statistics and not (tmp_path / "m").exists()
+    assert export_saved_model(model, tmp_path / "m", allow=["never_updated"]).gate.ok
+    # the same finding tfbn inspect reports
+    assert "never_updated" in tfbn.inspect.inspect_model(model).rows[0].flags
+
+
+def test_cli_export_allow_flag(tmp_path, capsys):
+    path = str(tmp_path / "fresh.keras")
+    _dense_bn().save(path)
+    assert cli.main(["export", path, str(tmp_path / "b")]) == 1
+    assert "never_updated" in capsys.readouterr().err
+    assert cli.main(["export", path, str(tmp_path / "b"), "--allow", "never_updated"]) == 0
+
+
+@pytest.mark.parametrize("bad", [2**63, "9223372036854775808", 2**70, -1, "1e3", "٣"])
+def test_versions_are_int64(tmp_path, bad):
+    """Issue 13.10: 2**63 and 2**70 were written although TF Serving cannot parse them."""
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*63 - 1\]"):
+        export_saved_model(_cnn(), tmp_path / "m", version=bad)
+    assert not (tmp_path / "m").exists()
+
+
+def test_cli_export_rejects_an_int64_overflow(tmp_path, capsys):
+    path = str(tmp_path / "m.keras")
+    _cnn().save(path)
+    assert cli.main(["export", path, str(tmp_path / "b"), "--version", str(2**63)]) == 2
+    assert "2**63 - 1" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------ mixed precision --
+
+
+@pytest.fixture
+def policy(request):
+    old = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(request.param)
+    yield request.param
+    keras.mixed_precision.set_global_policy(old)
+
+
+def _mixed_cnn(fit=True):
+    """Keras's mixed-precision recipe: float16/bfloat16 body, float32 softmax head."""
+    inputs = keras.Input((12, 12, 3), name="image")
+    x = inputs
+    for filters in (8, 16):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(5)(x)
+    outputs = keras.layers.Activation("softmax", dtype="float32", name="probs")(x)
+    model = _trained_stats(keras.Model(inputs, outputs))
+    if fit:
+        rng = np.random.default_rng(0)
+        model.compile("sgd", "sparse_categorical_crossentropy")
+        model.fit(rng.normal(size=(32, 12, 12, 3)), rng.integers(0, 5, 32), batch_size=16,
+                  epochs=1, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"], indirect=True)
+@pytest.mark.parametrize("fold", [True, False])
+def test_mixed_precision_model_passes_the_gate(tmp_path, policy, fold):
+    """Issue 19.1/19.2: refused folded and unfolded at 1e-4 although nothing was wrong."""
+    model = _mixed_cnn()
+    result = export_saved_model(model, tmp_path / "m", fold=fold)
+    gate = result.gate
+    low = policy.removeprefix("mixed_")
+    assert gate.ok and gate.compute_dtype == low and gate.reference == "float32 truth"
+    assert gate.rtol == tfbn.tolerance.default_rtol(low)
+    truth = gate.truth["probs"]
+    assert truth["export"] <= truth["bound"] and truth["model"] > 0
+    golden = read_golden(result.path)
+    assert golden.meta["compute_dtype"] == low and golden.meta["rtol"] == gate.rtol
+
+
+def _forgot_the_sqrt(gamma, beta, mean, variance, epsilon):
+    """A wrong fold: gamma / (var + eps) instead of gamma / sqrt(var + eps)."""
+    scale = 1.0 / (variance + tf.cast(epsilon, variance.dtype)) * tf.cast(gamma, variance.dtype)
+    return scale, tf.cast(beta, scale.dtype) - mean * scale
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"], indirect=True)
+def test_gate_still_refuses_wrong_folds_training_bn_and_nan(tmp_path, policy, monkeypatch):
+    """Issue 19.3: the dtype-aware gate is not a looser one."""
+    model = _mixed_cnn(fit=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(tfbn.stats, "fold_scale_offset", _forgot_the_sqrt)
+        with pytest.raises(ExportGateError) as err:
+            export_saved_model(model, tmp_path / "wrong_fold")
+    assert any("differs from model" in p or "float32 truth" in p for p in err.value.report.problems)
+
+    def train_mode(serving_model):
+        return tf.function(lambda image: {"y": serving_model(image, training=True)},
+                           input_signature=[tf.TensorSpec((None, 12, 12, 3), tf.float32)])
+
+    with pytest.raises(ExportGateError, match="training_batch_norm|batch_moments"):
+        export_saved_model(model, tmp_path / "train", fold=False,
+                           extra_signatures={"train": train_mode})
+
+    bn = [layer for layer in model.layers if "batch_normalization" in layer.name][0]
+    bn.moving_variance.assign(-np.ones(bn.moving_variance.shape, "float32"))
+    with pytest.raises(ExportGateError, match="NaN/Inf for finite"):
+        export_saved_model(model, tmp_path / "nan", allow=["negative_variance"])
+    assert not any((tmp_path / d).exists() for d in ("wrong_fold", "train", "nan"))
+
+
+# ------------------------------------------------------------ versions on disk --
+
+_KILL_SCRIPT = """
+import os, signal, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import keras
+import tfbn
+from tfbn import export
+
+model_path, base, mode = sys.argv[1:4]
+model = keras.saving.load_model(model_path, compile=False)
+if mode == "kill-after-first-version-change":
+    def kill_after(fn):
+        def wrapper(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            if any(os.fspath(a).endswith(os.sep + "3") for a in args):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+        return wrapper
+    os.rename = kill_after(os.rename)
+    export._exchange = kill_after(getattr(export, "_exchange", lambda a, b: None))
+else:  # "term-while-exporting": wait inside the export for the parent's SIGTERM
+    def slow(*args, **kwargs):
+        open(os.path.join(os.path.dirname(base), "ready"), "w").close()
+        import time
+        time.sleep(120)
+    export._write_warmup = slow
+export.export_saved_model(model, base, version=3, overwrite=True)
+"""
+
+
+def _run_export_process(tmp_path, mode, on_ready=None):
+    import subprocess
+    import sys
+
+    model_path = str(tmp_path / "m.keras")
+    if not os.path.exists(model_path):
+        _cnn().save(model_path)
+    script = tmp_path / "script.py"
+    script.write_text(_KILL_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, str(script), model_path, str(tmp_path / "base"), mode],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        if on_ready is not None:
+            on_ready(proc)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err.decode(errors="replace")
+
+
+def test_overwrite_is_atomic_even_under_sigkill(tmp_path):
+    """Issue 13.8: a kill between --overwrite's two renames left no version directory."""
+    base = tmp_path / "base"
+    export_saved_model(_cnn(), base, version=3)
+    (base / "3" / "old-marker").write_text("")
+    code, err = _run_export_process(tmp_path, "kill-after-first-version-change")
+    assert code == -9, err[-2000:]
+    # TF Serving sees a complete version 3: the new one (the swap is a single renameat2)
+    assert (base / "3" / "saved_model.pb").exists() and not (base / "3" / "old-marker").exists()
+    # the killed export's temp dir (holding the old version) is stale; the next export removes it
+    from tfbn import layout
+
+    assert len(layout.stale_temp_dirs(base)) == 1
+    export_saved_model(_cnn(), base, version=4)
+    assert _entries(base) == ["3", "4"]
+
+
+def test_overwrite_refuses_where_an_atomic_swap_is_impossible(tmp_path, monkeypatch):
+    import errno
+
+    from tfbn import export
+
+    base = tmp_path / "base"
+    export_saved_model(_cnn(), base, version=1)
+    (base / "1" / "old-marker").write_text("")
+
+    def no_exchange(a, b):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(export, "_exchange", no_exchange)
+    with pytest.raises(OSError, match="atomically"):
+        export_saved_model(_cnn(), base, version=1, overwrite=True)
+    assert (base / "1" / "old-marker").exists() and _entries(base) == ["1"]
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    """Issue 13.9: SIGTERM during an export left its .tfbn-export-* directory behind."""
+    import signal
+    import time
+
+    def terminate_when_ready(proc):
+        deadline = time.monotonic() + 200
+        while not (tmp_path / "ready").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "export never started"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+
+    code, err = _run_export_process(tmp_path, "term-while-exporting", terminate_when_ready)
+    assert code != 0 and "SIGTERM" in err, err[-2000:]
+    assert _entries(tmp_path / "base") in (None, [])
+
+
+def test_stale_temp_dirs_are_removed_live_ones_kept(tmp_path):
+    """Issue 13.9: temp dirs of killed exports were never removed."""
+    import subprocess
+    import sys
+    import time
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    base = tmp_path / "base"
+    try:
+        names = {"dead": f"{TMP_PREFIX}{dead.pid}-x1", "alive": f"{TMP_PREFIX}{alive.pid}-x2",
+                 "legacy_old": f"{TMP_PREFIX}abc", "legacy_new": f"{TMP_PREFIX}def"}
+        for name in names.values():
+            (base / name / "model").mkdir(parents=True)
+        old = time.time() - 2 * 3600
+        os.utime(base / names["legacy_old"], (old, old))
+        export_saved_model(_cnn(), base, version=1)
+        assert _entries(base) == sorted(["1", names["alive"], names["legacy_new"]])
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_layout_is_the_one_reader_of_version_directories(tmp_path):
+    """Issue 10.7: one module owns the TF Serving layout; export, inspect and the check use it."""
+    from tfbn.serving import invariance
+
+    from tfbn import inspect as tfbn_inspect
+    from tfbn import layout
+
+    for name in ("1", "007", "7", str(2**63 - 1), str(2**63), "٣", "tmp", ".tfbn-export-1-x"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "12").write_text("a file, not a version")
+    versions = layout.version_dirs(tmp_path)
+    assert list(versions) == [1, 7, 2**63 - 1] and versions[7] == str(tmp_path / "7")
+    assert layout.latest_version(tmp_path) == 2**63 - 1
+    with pytest.raises(ValueError, match="2\\*\\*63 - 1"):
+        layout.next_version(tmp_path)
+    assert layout.next_version(tmp_path / "missing") == 1
+    assert layout.parse_version("0") == 0 and layout.parse_version("-1") is None
+    assert layout.validate_version("42") == 42 and layout.validate_version(np.int64(5)) == 5
+    assert layout.temp_dir_owner(layout.temp_dir_prefix(123) + "abc") == 123
+    assert layout.golden_path("v") == os.path.join("v", "assets.extra", GOLDEN_FILE)
+    assert layout.warmup_path("v") == os.path.join("v", "assets.extra", WARMUP_FILE)
+    assert tfbn_inspect.resolve_saved_model_dir is layout.resolve_saved_model_dir
+    assert invariance.GOLDEN_RELPATH == layout.GOLDEN_RELPATH
+
+
+def test_export_progress_steps_on_stderr(tmp_path, capsys, monkeypatch):
+    """Issue 13.11: the gate's steps on stderr when asked (or on a terminal), else silent."""
+    from tfbn import progress
+
+    monkeypatch.setattr(progress, "DELAY", 0.0)
+    export_saved_model(_cnn(), tmp_path / "a", progress=True)
+    err = capsys.readouterr().err
+    assert "tfbn export" in err and "/6 " in err  # planned steps
+    export_saved_model(_cnn(), tmp_path / "b")
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"], indirect=True)
+def test_mixed_precision_mobilenet_v2_folds_and_passes(tmp_path, policy):
+    """Issue 19.2/19.9: MobileNetV2 blocks (depthwise, pointwise, ReLU6, residual adds) under
+    mixed precision: every BN folds and the export is no further from the float32 truth than
+    the Keras model (with the stated margin)."""
+    model = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10,
+        classifier_activation=None,
+    )
+    result = export_saved_model(_trained_stats(model), tmp_path)
+    assert len(result.fold_report.folded) == 52 and result.gate.ok
+    truth = result.gate.truth["predictions"]
+    assert truth["export"] <= (1 + 0.5) * truth["model"] + result.gate.rtol
+    assert result.gate.compute_dtype == policy.removeprefix("mixed_")

@@ -12,8 +12,10 @@ import pytest
 from _serving_helpers import INPUT, OUTPUT, examples, export_bn_models
 from tfbn.serving import _config
 from tfbn.serving.invariance import (
+    CheckError,
     check_batch_invariance,
     load_golden,
+    read_golden,
     run_check,
     saved_model_predictor,
     synthetic_inputs,
@@ -109,9 +111,10 @@ def test_bad_arguments_are_named(kwargs, match):
 
 
 def test_bad_predict_outputs_are_reported():
-    with pytest.raises(ValueError, match="expected 2 rows"):
+    """Wrong answers are the server's fault (CheckError, exit 1), not a usage error."""
+    with pytest.raises(CheckError, match="expected 2 rows"):
         check_batch_invariance(lambda b: {"y": np.zeros(3)}, {"x": np.zeros((2, 1))})
-    with pytest.raises(ValueError, match="did not return outputs"):
+    with pytest.raises(CheckError, match="did not return outputs"):
         check_batch_invariance(lambda b: {"q": b["x"]}, X, reference={"y": X["x"]})
     with pytest.raises(ValueError, match="same number of rows"):
         check_batch_invariance(rowwise, {"x": np.zeros((2, 1)), "w": np.zeros((3, 1))})
@@ -261,3 +264,275 @@ def test_export_module_golden_file_end_to_end(bn, tmp_path, capsys):
                          result.path, "--orders", "1", "--concurrent"]) == 0
     out = capsys.readouterr().out
     assert "against the golden reference" in out and "PASSED" in out
+
+
+# --- a check that cannot be fooled (issue 13) and speaks every dtype (issue 19) --------------
+
+def test_nan_answers_fail_even_against_a_nan_golden_file():
+    """Issue 13.1: NaN == NaN made an all-NaN model PASS."""
+    nan = {"y": np.full((20, 3), np.nan, np.float32)}
+    report = check_batch_invariance(lambda b: {"y": np.full_like(b["x"], np.nan)}, X,
+                                    reference=nan, orders=1)
+    assert not report.passed and report.verdict == "nonfinite" and "NaN/Inf" in report.table()
+    assert check_batch_invariance(lambda b: {"y": np.full_like(b["x"], np.nan)}, X,
+                                  reference=nan, orders=1, allow_nonfinite=True).passed
+
+
+def test_same_deviation_at_every_batch_size_is_not_blamed_on_the_batch():
+    """Issue 19.4: a server off the reference by the same amount everywhere is a reference
+    mismatch; a server whose answers move with the batch depends on the batch."""
+    shifted = check_batch_invariance(lambda b: {"y": b["x"] + 0.5}, X, reference={"y": X["x"]},
+                                     orders=2)
+    assert not shifted.passed and shifted.verdict == "reference_mismatch"
+    assert "not from batch to batch" in shifted.table()
+    assert all(r.spread_ratio <= 1 for r in shifted.rows)
+    dependent = check_batch_invariance(batch_stats, X, orders=1)
+    assert dependent.verdict == "batch_dependent" and "depends on the batch" in dependent.table()
+
+
+def test_one_metric_with_the_gate_relative_to_the_output_scale():
+    """Issue 19.4: the check's per-element atol + rtol*|ref| was not the gate's
+    max|d|/max|ref|: a deviation of 1e-3 * max|ref| on a near-zero element failed rtol 1e-2."""
+    ref = {"y": np.stack([np.full(3, 100.0), np.full(3, 1e-3)] * 10).astype(np.float32)}
+
+    def off(batch):
+        return {"y": ref["y"][: len(batch["x"])] + np.float32(0.1)}  # 1e-3 of max|ref|
+
+    report = check_batch_invariance(off, X, reference=ref, batch_sizes=(None,), orders=1,
+                                    rtol=1e-2)
+    assert report.passed and report.rows[0].max_rel == pytest.approx(1e-3, rel=1e-3)
+    from tfbn.tolerance import Closeness
+
+    assert Closeness(1e-2).compare(off(X)["y"], ref["y"]).passed  # the gate's verdict, too
+
+
+def test_default_tolerance_follows_the_dtype():
+    import ml_dtypes
+
+    ref16 = {"y": (X["x"] * 2 + 1).astype(np.float16)}
+    half = check_batch_invariance(lambda b: {"y": (b["x"] * 2 + 1).astype(np.float16)}, X,
+                                  reference=ref16, orders=1)
+    assert half.passed and half.rtol == pytest.approx(2 * 2**-10)
+    bf = {"y": (X["x"] * 2 + 1).astype(ml_dtypes.bfloat16)}
+    report = check_batch_invariance(lambda b: {"y": (b["x"] * 2 + 1).astype(ml_dtypes.bfloat16)},
+                                    X, reference=bf, orders=1)
+    assert report.passed and report.rtol == pytest.approx(2 * 2**-7)
+    assert check_batch_invariance(rowwise, X, compute_dtype="float16").rtol == half.rtol
+
+
+def test_bfloat16_golden_file_round_trip(tmp_path):
+    """Issue 19.5: bfloat16 was stored as void |V2 and the check died on it."""
+    import ml_dtypes
+
+    from tfbn.export import _golden_arrays
+
+    out = {"y": (X["x"] * 3).astype(ml_dtypes.bfloat16)}
+    arrays, dtypes = _golden_arrays(X, out)
+    assert arrays["outputs/y"].dtype == np.float32 and dtypes == {"outputs/y": "bfloat16"}
+    path = tmp_path / "g.npz"
+    np.savez(path, meta=np.array(json.dumps({"dtypes": dtypes, "rtol": 0.01})), **arrays)
+    golden = read_golden(path)
+    assert golden.outputs["y"].dtype == ml_dtypes.bfloat16 and golden.meta["rtol"] == 0.01
+    np.testing.assert_array_equal(golden.outputs["y"].astype(np.float32),
+                                  out["y"].astype(np.float32))
+    np.savez(path, **{"inputs/x": X["x"], "outputs/y": out["y"]})  # what np.savez does to bf16
+    with pytest.raises(ValueError, match=r"raw bytes"):
+        read_golden(path)
+
+
+def test_cli_check_a_wrong_golden_path_is_a_usage_error(bn, capsys, tmp_path):
+    """Issue 13.3: --golden nope.npz fell back to the full-batch reference and exited 0."""
+    out = tmp_path / "r.json"
+    assert cli.main(["check", bn["frozen"], "--golden", str(tmp_path / "nope.npz"),
+                     "--json", str(out)]) == 2
+    assert "nope.npz" in capsys.readouterr().err
+    doc = json.loads(out.read_text())
+    assert doc["passed"] is False and doc["exit_code"] == 2 and "nope.npz" in doc["error"]
+
+
+def test_cli_check_json_is_written_when_the_server_fails(capsys, tmp_path):
+    """Issue 13.4: --json wrote nothing when the server failed."""
+    out = tmp_path / "r.json"
+    assert cli.main(["check", "--grpc", "127.0.0.1:9", "--model_name", "m", "--timeout", "1",
+                     "--json", str(out)]) == 1
+    doc = json.loads(out.read_text())
+    assert doc["verdict"] == "server_error" and doc["exit_code"] == 1 and doc["error"]
+    assert doc["compared"]["backend"] == "grpc" and doc["compared"]["target"] == "127.0.0.1:9"
+
+
+def test_cli_check_exit_codes_for_a_misbehaving_server_and_a_wrong_signature(
+        bn, capsys, tmp_path, monkeypatch):
+    """Issue 13.5: wrong shapes from the server gave 2 (bad usage) instead of 1; an unknown
+    --signature_name ended in a KeyError traceback."""
+    from tfbn.serving import client as client_module
+    from tfbn.serving.server import DevServer
+
+    with DevServer([_config.ModelConfig("frozen", bn["frozen"])], port=0, rest_api_port=0) as srv:
+        assert cli.main(["check", "--rest", srv.rest_url, "--model_name", "frozen",
+                         "--signature_name", "nope"]) == 2
+        err = capsys.readouterr().err
+        assert "'nope'" in err and "serving_default" in err and "Traceback" not in err
+        assert cli.main(["check", bn["frozen"], "--signature_name", "nope"]) == 2
+        capsys.readouterr()
+        real = client_module.RestClient.predict
+        monkeypatch.setattr(client_module.RestClient, "predict",
+                            lambda self, x, **kw: {k: v[:1] for k, v in real(self, x, **kw).items()})
+        out = tmp_path / "r.json"
+        assert cli.main(["check", "--rest", srv.rest_url, "--model_name", "frozen", "--golden",
+                         os.path.join(bn["frozen"], "1"), "--json", str(out)]) == 1
+        assert "expected" in capsys.readouterr().err
+        assert json.loads(out.read_text())["exit_code"] == 1
+
+
+def test_check_sizes_requests_to_the_servers_max_batch_size(bn, capsys, tmp_path):
+    """Issue 13.6: max_batch_size below the number of examples: a traceback in process, an
+    unhelpful failure over the wire."""
+    from tfbn.serving.server import DevServer
+
+    config = tmp_path / "batching.config"
+    config.write_text("max_batch_size { value: 8 }\nbatch_timeout_micros { value: 1000 }\n")
+    assert cli.main(["check", bn["frozen"], "--orders", "1", "--enable_batching",
+                     "--batching_parameters_file", str(config)]) == 0  # 24 golden examples
+    out = capsys.readouterr().out
+    assert "max_batch_size 8" in out and "| sequential | 8 | 0 | 3 |" in out
+    params = _config.BatchingParameters(max_batch_size=8, batch_timeout_micros=1000)
+    with DevServer([_config.ModelConfig("frozen", bn["frozen"])], port=0, rest_api_port=0,
+                   batching=params) as srv:
+        for transport in ("rest", "grpc"):
+            address = dict(rest=srv.rest_url, grpc=srv.grpc_target)[transport]
+            report = run_check(**{transport: address}, model_name="frozen", orders=1,
+                               golden=os.path.join(bn["frozen"], "1"))
+            assert report.passed and any("max_batch_size 8" in n for n in report.notes)
+
+
+@pytest.fixture
+def policy(request):
+    import keras
+
+    old = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(request.param)
+    yield request.param
+    keras.mixed_precision.set_global_policy(old)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"], indirect=True)
+def test_mixed_precision_fit_export_check_in_process_rest_and_grpc(policy, tmp_path):
+    """Issue 19.4/19.9: every mixed-precision export that passed the gate failed `tfbn check`
+    ("15 of 15 runs depend on the batch")."""
+    import keras
+    from tfbn.serving.server import DevServer
+
+    from tfbn import export
+
+    rng = np.random.default_rng(0)
+    inputs = keras.Input((6, 6, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(keras.layers.GlobalAveragePooling2D()(x))
+    outputs = keras.layers.Activation("softmax", dtype="float32", name="probs")(
+        keras.layers.Dense(4)(x))
+    model = keras.Model(inputs, outputs)
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    model.fit(rng.normal(size=(64, 6, 6, 3)), rng.integers(0, 4, 64), batch_size=16, verbose=0)
+    base = str(tmp_path / "m")
+    for fold, version in ((True, 1), (False, 2)):
+        export.export_saved_model(model, base, version=version, fold=fold,
+                                  sample_inputs=rng.normal(size=(16, 6, 6, 3)))
+        report = run_check(base, orders=1)
+        assert report.passed, report.table()
+        assert report.compute_dtype == policy.removeprefix("mixed_")
+        assert report.tolerance_source.startswith("golden file")
+    with DevServer([_config.ModelConfig("m", base)], port=0, rest_api_port=0) as srv:
+        for transport in ("rest", "grpc"):
+            address = dict(rest=srv.rest_url, grpc=srv.grpc_target)[transport]
+            report = run_check(**{transport: address}, model_name="m", orders=1,
+                               golden=os.path.join(base, "2"), concurrent=True)
+            assert report.passed, report.table()
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16"], indirect=True)
+def test_bfloat16_outputs_export_and_check(policy, tmp_path, capsys):
+    """Issue 19.5: a bfloat16-output export's golden file held void |V2 and `tfbn check`
+    exited 2 with 'No cast function available.'"""
+    import keras
+    import ml_dtypes
+
+    from tfbn import export
+
+    inputs = keras.Input((6, 6, 3), name="image")
+    x = keras.layers.Conv2D(4, 3, use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    outputs = keras.layers.Dense(3, name="logits")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs)  # no float32 head: bfloat16 outputs
+    bn = model.layers[2]
+    bn.moving_mean.assign(np.linspace(-1, 1, 4))
+    bn.moving_variance.assign(np.linspace(0.5, 2, 4))
+    result = export.export_saved_model(model, tmp_path / "m")
+    golden = read_golden(result.path)
+    assert golden.outputs["logits"].dtype == ml_dtypes.bfloat16
+    assert golden.meta["dtypes"] == {"outputs/logits": "bfloat16"}
+    assert cli.main(["check", str(tmp_path / "m"), "--orders", "1"]) == 0
+    assert "PASSED" in capsys.readouterr().out
+
+
+def test_progress_on_stderr_only_when_asked_or_on_a_terminal(capsys, monkeypatch, bn):
+    """Issue 13.11: requests sent / planned on stderr; quiet under --quiet and off a terminal."""
+    from tfbn import progress
+
+    monkeypatch.setattr(progress, "DELAY", 0.0)
+    check_batch_invariance(rowwise, X, orders=1, progress=True)  # 20+10+7+3+1 requests + 1
+    err = capsys.readouterr().err
+    assert "tfbn check" in err and "/42 " in err  # planned requests
+    check_batch_invariance(rowwise, X, orders=1)  # library default: silent
+    assert capsys.readouterr().err == ""
+    assert cli.main(["check", bn["frozen"], "--orders", "1"]) == 0  # stderr is not a terminal
+    assert "tfbn check" not in capsys.readouterr().err
+    monkeypatch.setattr(type(__import__("sys").stderr), "isatty", lambda self: True,
+                        raising=False)
+    assert cli.main(["check", bn["frozen"], "--orders", "1"]) == 0
+    assert "tfbn check" in capsys.readouterr().err
+    assert cli.main(["check", bn["frozen"], "--orders", "1", "--quiet"]) == 0
+    assert "tfbn check" not in capsys.readouterr().err
+
+
+def test_demo_plots_are_readable_on_their_own(tmp_path, monkeypatch):
+    """Issue 13.12: training.png had no y labels; invariance.png had 'sequ b1 o0' ticks, no x
+    label, no tolerance line and one series hidden under another."""
+    import importlib.util
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "demo.py"
+    spec = importlib.util.spec_from_file_location("demo_plots", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    history = {"loss": [1.0, 0.5], "val_loss": [1.1, 0.6], "accuracy": [0.6, 0.9],
+               "val_accuracy": [0.5, 0.85]}
+    good = check_batch_invariance(rowwise, X, orders=2, concurrent=True)
+    bad = check_batch_invariance(batch_stats, X, orders=2, concurrent=True)
+    reports = {"digits rest": good, "digits grpc": good,
+               "digits_training_mode rest": bad, "digits_training_mode grpc": bad}
+    paths = demo.plot(history, reports, tmp_path)
+    assert [p.name for p in paths] == ["training.png", "invariance.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
+    training, invariance = figures
+    for ax in training.axes:
+        assert ax.get_ylabel() and ax.get_xlabel() == "epoch"
+    ax = invariance.axes[0]
+    assert ax.get_xlabel() and ax.get_ylabel()
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert "batch 1" in ticks and not any("sequ" in t for t in ticks)
+    lines = ax.get_lines()
+    tolerance = [line for line in lines if "tolerance" in str(line.get_label())]
+    assert len(tolerance) == 1 and tolerance[0].get_ydata()[0] == good.rtol
+    series = [line for line in lines if line not in tolerance]
+    assert len(series) == 4
+    # identical REST and gRPC results must not hide each other: different x positions
+    xs = {tuple(line.get_xdata()) for line in series}
+    assert len(xs) == 2 and len({line.get_label() for line in series}) == 4

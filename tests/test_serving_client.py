@@ -251,3 +251,170 @@ def test_real_tf_serving_batch_invariance(kind):
         x = {"x": np.random.default_rng(0).standard_normal((20, 1)).astype(np.float32)}
         report = check_batch_invariance(c.predict_fn(), x, concurrent=True)
     assert report.passed, report.table()
+
+
+# --- whole-call deadlines (issue 13.7) and bfloat16 (issue 19.5) ---------------------------
+
+class _Trickler:
+    """A TCP server on 127.0.0.1 that reads the request, then sends a valid HTTP answer one
+    byte every `pause` seconds (a complete answer after ~len(answer) * pause seconds)."""
+
+    ANSWER = (b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 27\r\n\r\n'
+              b'{"model_version_status":[]}')
+
+    def __init__(self, pause=0.2):
+        self.pause = pause
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn):
+        with conn:
+            conn.recv(65536)
+            for i in range(len(self.ANSWER)):
+                if self.stop.is_set():
+                    return
+                try:
+                    conn.sendall(self.ANSWER[i:i + 1])
+                except OSError:
+                    return  # the client hung up: what a deadline does
+                time.sleep(self.pause)
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+
+def test_rest_timeout_is_a_deadline_for_the_whole_call():
+    """Issue 13.7: timeout=3 against a server trickling a byte every 0.2 s returned after 13 s."""
+    trickler = _Trickler(pause=0.2)  # the whole answer would take ~20 s
+    try:
+        client = RestClient(trickler.url, "m", timeout=1.0, retries=0)
+        t0 = time.monotonic()
+        with pytest.raises(TFServingError) as err:
+            client.status()
+        elapsed = time.monotonic() - t0
+        assert err.value.code == "DEADLINE_EXCEEDED" and elapsed < 2.5, elapsed
+        # the same client still works for the next call (the broken connection is dropped)
+        with pytest.raises(TFServingError, match="DEADLINE_EXCEEDED"):
+            client.status(timeout=0.5)
+        client.close()
+    finally:
+        trickler.close()
+
+
+def test_cli_check_timeout_bounds_a_trickling_server(capsys):
+    from tfbn import cli
+
+    trickler = _Trickler(pause=0.2)
+    try:
+        t0 = time.monotonic()
+        assert cli.main(["check", "--rest", trickler.url, "--model_name", "m",
+                         "--timeout", "1"]) == 1
+        assert time.monotonic() - t0 < 6.0  # one call and its retries, all within 1 s
+        assert "DEADLINE_EXCEEDED" in capsys.readouterr().err
+    finally:
+        trickler.close()
+
+
+def test_grpc_timeout_is_a_deadline_for_the_whole_call():
+    """gRPC had it already (the call's deadline); kept so it stays that way."""
+    from concurrent import futures
+
+    def slow(request, context):
+        time.sleep(5)
+        return b""
+
+    handler = grpc.method_handlers_generic_handler("tensorflow.serving.ModelService", {
+        "GetModelStatus": grpc.unary_unary_rpc_method_handler(slow)})
+    srv = grpc.server(futures.ThreadPoolExecutor(2))
+    srv.add_generic_rpc_handlers((handler,))
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    try:
+        client = GrpcClient(f"127.0.0.1:{port}", "m", timeout=1.0, retries=3)
+        t0 = time.monotonic()
+        with pytest.raises(TFServingError) as err:
+            client.status()
+        assert err.value.code == "DEADLINE_EXCEEDED" and time.monotonic() - t0 < 2.5
+        client.close()
+    finally:
+        srv.stop(0)
+
+
+def test_bfloat16_over_grpc_matches_tensorflows_codec():
+    """Issue 19.5: DT_BFLOAT16 tensors (TensorProto half_val or tensor_content)."""
+    import ml_dtypes
+    import tensorflow as tf
+    from tfbn.serving import client as client_module
+
+    x = np.array([[1.5, -2.25, 3e-3], [100.0, 0.0, -0.0]], dtype=ml_dtypes.bfloat16)
+    typed = tf.make_tensor_proto(tf.constant(x))  # TensorFlow's own encoding
+    assert typed.dtype == tf.bfloat16.as_datatype_enum
+    got = client_module._from_tensor_proto(typed)
+    assert got.dtype == ml_dtypes.bfloat16 and got.tobytes() == x.tobytes()
+    ours = client_module._to_tensor_proto(x)
+    back = tf.make_ndarray(ours)
+    assert back.dtype == tf.bfloat16.as_numpy_dtype and back.tobytes() == x.tobytes()
+    half = type(typed)(dtype=typed.dtype, tensor_shape=typed.tensor_shape)
+    half.half_val.extend(x.view(np.uint16).ravel().tolist())  # the typed-field form
+    assert client_module._from_tensor_proto(half).tobytes() == x.tobytes()
+
+
+class _Bf16Server(http.server.BaseHTTPRequestHandler):
+    """TF Serving's REST answers for a model with a DT_BFLOAT16 input and output (y = 2x)."""
+
+    seen: list = []
+
+    def _reply(self, doc):
+        body = __import__("json").dumps(doc).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        info = {"dtype": "DT_BFLOAT16", "tensor_shape": {"dim": [{"size": "-1"}, {"size": "3"}]}}
+        self._reply({"model_spec": {"name": "m", "version": "1"}, "metadata": {"signature_def": {
+            "signature_def": {"serving_default": {"method_name": "tensorflow/serving/predict",
+                                                  "inputs": {"x": info}, "outputs": {"y": info}}}}}})
+
+    def do_POST(self):
+        doc = __import__("json").loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append(doc)
+        self._reply({"outputs": (np.asarray(doc["inputs"]["x"]) * 2).tolist()})
+
+    def log_message(self, *args):
+        pass
+
+
+def test_bfloat16_over_rest_as_json_numbers():
+    import ml_dtypes
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Bf16Server)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        client = RestClient(f"http://127.0.0.1:{srv.server_address[1]}", "m")
+        sig = client.metadata().signature()
+        assert sig.inputs["x"].numpy_dtype == ml_dtypes.bfloat16
+        x = np.array([[1.5, -2.25, 0.0078125]], dtype=ml_dtypes.bfloat16)
+        y = client.predict({"x": x})["y"]
+        assert y.dtype == ml_dtypes.bfloat16 and y.tobytes() == (x * 2).tobytes()
+        assert _Bf16Server.seen[-1]["inputs"]["x"] == [[1.5, -2.25, 0.0078125]]  # numbers
+        y32 = client.predict({"x": x.astype(np.float32)})["y"]  # float32 data cast to the signature
+        assert y32.dtype == ml_dtypes.bfloat16
+        client.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -202,8 +202,17 @@ def _add_check(sub) -> None:
     p.add_argument("--batch_sizes", type=_batch_sizes, default=(1, 2, 3, 7, None),
                    help="comma-separated, 'all' for one request (default 1,2,3,7,all)")
     p.add_argument("--orders", type=int, default=3, help="orders per batch size (default 3)")
-    p.add_argument("--atol", type=float, default=1e-5)
-    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--atol", type=float, default=0.0,
+                   help="absolute slack added to rtol * max|reference| (default 0)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="max |answer - reference| / max |reference| per output (default: the "
+                        "export gate's, from the golden file; else 1.95e-3 for float16 and "
+                        "1.56e-2 for bfloat16 outputs; else 1e-4)")
+    p.add_argument("--allow_nonfinite", action="store_true",
+                   help="count identical NaN/Inf answers as equal instead of failing")
+    p.add_argument("--max_batch_size", type=int, default=None,
+                   help="largest request the server accepts (default: the batching "
+                        "parameters', or what the server says when it refuses a batch)")
     p.add_argument("--concurrent", action="store_true",
                    help="also send all examples as simultaneous single-row requests")
     p.add_argument("--concurrent_rounds", type=int, default=1)
@@ -212,23 +221,36 @@ def _add_check(sub) -> None:
     p.add_argument("--batching_parameters_file", help="BatchingParameters text proto")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", dest="json_path", help="also write the report as JSON here")
+    p.add_argument("--json", dest="json_path",
+                   help="also write the report as JSON here (always, failures included)")
+    _add_quiet_flag(p, "requests sent / planned")
     p.set_defaults(func=_run_check)
 
 
+def _add_quiet_flag(p, what: str) -> None:
+    p.add_argument("--quiet", action="store_true",
+                   help=f"no progress on stderr ({what}; shown after 2 s, only on a terminal)")
+
+
+USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError)
+
+
 def _run_check(args) -> int:
+    """0 invariant, 1 not invariant or the server failed/misbehaved, 2 used wrongly; the
+    --json report is written in every case."""
     import json
 
-    from tfbn.serving import _config, invariance
-    from tfbn.serving.client import TFServingError
-
-    batching = None
-    if args.enable_batching:
-        batching = (_config.load_batching_parameters(args.batching_parameters_file)
-                    if args.batching_parameters_file else _config.BatchingParameters())
-    elif args.batching_parameters_file:
-        raise ValueError("--batching_parameters_file needs --enable_batching")
+    report, code, error = None, 2, None
     try:
+        from tfbn.serving import _config, invariance
+        from tfbn.serving.client import TFServingError
+
+        batching = None
+        if args.enable_batching:
+            batching = (_config.load_batching_parameters(args.batching_parameters_file)
+                        if args.batching_parameters_file else _config.BatchingParameters())
+        elif args.batching_parameters_file:
+            raise ValueError("--batching_parameters_file needs --enable_batching")
         report = invariance.run_check(
             args.model_path, rest=args.rest, grpc=args.grpc, model_name=args.model_name,
             version=args.model_version, label=args.model_version_label,
@@ -236,15 +258,31 @@ def _run_check(args) -> int:
             num_examples=args.num_examples, batch_sizes=args.batch_sizes, orders=args.orders,
             atol=args.atol, rtol=args.rtol, concurrent=args.concurrent,
             concurrent_rounds=args.concurrent_rounds, batching=batching, timeout=args.timeout,
-            seed=args.seed)
-    except TFServingError as err:
-        print(f"tfbn check: the server failed: {err}", file=sys.stderr)
-        return 1
-    print(report.table())
+            seed=args.seed, allow_nonfinite=args.allow_nonfinite,
+            max_batch_size=args.max_batch_size, progress=False if args.quiet else None)
+        code = 0 if report.passed else 1
+    except (TFServingError, invariance.CheckError) as err:
+        code, error = 1, f"the server failed: {err}"
+    except USAGE_ERRORS as err:
+        code, error = 2, f"error: {err}"
+    if error is not None:
+        print(f"tfbn check: {error}", file=sys.stderr)
+    else:
+        print(report.table())
     if args.json_path:
+        doc = report.to_dict() if report is not None else {
+            "passed": False, "verdict": "server_error" if code == 1 else "usage_error",
+            "summary": error, "error": error, "rows": []}
+        doc["exit_code"] = code
+        doc["compared"] = {
+            "backend": "rest" if args.rest else "grpc" if args.grpc else "in-process",
+            "target": args.rest or args.grpc or args.model_path, "model_name": args.model_name,
+            "model_version": args.model_version, "model_version_label": args.model_version_label,
+            "signature_name": args.signature_name, "golden": args.golden,
+            "inputs": args.inputs_file}
         with open(args.json_path, "w", encoding="utf-8") as f:
-            json.dump(report.to_dict(), f, indent=1)
-    return 0 if report.passed else 1
+            json.dump(doc, f, indent=1)
+    return code
 
 
 def _add_json_flag(p) -> None:
@@ -334,7 +372,8 @@ def _add_export(sub) -> None:
     p.add_argument("model", help="a .keras model file")
     p.add_argument("base_path", help="the model's base path (TF Serving model_base_path)")
     p.add_argument("--version", dest="model_version", metavar="N",
-                   help="integer version (default: one more than the highest existing)")
+                   help="integer version in [0, 2**63 - 1], TF Serving's int64 (default: one "
+                        "more than the highest existing)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
     p.add_argument("--no-fold", dest="fold", action="store_false",
                    help="export the model as it is (inference mode) instead of folding BN")
@@ -342,8 +381,13 @@ def _add_export(sub) -> None:
                    help="sample inputs: .npy (one input) or .npz keyed by input name "
                         "(default: N(0,1) rows)")
     p.add_argument("--model-name", help="model name in the warm-up requests (default: base dir name)")
-    p.add_argument("--rtol", type=float, default=1e-4,
-                   help="gate tolerance, max relative error (default 1e-4)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="gate tolerance, max |export - reference| / max |reference| (default: "
+                        "the compute dtype's: 1e-4 float32, 1.95e-3 float16, 1.56e-2 bfloat16)")
+    p.add_argument("--allow", action="append", default=[], metavar="CHECK",
+                   help="lift one refusal (repeatable): never_updated, nonfinite, "
+                        "negative_variance (BN statistics) or nonfinite_outputs")
+    _add_quiet_flag(p, "the gate's steps")
     p.set_defaults(func=_run_export)
 
 
@@ -365,6 +409,7 @@ def _run_export(args) -> int:
         result = export.export_saved_model(
             model, args.base_path, version=args.model_version, sample_inputs=samples,
             fold=args.fold, overwrite=args.overwrite, model_name=args.model_name, rtol=args.rtol,
+            allow=args.allow, progress=False if args.quiet else None,
         )  # fmt: skip
     except export.ExportGateError as err:
         print(f"tfbn export: {err}", file=sys.stderr)

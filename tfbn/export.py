@@ -12,27 +12,53 @@ TF Serving's file-system source loads it:
 3. `assets.extra/tf_serving_warmup_requests` (PredictionLog records TF Serving
    replays on load) and `assets.extra/tfbn_golden.npz` (sample inputs and the
    expected outputs, read by the serving check) are written next to it.
-4. The gate: the SavedModel is reloaded in-process and must (a) match the Keras
-   model called with `training=False`, (b) give the same rows for the full sample
-   batch, batches of 1 and batches of 3, (c) pass `tfbn.inspect.lint_saved_model`.
+4. The gate (`GateReport`), every check run and every failure listed:
+   (a) the model's running statistics pass `tfbn.inspect.inspect_model`'s checks
+       (never updated, NaN/Inf, negative variance);
+   (b) no output is NaN/Inf for the (finite) sample inputs;
+   (c) parity: float32/float64 models: the reloaded SavedModel matches the Keras
+       model called with `training=False` within `rtol` (1e-4). Mixed-precision
+       models (any layer computing in float16/bfloat16): the reference is the
+       float32 truth, the same model with every layer computing in float32, and the
+       export must be no further from it than the Keras model itself is, times
+       `1 + fold_margin`, plus the compute dtype's rtol (`tfbn.tolerance`);
+   (d) the same rows for the full sample batch, batches of 1 and batches of 3,
+       within the compute dtype's rtol;
+   (e) `tfbn.inspect.lint_saved_model` finds nothing (no BN in training mode, ...).
+   `allow=` lifts (a)'s and (b)'s refusals by name; the report lists what was allowed.
 
-Everything happens in a temporary non-numeric directory under `base_path`, which
-TF Serving ignores; only a SavedModel that passed the gate is renamed to its
-integer version, so a polling server never sees a half-written or unchecked
-version. Bad input raises before anything is written.
+Everything happens in a temporary non-numeric directory under `base_path`
+(`.tfbn-export-<pid>-*`), which TF Serving ignores; only a SavedModel that passed
+the gate becomes its integer version, so a polling server never sees a
+half-written or unchecked version. `overwrite=True` swaps the new version with the
+old one in one `renameat2(RENAME_EXCHANGE)` call, so the version directory always
+holds the old or the new SavedModel, never neither. Temporary directories left by
+exporters that were killed are removed by the next export; SIGTERM cleans up like
+Ctrl-C. Bad input raises before anything is written.
 
 Golden file contract (`<version>/assets.extra/tfbn_golden.npz`): a NumPy .npz with
 arrays `inputs/<input name>` and `outputs/<output name>`, named as in the
-`serving_default` signature and in its dtypes, one sample per row (axis 0). The
-outputs are the Keras model's, `model(inputs, training=False)`.
+`serving_default` signature, one sample per row (axis 0), plus `meta`, a JSON
+string: `{"format": 2, "compute_dtype": ..., "rtol": ..., "dtypes": {...}}`. The
+outputs are the exported SavedModel's answers for the full sample batch, which the
+gate held to the Keras model (float32) or the float32 truth (mixed precision);
+`tfbn check` compares a server with them at `rtol`. bfloat16 arrays are stored as
+float32 (exact) with their dtype in `meta["dtypes"]`; `load_golden` restores it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Collection, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import keras
@@ -40,18 +66,23 @@ import numpy as np
 import tensorflow as tf
 from keras.src.models.functional import Functional
 
-from tfbn import convert
-from tfbn.inspect import SavedModelReport, lint_saved_model
+from tfbn import convert, layout, tolerance
+from tfbn.inspect import FLAG_ADVICE, SavedModelReport, inspect_model, lint_saved_model
+from tfbn.layout import ASSETS_EXTRA, GOLDEN_FILE, TMP_PREFIX, WARMUP_FILE  # noqa: F401
 
 SERVING_KEY = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
-ASSETS_EXTRA = "assets.extra"
-WARMUP_FILE = "tf_serving_warmup_requests"
-GOLDEN_FILE = "tfbn_golden.npz"
-TMP_PREFIX = ".tfbn-export-"
 DEFAULT_NUM_SAMPLES = 8
-DEFAULT_RTOL = 1e-4
+DEFAULT_RTOL = tolerance.FLOAT32_RTOL
 INVARIANCE_BATCH_SIZES = (1, 3)
+# A mixed-precision export may be at most this much further (relatively) from the
+# float32 truth than the Keras model itself is, on top of one compute-dtype rtol.
+FOLD_MARGIN = 0.5
+# inspect_model's flags that refuse an export, and the output check; `allow=` names them.
+STATISTICS_FLAGS = ("never_updated", "nonfinite", "negative_variance")
+NONFINITE_OUTPUTS = "nonfinite_outputs"
+ALLOWABLE = (*STATISTICS_FLAGS, NONFINITE_OUTPUTS)
+GOLDEN_FORMAT = 2
 
 
 class ExportGateError(RuntimeError):
@@ -64,12 +95,25 @@ class ExportGateError(RuntimeError):
 
 @dataclass
 class GateReport:
-    """The checks a SavedModel passed (or not) before it became a version."""
+    """The checks a SavedModel passed (or not) before it became a version.
+
+    `parity[name]`: the export's max rel. error against `reference` ("keras": the
+    Keras model, training=False; "float32 truth": the model computing in float32).
+    `truth[name]` (mixed precision only): `{"model": the Keras model's error against
+    the float32 truth, "export": the export's, "bound": the export's limit}`.
+    """
 
     rtol: float
+    compute_dtype: str = "float32"
+    reference: str = "keras"
+    tolerance_source: str = "float32 default"
     parity: dict[str, float] = field(default_factory=dict)
+    truth: dict[str, dict[str, float]] = field(default_factory=dict)
     invariance: dict[str, dict[int, float]] = field(default_factory=dict)
+    statistics: list[str] = field(default_factory=list)
+    nonfinite: list[str] = field(default_factory=list)
     lint: SavedModelReport | None = None
+    allowed: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -77,21 +121,49 @@ class GateReport:
         return not self.problems
 
     def format(self) -> str:
-        lines = []
+        lines = [f"compute dtype {self.compute_dtype}; reference: {self.reference}"]
         for name, err in self.parity.items():
-            lines.append(f"parity with Keras (training=False), '{name}': max rel. error {err:.2e}")
+            lines.append(f"parity with the {self.reference}, '{name}': max rel. error {err:.2e}")
+        for name, t in self.truth.items():
+            lines.append(
+                f"distance to the float32 truth, '{name}': Keras model {t['model']:.2e}, "
+                f"export {t['export']:.2e} (bound {t['bound']:.2e})"
+            )
         for name, errs in self.invariance.items():
             got = ", ".join(f"batches of {b}: {e:.2e}" for b, e in errs.items())
             lines.append(f"batch-size invariance, '{name}': {got}")
+        lines.append("statistics: " + ("OK" if not self.statistics else
+                                       f"{len(self.statistics)} finding(s)"))
+        lines.append("outputs: " + ("finite" if not self.nonfinite else
+                                    "NaN/Inf in " + ", ".join(self.nonfinite)))
         if self.lint is not None:
             lines.append(
                 "lint: " + ("OK" if self.lint.ok else f"{len(self.lint.findings)} finding(s)")
             )
-        lines.append(f"tolerance (max rel. error): {self.rtol:.0e}")
+        lines.append(f"tolerance (max rel. error): {self.rtol:.3g} ({self.tolerance_source})")
+        if self.allowed:
+            lines.append("allowed: " + ", ".join(self.allowed))
         if self.problems:
             lines.append("FAILED:")
             lines += [f"  {p}" for p in self.problems]
         return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "compute_dtype": self.compute_dtype,
+            "rtol": self.rtol,
+            "tolerance_source": self.tolerance_source,
+            "reference": self.reference,
+            "parity": self.parity,
+            "truth": self.truth,
+            "invariance": {k: {str(b): e for b, e in v.items()} for k, v in self.invariance.items()},
+            "statistics": self.statistics,
+            "nonfinite_outputs": self.nonfinite,
+            "lint": None if self.lint is None else self.lint.to_dict(),
+            "allowed": self.allowed,
+            "problems": self.problems,
+        }
 
 
 @dataclass
@@ -201,26 +273,7 @@ def _check_shapes(model, specs, have_samples: bool) -> None:
 
 
 def _validate_version(version) -> int | None:
-    if version is None:
-        return None
-    if isinstance(version, str) and version.strip().isdigit():
-        version = int(version.strip())
-    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 0:
-        raise ValueError(
-            "`version` must be a non-negative integer (TF Serving loads integer version "
-            f"directories) or None for the next one. Received: version={version!r}"
-        )
-    return int(version)
-
-
-def _existing_versions(base_path: str) -> list[int]:
-    if not os.path.isdir(base_path):
-        return []
-    return sorted(
-        int(d)
-        for d in os.listdir(base_path)
-        if d.isdigit() and os.path.isdir(os.path.join(base_path, d))
-    )
+    return None if version is None else layout.validate_version(version)
 
 
 def _check_target(base_path: str, version: int, overwrite: bool) -> None:
@@ -335,24 +388,6 @@ def _extra_concrete(name, fn, serving_model):
     )
 
 
-def _rel_error(got: np.ndarray, want: np.ndarray) -> float:
-    """max |got - want| / max |want| (0 for exact equality; inf on shape mismatch)."""
-    if got.shape != want.shape:
-        return float("inf")
-    got, want = got.astype(np.float64), want.astype(np.float64)
-    diff = np.abs(got - want)
-    if not np.all(np.isfinite(diff)):
-        return 0.0 if np.array_equal(got, want, equal_nan=True) else float("inf")
-    scale = np.max(np.abs(want), initial=0.0)
-    worst = np.max(diff, initial=0.0)
-    return 0.0 if worst == 0 else float(worst / max(scale, np.finfo(np.float32).tiny))
-
-
-def _tolerance(rtol: float, dtypes) -> float:
-    low = any(tf.as_dtype(d) in (tf.float16, tf.bfloat16) for d in dtypes)
-    return max(rtol, 1e-2) if low else rtol
-
-
 def _write_warmup(path: str, model_name: str, samples: dict[str, np.ndarray]) -> None:
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
@@ -370,40 +405,196 @@ def _write_warmup(path: str, model_name: str, samples: dict[str, np.ndarray]) ->
             writer.write(log.SerializeToString())
 
 
-def _gate(export_dir, samples, reference, out_names, rtol) -> GateReport:
-    report = GateReport(rtol=rtol)
+def _float32_twin(model: keras.Model) -> keras.Model:
+    """The same model, weights and all, with every layer computing in float32."""
+
+    def replace(layer):
+        if isinstance(layer, keras.Model) or not hasattr(layer, "get_config"):
+            return None
+        if tolerance.dtype_eps(layer.compute_dtype) <= tolerance.dtype_eps("float32"):
+            return None
+        config = layer.get_config()
+        config["dtype"] = "float32"
+        return type(layer).from_config(config)
+
+    return convert.rewrite_layers(model, replace)[0]
+
+
+def _call_numpy(model, specs, out_names, samples) -> dict[str, np.ndarray]:
+    tensors = [tf.constant(v) for v in samples.values()]
+    outputs = _named_outputs(model, out_names, model(_pack(model, specs, tensors), training=False))
+    return {k: np.asarray(keras.ops.convert_to_numpy(v)) for k, v in outputs.items()}
+
+
+def _statistics_findings(model: keras.Model) -> list[tuple[str, str]]:
+    """(flag, message) for each BN layer with statistics the gate refuses."""
+    found = []
+    for row in inspect_model(model).rows:
+        for flag in row.flags:
+            if flag in STATISTICS_FLAGS:
+                why, fix = FLAG_ADVICE[flag]
+                found.append((flag, f"[{flag}] BN layer '{row.name}': {why}; fix: {fix}"))
+    return found
+
+
+def _gate(export_dir, samples, model_out, truth, out_names, closeness, fold_margin,
+          allow, stat_findings) -> tuple[GateReport, dict[str, np.ndarray]]:
+    """Runs every check; returns the report and the export's full-batch outputs."""
+    mixed = truth is not None
+    report = GateReport(
+        rtol=closeness.rtol, compute_dtype=closeness.dtype,
+        reference="float32 truth" if mixed else "keras", tolerance_source=closeness.source,
+        allowed=sorted(allow),
+    )  # fmt: skip
+    for flag, message in stat_findings:
+        report.statistics.append(message)
+        if flag not in allow:
+            report.problems.append(f"statistics: {message} (allow with allow=['{flag}'])")
     loaded = tf.saved_model.load(export_dir)
     if SERVING_KEY not in loaded.signatures:
         report.problems.append(f"no '{SERVING_KEY}' signature in the reloaded SavedModel")
-        return report
+        return report, {}
     fn = loaded.signatures[SERVING_KEY]
 
     def predict(lo, hi):
         result = fn(**{k: tf.constant(v[lo:hi]) for k, v in samples.items()})
-        return {k: result[k].numpy() for k in out_names}
+        return {k: np.asarray(result[k].numpy()) for k in out_names}
 
     rows = next(iter(samples.values())).shape[0]
     full = predict(0, rows)
+    allow_nonfinite = NONFINITE_OUTPUTS in allow
     for name in out_names:
-        err = _rel_error(full[name], reference[name])
-        report.parity[name] = err
-        if not err <= rtol:
+        where = [w for w, arr in (("Keras model", model_out[name]), ("export", full[name]))
+                 if not np.all(np.isfinite(np.asarray(arr, np.float64)))]
+        if where:
+            report.nonfinite.append(f"'{name}' ({' and '.join(where)})")
+            if not allow_nonfinite:
+                report.problems.append(
+                    f"output '{name}' has NaN/Inf for finite sample inputs ({' and '.join(where)}):"
+                    f" the model is broken (allow with allow=['{NONFINITE_OUTPUTS}'])"
+                )
+        if not mixed:
+            cmp = closeness.compare(full[name], model_out[name], allow_nonfinite=allow_nonfinite)
+            report.parity[name] = cmp.error
+            if cmp.ratio > 1:
+                report.problems.append(
+                    f"output '{name}' differs from model(x, training=False): max rel. error "
+                    f"{cmp.error:.2e} > {closeness.rtol:.3g}"
+                )
+            continue
+        loose = tolerance.Closeness(rtol=1.0)  # only its error (max rel. error) is used
+        model_err = loose.compare(model_out[name], truth[name], allow_nonfinite=True).error
+        export_err = loose.compare(full[name], truth[name], allow_nonfinite=True).error
+        bound = (1.0 + fold_margin) * model_err + closeness.rtol
+        report.parity[name] = export_err
+        report.truth[name] = {"model": model_err, "export": export_err, "bound": bound}
+        if not export_err <= bound:
             report.problems.append(
-                f"output '{name}' differs from model(x, training=False): max rel. error {err:.2e}"
+                f"output '{name}' is {export_err:.2e} from the float32 truth, further than the "
+                f"Keras model's own {model_err:.2e} allows ((1 + {fold_margin:g}) x "
+                f"{model_err:.2e} + rtol {closeness.rtol:.3g} = {bound:.2e}): a wrong fold or "
+                "a graph that does not compute what the model does"
             )
     for size in INVARIANCE_BATCH_SIZES:
         parts = [predict(lo, lo + size) for lo in range(0, rows, size)]
         for name in out_names:
-            err = _rel_error(np.concatenate([p[name] for p in parts]), full[name])
-            report.invariance.setdefault(name, {})[size] = err
-            if not err <= rtol:
+            cmp = closeness.compare(np.concatenate([p[name] for p in parts]), full[name],
+                                    allow_nonfinite=True)
+            report.invariance.setdefault(name, {})[size] = cmp.error
+            if cmp.ratio > 1:
                 report.problems.append(
                     f"output '{name}' changes with the batch: batches of {size} vs the full batch "
-                    f"of {rows} differ by max rel. error {err:.2e} (batch statistics in inference?)"
+                    f"of {rows} differ by max rel. error {cmp.error:.2e} > {closeness.rtol:.3g} "
+                    "(batch statistics in inference?)"
                 )
     report.lint = lint_saved_model(export_dir)
     report.problems += [f"lint: {f}" for f in report.lint.findings]
-    return report
+    return report, full
+
+
+def _golden_arrays(samples, outputs) -> dict[str, np.ndarray]:
+    """The golden .npz's arrays; bfloat16 (no NumPy dtype of its own) stored as float32."""
+    arrays, dtypes = {}, {}
+    for group, values in (("inputs", samples), ("outputs", outputs)):
+        for name, value in values.items():
+            key = f"{group}/{name}"
+            value = np.asarray(value)
+            if value.dtype.name == "bfloat16":
+                dtypes[key] = "bfloat16"
+                value = value.astype(np.float32)
+            arrays[key] = value
+    return arrays, dtypes
+
+
+# ------------------------------------------------------- on-disk operations --
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: str, b: str) -> None:
+    """Atomically swap two directories (Linux `renameat2(RENAME_EXCHANGE)`).
+
+    Raises OSError (ENOSYS/EINVAL) where the kernel, C library or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        raise OSError(errno.ENOSYS, f"atomic exchange needs Linux renameat2 (this is {sys.platform})")
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        raise OSError(errno.ENOSYS, "the C library has no renameat2 (glibc >= 2.28 has)")
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"renameat2(RENAME_EXCHANGE) {a!r} <-> {b!r}: {os.strerror(err)}")
+
+
+def _replace_version(new_dir: str, target: str, overwrite: bool) -> None:
+    """Make `new_dir` the version directory `target`; with `overwrite`, swap it with the
+    existing one atomically (the old one ends up at `new_dir`)."""
+    if not os.path.exists(target):
+        os.rename(new_dir, target)  # atomic; fails if `target` appeared meanwhile and is not empty
+        return
+    if not overwrite:
+        raise FileExistsError(f"Version directory {target!r} appeared during the export")
+    try:
+        _exchange(new_dir, target)
+    except OSError as err:
+        raise OSError(
+            err.errno,
+            f"cannot replace version directory {target!r} atomically ({err.strerror}); "
+            "a two-step replace would leave TF Serving without that version for a moment, so "
+            "nothing was changed: export to a new version instead (version=None) or remove "
+            "the old one yourself",
+        ) from None
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """Within the block, SIGTERM raises KeyboardInterrupt (so cleanup runs as on Ctrl-C),
+    where the process has the default SIGTERM handler and this is the main thread."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum} (SIGTERM) during export")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _remove_stale_temp_dirs(base_path: str) -> list[str]:
+    removed = []
+    for path in layout.stale_temp_dirs(base_path):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            removed.append(path)
+    return removed
 
 
 # ------------------------------------------------------------------ export --
@@ -419,22 +610,27 @@ def export_saved_model(
     extra_signatures: Mapping[str, Callable] | None = None,
     model_name: str | None = None,
     num_samples: int = DEFAULT_NUM_SAMPLES,
-    rtol: float = DEFAULT_RTOL,
+    rtol: float | None = None,
     seed: int = 0,
+    allow: Collection[str] = (),
+    fold_margin: float = FOLD_MARGIN,
+    progress: bool | None = False,
 ) -> ExportResult:
     """Exports `model` as `<base_path>/<version>/` for TF Serving, after a parity gate.
 
     Args:
         model: A built Sequential or Functional Keras model.
         base_path: The model's base path (TF Serving's `model_base_path`).
-        version: Integer version, or None for one more than the highest existing.
+        version: Integer version in [0, 2**63 - 1], or None for one more than the
+            highest existing.
         sample_inputs: Inputs for the gate, the golden file and the warm-up
             requests: an array (one input), a list in input order or a dict by input
-            name, >= 2 rows. None draws `num_samples` rows from N(0, 1) (needs fully
-            known input shapes).
-        fold: Fold BN into the preceding kernels (`tfbn.convert.fold_batch_norm`;
-            other BN frozen). False exports the model as it is, in inference mode.
-        overwrite: Replace an existing version directory.
+            name, >= 2 rows, finite. None draws `num_samples` rows from N(0, 1) (needs
+            fully known input shapes).
+        fold: Fold BN into the preceding kernels (`tfbn.convert.fold_batch_norm`, in
+            float64; other BN frozen). False exports the model as it is, in inference mode.
+        overwrite: Replace an existing version directory, atomically (Linux
+            `renameat2`); where that is impossible the export fails and changes nothing.
         extra_signatures: `{name: fn}` exported next to `serving_default`; `fn` is a
             ConcreteFunction, a tf.function with an input_signature, or a callable
             taking the exported (folded) Keras model and returning one of those.
@@ -442,14 +638,20 @@ def export_saved_model(
         model_name: The name in the warm-up requests' ModelSpec (default: the base
             path's directory name).
         num_samples: Rows drawn when `sample_inputs` is None.
-        rtol: Gate tolerance, for parity (max |SavedModel - Keras| / max |Keras|
-            per output) and batch-size invariance alike; at least 1e-2 for
-            float16/bfloat16 outputs. The default, 1e-4, is float32 rounding of a
-            deep network (a ResNet50 with random statistics measured 1e-5 for the
-            fold and 2.4e-5 between batch 1 and batch 8, from the convolution
-            kernels TensorFlow picks per batch size) with room to spare, and
-            orders of magnitude below what batch statistics do (~1).
+        rtol: Gate tolerance (max |export - reference| / max |reference| per output);
+            None: the compute dtype's (`tfbn.tolerance.default_rtol`: 1e-4 for
+            float32, 1.95e-3 for float16, 1.56e-2 for bfloat16). 1e-4 is float32
+            rounding of a deep network (a ResNet50 with random statistics measured
+            1e-5 for the fold and 2.4e-5 between batch 1 and batch 8) with room to
+            spare, and orders of magnitude below what batch statistics do (~1).
         seed: Seed of the drawn sample inputs.
+        allow: Refusals to lift, by name: "never_updated", "nonfinite",
+            "negative_variance" (the model's statistics, as `tfbn inspect` flags
+            them) and "nonfinite_outputs". The report lists them.
+        fold_margin: Mixed precision: how much further (relatively) than the Keras
+            model itself the export may be from the float32 truth.
+        progress: The export's steps on stderr (`tfbn.progress`): True, False, or None
+            for "when stderr is a terminal".
 
     Returns:
         An `ExportResult` (`result.fold_report` says what was folded).
@@ -458,6 +660,7 @@ def export_saved_model(
         ValueError, TypeError: bad model, version or sample inputs (nothing written).
         FileExistsError, PermissionError: the target exists or is not writable.
         ExportGateError: the SavedModel failed the gate (nothing left behind).
+        OSError: `overwrite` where the version cannot be replaced atomically.
     """
     _check_model(model)
     version = _validate_version(version)
@@ -465,26 +668,55 @@ def export_saved_model(
     if os.path.exists(base_path) and not os.path.isdir(base_path):
         raise FileExistsError(f"`base_path` {base_path!r} exists and is not a directory")
     if version is None:
-        version = (_existing_versions(base_path) or [0])[-1] + 1
+        version = layout.next_version(base_path)
     _check_target(base_path, version, overwrite)
     if not (isinstance(num_samples, int) and num_samples >= 2):
         raise ValueError(f"`num_samples` must be an integer >= 2. Received: {num_samples!r}")
+    allow = set([allow] if isinstance(allow, str) else allow)
+    unknown = sorted(allow - set(ALLOWABLE))
+    if unknown:
+        raise ValueError(f"`allow` takes {list(ALLOWABLE)}. Received: {unknown}")
+    if not (isinstance(fold_margin, (int, float)) and 0 <= fold_margin < np.inf):
+        raise ValueError(f"`fold_margin` must be a number >= 0. Received: {fold_margin!r}")
+    closeness = tolerance.Closeness.for_dtype(tolerance.compute_dtype(model), rtol)
     specs, out_names = io_specs(model)
     _check_shapes(model, specs, sample_inputs is not None)
     samples = _samples(specs, sample_inputs, num_samples, seed)
+    for name, array in samples.items():
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            raise ValueError(f"Sample input '{name}' holds NaN/Inf; the gate needs finite inputs")
     extra_signatures = dict(extra_signatures or {})
     if SERVING_KEY in extra_signatures:
         raise ValueError(f"`extra_signatures` must not redefine '{SERVING_KEY}'")
 
+    from tfbn.progress import progress_bar
+
+    with progress_bar(len(EXPORT_STEPS), "tfbn export", progress, unit="step") as bar:
+        return _export(model, base_path, version, specs, out_names, samples, fold, overwrite,
+                       extra_signatures, model_name, closeness, allow, fold_margin, bar)
+
+
+EXPORT_STEPS = ("statistics", "fold", "reference", "save", "gate", "version")
+
+
+def _export(model, base_path, version, specs, out_names, samples, fold, overwrite,
+            extra_signatures, model_name, closeness, allow, fold_margin, bar) -> ExportResult:
+    def step(name):
+        bar.set_postfix_str(name, refresh=False)
+        bar.update(1)
+
+    stat_findings = _statistics_findings(model)
+    step("statistics")
     fold_report = None
     serving_model = model
     if fold:
         serving_model, fold_report = convert.fold_batch_norm(model, return_report=True)
-    reference = _named_outputs(
-        model, out_names, model(_pack(model, specs, [tf.constant(v) for v in samples.values()]),
-                                training=False)
-    )  # fmt: skip
-    reference = {k: keras.ops.convert_to_numpy(v) for k, v in reference.items()}
+    step("fold")
+    model_out = _call_numpy(model, specs, out_names, samples)
+    truth = None
+    if tolerance.is_low_precision(closeness.dtype):
+        truth = _call_numpy(_float32_twin(model), specs, out_names, samples)
+    step("reference")
 
     module = _ServingModule(serving_model, specs, out_names)
     serve = module.serve.get_concrete_function()
@@ -500,45 +732,39 @@ def export_saved_model(
     probe = base_path
     while not os.path.exists(probe):
         first_created, probe = probe, os.path.dirname(probe)
-    os.makedirs(base_path, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=base_path)
     target = os.path.join(base_path, str(version))
-    try:
-        export_dir = os.path.join(tmp, "model")
-        tf.saved_model.save(module, export_dir, signatures=signatures)
-        extra_dir = os.path.join(export_dir, ASSETS_EXTRA)
-        os.makedirs(extra_dir, exist_ok=True)
-        _write_warmup(
-            os.path.join(extra_dir, WARMUP_FILE),
-            model_name or os.path.basename(base_path),
-            samples,
-        )
-        golden = {f"inputs/{k}": v for k, v in samples.items()}
-        golden.update(
-            {
-                f"outputs/{k}": reference[k].astype(out_specs[k].dtype.as_numpy_dtype)
-                for k in out_names
-            }
-        )
-        np.savez(os.path.join(extra_dir, GOLDEN_FILE), **golden)
-        tol = _tolerance(rtol, [s.dtype for s in out_specs.values()])
-        gate = _gate(export_dir, samples, reference, out_names, tol)
-        if not gate.ok:
-            raise ExportGateError(gate)
-        if os.path.exists(target):
-            if not overwrite:
-                raise FileExistsError(f"Version directory {target!r} appeared during the export")
-            old = os.path.join(tmp, "replaced")
-            os.rename(target, old)
-        os.rename(export_dir, target)
-    except BaseException:
-        old = os.path.join(tmp, "replaced")
-        if os.path.isdir(old) and not os.path.exists(target):
-            os.rename(old, target)  # put the replaced version back
+    with _sigterm_as_interrupt():
+        os.makedirs(base_path, exist_ok=True)
+        _remove_stale_temp_dirs(base_path)
+        tmp = tempfile.mkdtemp(prefix=layout.temp_dir_prefix(), dir=base_path)
+        try:
+            export_dir = os.path.join(tmp, "model")
+            tf.saved_model.save(module, export_dir, signatures=signatures)
+            extra_dir = os.path.join(export_dir, ASSETS_EXTRA)
+            os.makedirs(extra_dir, exist_ok=True)
+            _write_warmup(
+                os.path.join(extra_dir, WARMUP_FILE),
+                model_name or os.path.basename(base_path),
+                samples,
+            )
+            step("save")
+            gate, served = _gate(export_dir, samples, model_out, truth, out_names, closeness,
+                                 fold_margin, allow, stat_findings)  # fmt: skip
+            step("gate")
+            if not gate.ok:
+                raise ExportGateError(gate)
+            golden, dtypes = _golden_arrays(samples, served)
+            meta = {"format": GOLDEN_FORMAT, "compute_dtype": closeness.dtype,
+                    "rtol": closeness.rtol, "dtypes": dtypes}  # fmt: skip
+            np.savez(os.path.join(extra_dir, GOLDEN_FILE), meta=np.array(json.dumps(meta)),
+                     **golden)  # fmt: skip
+            _replace_version(export_dir, target, overwrite)
+            step("version")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_created(base_path, first_created)
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
-        _remove_created(base_path, first_created)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(
         path=target,
         version=version,

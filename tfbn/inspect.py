@@ -31,6 +31,8 @@ import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
+from tfbn import layout
+
 FUSED_BATCH_NORM_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
 REDUCTION_OPS = ("Mean", "Sum")
 NORMALIZATION_OPS = ("Rsqrt", "Sqrt", "SquaredDifference", "Square")
@@ -54,7 +56,7 @@ MOVING_STATS = re.compile(
 VARIABLE_OPS = ("VarHandleOp", "VariableV2", "Variable")
 CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
 FORWARD_DEPTH = 12  # how far downstream of a batch-axis reduction to look for a normalisation
-SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+SAVED_MODEL_FILES = layout.SAVED_MODEL_FILES
 
 
 @dataclass(frozen=True)
@@ -109,44 +111,10 @@ class SavedModelReport:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def is_saved_model_dir(path: str | os.PathLike) -> bool:
-    """True for a directory holding saved_model.pb(txt)."""
-    return any(os.path.isfile(os.path.join(path, name)) for name in SAVED_MODEL_FILES)
-
-
-def resolve_saved_model_dir(path: str | os.PathLike) -> str:
-    """`path` itself if it is a SavedModel, else the highest integer version under a
-    TF Serving base path (the version TF Serving serves by default)."""
-    path = os.fspath(path)
-    if is_saved_model_dir(path):
-        return path
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"No such SavedModel directory: {path!r}")
-    versions = [d for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d))]
-    if versions:
-        latest = os.path.join(path, max(versions, key=int))
-        if is_saved_model_dir(latest):
-            return latest
-        raise FileNotFoundError(f"Version directory {latest!r} holds no saved_model.pb")
-    raise FileNotFoundError(
-        f"{path!r} is not a SavedModel (no saved_model.pb) nor a TF Serving base path "
-        "(no integer version directories)"
-    )
-
-
-def _read_saved_model(path: str):
-    from google.protobuf import text_format
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    saved_model = saved_model_pb2.SavedModel()
-    pb = os.path.join(path, "saved_model.pb")
-    if os.path.isfile(pb):
-        with open(pb, "rb") as f:
-            saved_model.ParseFromString(f.read())
-    else:
-        with open(os.path.join(path, "saved_model.pbtxt")) as f:
-            text_format.Parse(f.read(), saved_model)
-    return saved_model
+# The TF Serving layout (version directories, SavedModel files) lives in tfbn.layout.
+is_saved_model_dir = layout.is_saved_model_dir
+resolve_saved_model_dir = layout.resolve_saved_model_dir
+_read_saved_model = layout.read_saved_model
 
 
 def lint_saved_model(path: str | os.PathLike) -> SavedModelReport:
