@@ -275,13 +275,18 @@ def _clone_subclassed(model: keras.Model) -> keras.Model:
                 f"({type(err).__name__}: {err}). Give {cls} a get_config() returning its "
                 f"constructor arguments, {advice}"
             ) from err
-        old_layers = model._flatten_layers(include_self=False, recursive=True)
-        new_layers = clone._flatten_layers(include_self=False, recursive=True)
+        old_layers, new_layers = (
+            [x for x in m._flatten_layers(include_self=False, recursive=True)
+             if not isinstance(x, keras.layers.InputLayer)]  # a Sequential adds it when built
+            for m in (model, clone)
+        )  # fmt: skip
         if [type(x) for x in old_layers] != [type(x) for x in new_layers]:
             raise CloneError(
                 f"Subclassed model '{model.name}' ({cls}) rebuilt from its config has different "
                 "layers than the original (its get_config() misses an argument, or layers "
-                f"were added after construction); fix get_config(), {advice}"
+                "were added or swapped after construction, e.g. by an earlier rewrite: a "
+                "rewritten subclassed model already has its own variables, so rewrite it "
+                f"again with inplace=True); fix get_config(), {advice}"
             )
         for old, new in zip(old_layers, new_layers):
             new.name = old.name  # auto-generated names differ; variables are named at build
@@ -291,7 +296,11 @@ def _clone_subclassed(model: keras.Model) -> keras.Model:
         try:
             if not build_config:
                 raise ValueError("no build config (the model was never called or built)")
-            clone.build_from_config(build_config)
+            clone.build_from_config(build_config)  # runs the model on symbolic inputs
+            unbuilt = [x.name for x in clone._flatten_layers(include_self=False) if not x.built]
+            if unbuilt:
+                raise ValueError(f"layers {unbuilt} were not built")
+            clone.built = True  # Keras leaves that to its loader
         except Exception as err:  # noqa: BLE001 - user code
             raise CloneError(
                 f"Subclassed model '{model.name}' ({cls}) rebuilt from its config cannot be "
@@ -380,9 +389,10 @@ def _retrack(parent, old, new) -> None:
 
 
 def _check_nothing_left(root, rw: _Rewrite) -> None:
+    new = {id(layer) for _, layer in rw.replaced}
     for parent in [root, *root._flatten_layers(include_self=False, recursive=True)]:
         for inner in getattr(parent, "_layers", []):
-            if rw.match(inner):
+            if rw.match(inner) and id(inner) not in new:
                 raise CloneError(
                     f"Layer '{inner.name}' ({type(inner).__name__}) in '{parent.name}' "
                     f"({type(parent).__name__}) is not held in an attribute, a list or a dict "
