@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.models.functional import Functional
 
-from tfbn import convert
+from tfbn import convert, graph
 from tfbn.inspect import SavedModelReport, lint_saved_model
 
 SERVING_KEY = "serving_default"
@@ -128,7 +128,7 @@ class ExportResult:
 
 
 def _graph(model: keras.Model):
-    return model._functional if isinstance(model, keras.Sequential) else model
+    return graph.graph_of(model)
 
 
 def _check_model(model) -> None:
