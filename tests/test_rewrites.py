@@ -435,6 +435,26 @@ def test_subclassed_model_in_scope_trains_on_four_replicas(strategy):
     assert_unchanged(original, before)
 
 
+def test_subclassed_model_exports_with_frozen_batch_norm(tmp_path):
+    model = subnet()
+    x, _ = data(6)
+    result = tfbn.export_saved_model(model, tmp_path / "sub", sample_inputs=x)
+    assert result.gate.ok and result.fold_report.folded == []
+    assert len(result.fold_report.frozen) == 4
+    loaded = tf.saved_model.load(result.path).signatures["serving_default"]
+    (got,) = loaded(input=tf.constant(x)).values()
+    np.testing.assert_allclose(got, model(x, training=False), rtol=1e-4, atol=1e-5)
+
+    class TwoInputs(keras.Model):
+        def call(self, a, b):
+            return a + b
+
+    two = TwoInputs()
+    two(np.zeros((2, 3), "float32"), np.zeros((2, 3), "float32"))
+    with pytest.raises(ValueError, match="(?s)no single recorded input shape.*keras.Input"):
+        tfbn.export_saved_model(two, tmp_path / "two")
+
+
 def test_subclassed_model_that_cannot_be_cloned_says_what_to_do():
     class Opaque(keras.Model):
         def __init__(self, layers_to_use):  # not serialisable, no get_config

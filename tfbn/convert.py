@@ -765,6 +765,43 @@ def fold_batch_norm(
     return (new_model, report) if return_report else new_model
 
 
+def as_graph_model(model: keras.Model) -> keras.Model:
+    """`model` itself if it is Sequential or Functional; a subclassed model wrapped in a
+    Functional model (one input of the shape it was built with, one call of it).
+
+    What `tfbn.export_saved_model` needs from a subclassed model: a signature to
+    export (the wrapper's input and output) and a graph to rewrite, in which the
+    subclassed model is one layer, so `fold_batch_norm` freezes its BN layers
+    (folding needs the graph inside it, which is unknown).
+
+    Raises:
+        ValueError: the subclassed model did not record a single input shape (it was
+            never built or called, or it takes several inputs): says what to do.
+    """
+    if not isinstance(model, keras.Model) or graph.is_graph_model(model) or not model.built:
+        return model
+    shape = (model.get_build_config() or {}).get("input_shape")
+    if not (isinstance(shape, (list, tuple)) and len(shape) >= 1
+            and all(d is None or isinstance(d, int) for d in shape)):  # fmt: skip
+        raise ValueError(
+            f"Subclassed model '{model.name}' ({type(model).__name__}) has no single recorded "
+            f"input shape (build config: {model.get_build_config()!r}). Call it on a batch "
+            "(or model.build(input_shape)) first, or wrap it yourself: inputs = keras.Input(...); "
+            "keras.Model(inputs, model(inputs))."
+        )
+    inputs = keras.Input(batch_shape=(None, *tuple(shape)[1:]), name="input")
+    try:
+        outputs = model(inputs)
+    except Exception as err:  # noqa: BLE001 - user code (e.g. a call taking two inputs)
+        raise ValueError(
+            f"Subclassed model '{model.name}' ({type(model).__name__}) cannot be called on one "
+            f"input of shape {inputs.shape} ({type(err).__name__}: {err}); it has no single "
+            "recorded input shape to export. Wrap it yourself: inputs = keras.Input(...); "
+            "keras.Model(inputs, model(inputs)), and export that."
+        ) from err
+    return keras.Model(inputs, outputs, name=model.name)
+
+
 def batch_norm_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
     """Every Keras and tfbn BN layer in `model`, nested models and layers included,
     each once, in the order the model tracks them."""

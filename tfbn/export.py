@@ -425,7 +425,9 @@ def export_saved_model(
     """Exports `model` as `<base_path>/<version>/` for TF Serving, after a parity gate.
 
     Args:
-        model: A built Sequential or Functional Keras model.
+        model: A built Sequential or Functional Keras model, or a subclassed one
+            built on one input (exported through `tfbn.convert.as_graph_model`: its
+            BN layers are frozen, not folded, since its graph is unknown).
         base_path: The model's base path (TF Serving's `model_base_path`).
         version: Integer version, or None for one more than the highest existing.
         sample_inputs: Inputs for the gate, the golden file and the warm-up
@@ -459,6 +461,7 @@ def export_saved_model(
         FileExistsError, PermissionError: the target exists or is not writable.
         ExportGateError: the SavedModel failed the gate (nothing left behind).
     """
+    model = convert.as_graph_model(model)  # a subclassed model: wrapped, its BN frozen
     _check_model(model)
     version = _validate_version(version)
     base_path = os.path.abspath(os.fspath(base_path))
