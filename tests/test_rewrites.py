@@ -319,6 +319,19 @@ def test_custom_layer_without_config_is_refused_by_name_unless_inplace():
     assert shared.get_layer("no_config") is model.get_layer("no_config")
 
 
+def test_stateless_layer_that_cannot_be_cloned_is_shared():
+    """A Lambda of a Python lambda cannot be deserialised safely; it holds no state,
+    so the new model calls the same layer object (no variable is shared)."""
+    inputs = keras.Input((4,))
+    x = keras.layers.Lambda(lambda t: t * 2, name="double")(inputs)
+    model = keras.Model(inputs, keras.layers.BatchNormalization()(keras.layers.Dense(3)(x)))
+    new = tfbn.convert_batch_norm(model)
+    assert new.get_layer("double") is model.get_layer("double")
+    assert not {id(v) for v in tf_variables(model)} & {id(v) for v in tf_variables(new)}
+    x = np.ones((2, 4), "float32")
+    np.testing.assert_allclose(new(x), model(x), rtol=1e-6)
+
+
 def test_clone_whose_variables_differ_is_refused_by_name():
     @keras.saving.register_keras_serializable(package="tfbn_tests")
     class Wrong(keras.layers.Layer):

@@ -160,7 +160,10 @@ def _rewrite_graph(model: keras.Model, rw: _Rewrite, inplace: bool) -> keras.Mod
                 rw.kept.append(layer)
             else:
                 new = _clone_layer(layer)
-                rw.cloned.append((layer, new))
+                if new is layer:  # stateless and not clonable (a Lambda): shared, no state
+                    rw.kept.append(layer)
+                else:
+                    rw.cloned.append((layer, new))
         rw.cache[key] = new
         return new
 
@@ -209,9 +212,13 @@ class _global_policy:
 
 
 def _clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
+    """A new layer from `layer`'s config; `layer` itself if that fails and it holds no
+    state at all (a `Lambda` of a Python lambda: sharing it shares no variable)."""
     try:
         return type(layer).from_config(layer.get_config())
     except Exception as err:  # noqa: BLE001 - any failure of user code is reported the same way
+        if not layer.variables and not layer._flatten_layers(include_self=False):
+            return layer
         raise CloneError(
             f"Layer '{layer.name}' ({type(layer).__name__}) cannot be rebuilt from its config: "
             f"{type(err).__name__}: {err}. Give {type(layer).__name__} a get_config() that "
