@@ -49,7 +49,9 @@ def cpu_replicas(n: int = REPLICAS) -> list[str]:
     """Splits the CPU into `n` logical devices; must run before TensorFlow initialises."""
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * n
+        )
     except RuntimeError:  # already initialised (e.g. under pytest, whose conftest split it)
         pass
     return [d.name for d in tf.config.list_logical_devices("CPU")][:n]

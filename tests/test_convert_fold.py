@@ -187,8 +187,13 @@ def test_transposed_kernel_needs_its_own_fold_rule():
 
     inputs = keras.Input((6, 6, 3))
     conv = keras.layers.Conv2DTranspose(3, 3)
-    model = randomize_statistics(keras.Model(inputs, keras.layers.BatchNormalization()(conv(inputs))))
-    assert graph.fold_rule(conv).scale_kernel is graph.PRODUCERS[keras.layers.Conv2DTranspose].scale_kernel
+    model = randomize_statistics(
+        keras.Model(inputs, keras.layers.BatchNormalization()(conv(inputs)))
+    )
+    assert (
+        graph.fold_rule(conv).scale_kernel
+        is graph.PRODUCERS[keras.layers.Conv2DTranspose].scale_kernel
+    )
     x = sample((2, 6, 6, 3))
     assert rel_error(fold_batch_norm(model)(x), model(x, training=False)) < RTOL
     original = graph.PRODUCERS[keras.layers.Conv2DTranspose]

@@ -82,7 +82,9 @@ def tf_variables(model):
 
 def data(n=16, shape=(8, 8, 3), outputs=2, seed=1):
     rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, *shape)).astype("float32"), rng.normal(size=(n, outputs)).astype("float32")
+    return rng.normal(size=(n, *shape)).astype("float32"), rng.normal(size=(n, outputs)).astype(
+        "float32"
+    )
 
 
 def assert_unchanged(model, before):
@@ -125,9 +127,10 @@ def test_rewrite_returns_independent_model(name):
     new.fit(x, y, batch_size=8, epochs=1, verbose=0)
     assert_unchanged(model, before)
     # The rewrite did change something in the new model (it really trained).
-    assert any(
-        not np.array_equal(v, before.get(p, v)) for p, v in values(new).items()
-    ) or name != "convert_batch_norm"
+    assert (
+        any(not np.array_equal(v, before.get(p, v)) for p, v in values(new).items())
+        or name != "convert_batch_norm"
+    )
 
 
 @pytest.mark.parametrize("name", ["convert_batch_norm", "freeze_batch_norm", "fold_batch_norm"])
@@ -139,7 +142,9 @@ def test_inference_output_is_kept(name):
                                rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["convert_batch_norm", "convert_sync_batch_norm", "freeze_batch_norm"])
+@pytest.mark.parametrize(
+    "name", ["convert_batch_norm", "convert_sync_batch_norm", "freeze_batch_norm"]
+)
 def test_inplace_true_shares_the_untouched_layers(name):
     build, rewrite = REWRITES[name]
     model = build()
@@ -265,7 +270,9 @@ def complex_model():
     shared = keras.layers.Dense(4, name="shared")
     e = Scale(3.0, name="scale")(shared(shared(extra)))  # called twice
     out_a = head(keras.layers.Add()([pooled, e]))
-    out_b = keras.layers.BatchNormalization(name="bn_b")(keras.layers.Dense(2, name="dense_b")(pooled))
+    out_b = keras.layers.BatchNormalization(name="bn_b")(
+        keras.layers.Dense(2, name="dense_b")(pooled)
+    )
     model = keras.Model({"image": image, "extra": extra}, {"a": out_a, "b": out_b}, name="complex")
     model(complex_inputs(2))
     return randomize(model)
@@ -313,7 +320,9 @@ def test_custom_layer_without_config_is_refused_by_name_unless_inplace():
     inputs = keras.Input((5,))
     x = NoConfig(3, name="no_config")(inputs)
     model = keras.Model(inputs, keras.layers.BatchNormalization()(x))
-    with pytest.raises(CloneError, match="(?s)'no_config' \\(NoConfig\\).*get_config.*inplace=True"):
+    with pytest.raises(
+        CloneError, match="(?s)'no_config' \\(NoConfig\\).*get_config.*inplace=True"
+    ):
         tfbn.convert_batch_norm(model)
     shared = tfbn.convert_batch_norm(model, inplace=True)
     assert shared.get_layer("no_config") is model.get_layer("no_config")
@@ -350,7 +359,9 @@ def test_clone_whose_variables_differ_is_refused_by_name():
 
     inputs = keras.Input((3,))
     model = keras.Model(inputs, keras.layers.BatchNormalization()(Wrong(5, name="wrong")(inputs)))
-    with pytest.raises(CloneError, match="'wrong' \\(Wrong\\).*does not have the original's variables"):
+    with pytest.raises(
+        CloneError, match="'wrong' \\(Wrong\\).*does not have the original's variables"
+    ):
         tfbn.freeze_batch_norm(model)
 
 
@@ -424,7 +435,9 @@ def test_subclassed_model_fold_freezes_and_round_trips():
     folded, report = tfbn.fold_batch_norm(model, return_report=True)
     assert report.folded == [] and len(report.frozen) == 4
     assert all(t is FrozenBatchNormalization for t in bn_types(folded))
-    np.testing.assert_allclose(folded(x, training=True), model(x, training=False), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        folded(x, training=True), model(x, training=False), rtol=1e-5, atol=1e-5
+    )
     frozen = tfbn.freeze_batch_norm(model)
     # Its config rebuilds the original layers: a rewritten subclassed model is
     # rewritten again in place (its variables are already its own).
@@ -433,7 +446,9 @@ def test_subclassed_model_fold_freezes_and_round_trips():
     back = tfbn.unfreeze_batch_norm(frozen, inplace=True)
     assert back is frozen
     assert all(t is tfbn.BatchNormalization for t in bn_types(back))
-    np.testing.assert_allclose(back(x, training=False), model(x, training=False), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        back(x, training=False), model(x, training=False), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_subclassed_model_in_scope_trains_on_four_replicas(strategy):
@@ -594,7 +609,9 @@ def test_pure_low_precision_statistics_load_both_ways(global_policy, policy, tmp
     randomize(keras_model, seed=8)
     keras_model.save_weights(tmp_path / "k.weights.h5")
     tfbn_model.load_weights(tmp_path / "k.weights.h5")
-    np.testing.assert_array_equal(tbn.moving_mean.numpy(), kbn.moving_mean.numpy().astype("float32"))
+    np.testing.assert_array_equal(
+        tbn.moving_mean.numpy(), kbn.moving_mean.numpy().astype("float32")
+    )
     converted = tfbn.convert_batch_norm(keras_model)
     assert converted.get_layer("bn1").moving_mean.dtype == "float32"
     np.testing.assert_allclose(np.asarray(converted(x), "float32"), np.asarray(keras_model(x), "float32"),

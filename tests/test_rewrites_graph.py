@@ -54,7 +54,9 @@ def test_lint_and_fold_read_the_same_table(make):
 
 
 def test_walker_sees_nested_models_and_counts_shared_calls():
-    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="inner_dense")], name="inner")
+    inner = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(4, name="inner_dense")], name="inner"
+    )
     inputs = keras.Input((4,))
     shared = keras.layers.Dense(4, name="shared")
     x = inner(shared(shared(inputs)))

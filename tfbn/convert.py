@@ -815,7 +815,9 @@ def batch_norm_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
     if is_batch_norm(model):
         return [model]
     flatten = getattr(model, "_flatten_layers", None)
-    layers = flatten(include_self=False, recursive=True) if flatten else getattr(model, "layers", [])
+    layers = (
+        flatten(include_self=False, recursive=True) if flatten else getattr(model, "layers", [])
+    )
     return [layer for layer in layers if is_batch_norm(layer)]
 
 
