@@ -105,9 +105,12 @@ def rewrite_layers(
             its weights; default `copy_weights`.
         inplace: Share (do not clone) the layers `replace` keeps; a subclassed
             model is changed in place.
-        match: Which layers `replace` is meant to replace (default: those for
-            which it returns a layer); used to refuse a subclassed model that
-            holds such a layer where it cannot be reassigned.
+        match: Which layers `replace` is meant to replace. It decides which
+            custom layers of a graph are searched for layers to swap, and a
+            matching layer left where it cannot be reassigned (a tuple, a
+            closure) raises CloneError. Default: none (custom layers of a graph
+            are cloned without looking inside; a subclassed model's attributes
+            are still searched).
 
     Returns:
         `(new_model, [(old_layer, new_layer), ...])` for the replaced layers.
