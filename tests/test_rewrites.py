@@ -341,6 +341,18 @@ def test_stateless_layer_that_cannot_be_cloned_is_shared():
     np.testing.assert_allclose(new(x), model(x), rtol=1e-6)
 
 
+def test_keras_ops_in_the_graph_are_kept():
+    """Functional graphs may call keras.ops directly (MobileNetV3's hard-swish)."""
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(3)(inputs)
+    x = x * keras.ops.relu6(x + 3.0) / 6.0
+    model = randomize(keras.Model(inputs, keras.layers.BatchNormalization()(x)))
+    x = np.linspace(-2, 2, 8, dtype="float32").reshape(2, 4)
+    for rewrite in (tfbn.convert_batch_norm, tfbn.fold_batch_norm):
+        np.testing.assert_allclose(rewrite(model)(x, training=False), model(x, training=False),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
 def test_clone_whose_variables_differ_is_refused_by_name():
     @keras.saving.register_keras_serializable(package="tfbn_tests")
     class Wrong(keras.layers.Layer):

@@ -151,6 +151,8 @@ def _rewrite_graph(model: keras.Model, rw: _Rewrite, inplace: bool) -> keras.Mod
         key = id(layer)
         if key in rw.cache:
             return rw.cache[key]
+        if not isinstance(layer, keras.layers.Layer):
+            return layer  # a keras.ops operation in the graph (`x + 3`): no state, reused
         if graph.is_graph_model(layer):
             new = _rewrite_graph(layer, rw, inplace)
         else:
