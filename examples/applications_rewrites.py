@@ -6,7 +6,8 @@ For each model (weights=None, small inputs, 10 classes; nothing is downloaded):
 2. `with strategy.scope(): model = tfbn.convert_sync_batch_norm(model)`, compile and
    `fit` two steps on 2 replicas (the CPU split into 2 logical devices); the
    original model's variables must be untouched;
-3. `tfbn.freeze_batch_norm`: outputs equal `model(x, training=False)` in training mode;
+3. `tfbn.freeze_batch_norm`: outputs equal `model(x, training=False)` (inference: the
+   models with dropout would drop in training mode);
 4. `tfbn.fold_batch_norm`: how many BN layers folded / froze, and the folded model's
    max relative error against `model(x, training=False)`;
 5. `tfbn.export_saved_model` (folded) with its gate (parity, batch-size invariance,
@@ -110,7 +111,7 @@ def run_one(name: str, side: int, strategy, batch: int = 8, seed: int = 0) -> di
     xs = x[:4]
     reference = model(xs, training=False)
     frozen = tfbn.freeze_batch_norm(model)
-    freeze_err = rel_error(frozen(xs, training=True), reference)
+    freeze_err = rel_error(frozen(xs, training=False), reference)
     folded, report = tfbn.fold_batch_norm(model, return_report=True)
     fold_err = rel_error(folded(xs), reference)
     with tempfile.TemporaryDirectory() as tmp:
