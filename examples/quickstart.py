@@ -3,7 +3,8 @@
 Builds the same small digits classifier twice, once with Keras's BatchNormalization
 and once with tfbn's (same arguments, same weight names and order), copies the
 weights across with `set_weights`, checks both give the same outputs in inference
-and in training mode, then trains the tfbn model for a few steps.
+and in training mode, then trains the tfbn model for a few steps. An existing
+Keras model converts in one call: `tfbn.convert_batch_norm(model)`.
 
     python examples/quickstart.py
 """
@@ -51,6 +52,14 @@ def main(argv=None) -> int:
     assert names(model.get_layer("bn")) == names(reference.get_layer("bn")) == [
         "gamma", "beta", "moving_mean", "moving_variance"
     ]
+
+    # Or, for a model you already have, in one call (arguments, names, weights and
+    # dtype policy kept; the result is a new model with its own variables).
+    converted = tfbn.convert_batch_norm(reference)
+    assert isinstance(converted.get_layer("bn"), tfbn.BatchNormalization)
+    diff = float(np.max(np.abs(keras.ops.convert_to_numpy(converted(x[:128]) - reference(x[:128])))))
+    print(f"tfbn.convert_batch_norm(reference): max |tfbn - keras| = {diff:.1e}")
+    assert diff < 1e-5, diff
 
     # 2. Same outputs, inference and training mode (the batch statistics of the same batch).
     batch = x[:128]

@@ -64,6 +64,12 @@ PRODUCERS = [
     ("separable1d", (16, 3), lambda: keras.layers.SeparableConv1D(4, 3, use_bias=False), -1),
     ("dense", (7,), lambda: keras.layers.Dense(5), -1),
     ("dense_3d_input", (4, 7), lambda: keras.layers.Dense(5, use_bias=False), -1),
+    # Transposed kernels are (..., out, in): the fold scales axis -2, not -1.
+    ("conv1d_transpose", (9, 3), lambda: keras.layers.Conv1DTranspose(5, 3, strides=2), -1),
+    ("conv2d_transpose", (6, 6, 2), lambda: keras.layers.Conv2DTranspose(3, 3, use_bias=False), -1),
+    ("conv2d_transpose_channels_first", (2, 6, 6),
+     lambda: keras.layers.Conv2DTranspose(4, 3, strides=2, data_format="channels_first"), 1),
+    ("conv3d_transpose", (4, 4, 4, 3), lambda: keras.layers.Conv3DTranspose(2, 2), -1),
 ]  # fmt: skip
 
 
@@ -154,12 +160,6 @@ def _shared_conv_model():
     return keras.Model(inputs, conv(x))  # conv called twice
 
 
-def _transpose_model():
-    inputs = keras.Input((6, 6, 2))
-    x = keras.layers.Conv2DTranspose(3, 3)(inputs)
-    return keras.Model(inputs, keras.layers.BatchNormalization()(x))
-
-
 @pytest.mark.parametrize(
     "build",
     [
@@ -167,7 +167,6 @@ def _transpose_model():
         _activation_model,
         _wrong_axis_model,
         _shared_conv_model,
-        _transpose_model,
     ],  # fmt: skip
 )
 def test_unfoldable_batch_norm_becomes_frozen(build):
@@ -178,6 +177,32 @@ def test_unfoldable_batch_norm_becomes_frozen(build):
     assert FrozenBatchNormalization in layer_types(folded)
     x = sample((3, *model.inputs[0].shape[1:]))
     assert rel_error(folded(x, training=True), model(x, training=False)) < RTOL
+
+
+def test_transposed_kernel_needs_its_own_fold_rule():
+    """With as many input as output channels a Conv2DTranspose kernel scaled like a
+    Conv2D kernel (along its last axis) has the right shape but folds wrong: the
+    table's rule for transposed kernels is what makes the fold right."""
+    from tfbn import graph
+
+    inputs = keras.Input((6, 6, 3))
+    conv = keras.layers.Conv2DTranspose(3, 3)
+    model = randomize_statistics(
+        keras.Model(inputs, keras.layers.BatchNormalization()(conv(inputs)))
+    )
+    assert (
+        graph.fold_rule(conv).scale_kernel
+        is graph.PRODUCERS[keras.layers.Conv2DTranspose].scale_kernel
+    )
+    x = sample((2, 6, 6, 3))
+    assert rel_error(fold_batch_norm(model)(x), model(x, training=False)) < RTOL
+    original = graph.PRODUCERS[keras.layers.Conv2DTranspose]
+    graph.PRODUCERS[keras.layers.Conv2DTranspose] = graph.PRODUCERS[keras.layers.Conv2D]
+    try:
+        wrong = fold_batch_norm(model)
+    finally:
+        graph.PRODUCERS[keras.layers.Conv2DTranspose] = original
+    assert rel_error(wrong(x), model(x, training=False)) > 1e-2
 
 
 def test_fold_model_without_batch_norm_says_nothing_folded():
@@ -205,8 +230,10 @@ def test_fold_rejects_bad_models():
 
     sub = Sub()
     sub(np.zeros((2, 3), "float32"))
-    with pytest.raises(ValueError, match="Sequential or Functional"):
-        fold_batch_norm(sub)
+    # A subclassed model has no known graph: nothing folds, every BN is frozen.
+    frozen_sub, report = fold_batch_norm(sub, return_report=True)
+    assert report.folded == [] and report.frozen == [sub.bn.name]
+    assert isinstance(frozen_sub.bn, FrozenBatchNormalization)
     batch_stats = keras.Sequential(
         [
             keras.Input((4,)),

@@ -27,6 +27,7 @@ def test_quickstart(capsys):
     assert load("quickstart").main([]) == 0
     out = capsys.readouterr().out
     assert "training=True   max |tfbn - keras|" in out and "accuracy" in out
+    assert "tfbn.convert_batch_norm(reference): max |tfbn - keras|" in out
 
 
 def test_blocks(capsys):

@@ -30,6 +30,7 @@ from tfbn import stats  # noqa: E402
 from tfbn.calibrate import recalibrate  # noqa: E402
 from tfbn.callbacks import BatchNormMomentumScheduler, BatchNormStatsCallback  # noqa: E402
 from tfbn.convert import (  # noqa: E402
+    convert_batch_norm,
     convert_sync_batch_norm,
     fold_batch_norm,
     freeze_batch_norm,
@@ -51,6 +52,7 @@ __all__ = [
     "stats",
     "BatchNormalization",
     "SyncBatchNormalization",
+    "convert_batch_norm",
     "convert_sync_batch_norm",
     "revert_sync_batch_norm",
     "recalibrate",

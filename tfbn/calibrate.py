@@ -39,7 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfbn import distribute, stats
+from tfbn import distribute, graph, stats
 from tfbn.convert import batch_norm_layers
 from tfbn.layers.batch_norm import BatchNormalization
 
@@ -334,9 +334,7 @@ class _Recorder:
 
 
 def _reduction_axes(layer, rank: int) -> list[int]:
-    axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-    channels = {a % rank for a in axes}
-    return [a for a in range(rank) if a not in channels]
+    return graph.reduction_axes(layer.axis, rank)
 
 
 # ------------------------------------------------------------------ data --

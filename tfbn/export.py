@@ -66,7 +66,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.models.functional import Functional
 
-from tfbn import convert, layout, tolerance
+from tfbn import convert, graph, layout, tolerance
 from tfbn.inspect import FLAG_ADVICE, SavedModelReport, inspect_model, lint_saved_model
 from tfbn.layout import ASSETS_EXTRA, GOLDEN_FILE, TMP_PREFIX, WARMUP_FILE  # noqa: F401
 
@@ -200,7 +200,7 @@ class ExportResult:
 
 
 def _graph(model: keras.Model):
-    return model._functional if isinstance(model, keras.Sequential) else model
+    return graph.graph_of(model)
 
 
 def _check_model(model) -> None:
@@ -234,15 +234,15 @@ def io_specs(model: keras.Model) -> tuple[dict[str, tf.TensorSpec], list[str]]:
     """The serving signature of a model: `{input name: spec (batch dim None)}` and
     the output names, the model's own (input layer names, output layer names or
     the keys of dict inputs/outputs)."""
-    graph = _graph(model)
-    if isinstance(graph._inputs_struct, dict):
-        inputs = dict(graph._inputs_struct)
+    functional = _graph(model)
+    if isinstance(functional._inputs_struct, dict):
+        inputs = dict(functional._inputs_struct)
     else:
-        inputs = {kt._keras_history.operation.name: kt for kt in graph.inputs}
-    if isinstance(graph._outputs_struct, dict):
-        out_names = list(graph._outputs_struct)
+        inputs = {kt._keras_history.operation.name: kt for kt in functional.inputs}
+    if isinstance(functional._outputs_struct, dict):
+        out_names = list(functional._outputs_struct)
     else:
-        out_names = _unique(list(graph.output_names))
+        out_names = _unique(list(functional.output_names))
     specs = {}
     for name, kt in inputs.items():
         shape = (None,) + tuple(kt.shape[1:])
@@ -619,7 +619,9 @@ def export_saved_model(
     """Exports `model` as `<base_path>/<version>/` for TF Serving, after a parity gate.
 
     Args:
-        model: A built Sequential or Functional Keras model.
+        model: A built Sequential or Functional Keras model, or a subclassed one
+            built on one input (exported through `tfbn.convert.as_graph_model`: its
+            BN layers are frozen, not folded, since its graph is unknown).
         base_path: The model's base path (TF Serving's `model_base_path`).
         version: Integer version in [0, 2**63 - 1], or None for one more than the
             highest existing.
@@ -662,6 +664,7 @@ def export_saved_model(
         ExportGateError: the SavedModel failed the gate (nothing left behind).
         OSError: `overwrite` where the version cannot be replaced atomically.
     """
+    model = convert.as_graph_model(model)  # a subclassed model: wrapped, its BN frozen
     _check_model(model)
     version = _validate_version(version)
     base_path = os.path.abspath(os.fspath(base_path))

@@ -721,7 +721,7 @@ def lint_model(
     """
     import keras
 
-    from tfbn import distribute
+    from tfbn import distribute, graph
     from tfbn.convert import batch_norm_layers, is_batch_norm
 
     model = load_keras_model(model_or_path)
@@ -744,7 +744,7 @@ def lint_model(
         )
     report = LintReport(model=model.name, batch_size=batch_size, replicas=replicas)
     bns = batch_norm_layers(model)
-    edges = _layer_edges(model)
+    edges = graph.layer_edges(model)
     consumers: dict[int, list] = {}
     for producer, consumer in edges:
         consumers.setdefault(id(producer), []).append(consumer)
@@ -752,11 +752,7 @@ def lint_model(
 
     recurrent = (keras.layers.RNN, keras.layers.Bidirectional)
     dropout = (keras.layers.Dropout, keras.layers.AlphaDropout, keras.layers.GaussianDropout)
-    biased = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Conv1D,
-              keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Conv1DTranspose,
-              keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose,
-              keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D,
-              keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)  # fmt: skip
+    biased = graph.PRODUCER_TYPES  # the layers that add a per-channel bias
 
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if isinstance(layer, recurrent):
@@ -860,6 +856,8 @@ def lint_model(
 
 def _normalises_channel_axis(producer, bn) -> bool:
     """Whether `bn` normalises exactly the channel axis `producer` adds its bias on."""
+    from tfbn import graph
+
     try:
         rank = len(producer.output.shape)
     except (AttributeError, ValueError):
@@ -867,71 +865,7 @@ def _normalises_channel_axis(producer, bn) -> bool:
     axes = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
     if len(axes) != 1:
         return False
-    channels_first = getattr(producer, "data_format", "channels_last") == "channels_first"
     if rank is None:
+        channels_first = getattr(producer, "data_format", "channels_last") == "channels_first"
         return (axes[0] == 1) if channels_first else (axes[0] == -1)
-    return axes[0] % rank == (1 if channels_first else rank - 1)
-
-
-def _layer_edges(model) -> list[tuple]:
-    """(producer, consumer) pairs of layers connected by a tensor, nested models
-    flattened (a nested model's output is produced by its inner layer, its input
-    consumed by its inner layers). Sequential, Functional and nested models; a
-    Sequential without a graph falls back to consecutive layers."""
-    import keras
-    from keras.src.models.functional import Functional
-    from keras.src.ops.function import make_node_key
-
-    def graph_of(m):
-        if isinstance(m, keras.Sequential):
-            return getattr(m, "_functional", None)
-        return m if isinstance(m, Functional) else None
-
-    def producers(op, tensor):
-        graph = graph_of(op) if isinstance(op, keras.Model) else None
-        if graph is None:
-            return [] if isinstance(op, keras.layers.InputLayer) or op is None else [op]
-        index = tensor._keras_history.tensor_index if hasattr(tensor, "_keras_history") else 0
-        outputs = graph.outputs
-        inner = outputs[min(index, len(outputs) - 1)]
-        return producers(inner._keras_history.operation, inner)
-
-    def consumers(op):
-        graph = graph_of(op) if isinstance(op, keras.Model) else None
-        if graph is None:
-            return [op]
-        inputs = {id(t) for t in graph.inputs}
-        found = []
-        for inner in graph.operations:
-            for i, node in enumerate(inner._inbound_nodes):
-                if make_node_key(inner, i) in graph._nodes and any(
-                    id(t) in inputs for t in node.input_tensors
-                ):
-                    found.extend(consumers(inner))
-        return found
-
-    edges, stack, visited = [], [model], set()
-    while stack:
-        current = stack.pop()
-        if id(current) in visited:
-            continue
-        visited.add(id(current))
-        graph = graph_of(current)
-        if graph is None:
-            layers = list(getattr(current, "layers", []))
-            stack.extend(layer for layer in layers if isinstance(layer, keras.Model))
-            if isinstance(current, keras.Sequential):
-                for a, b in zip(layers, layers[1:], strict=False):
-                    for p in producers(a, None) if not isinstance(a, keras.Model) else [a]:
-                        edges.extend((p, c) for c in consumers(b))
-            continue
-        for op in graph.operations:
-            if isinstance(op, keras.Model):
-                stack.append(op)
-            for i, node in enumerate(op._inbound_nodes):
-                if make_node_key(op, i) not in graph._nodes:
-                    continue
-                for tensor in node.input_tensors:
-                    for p in producers(tensor._keras_history.operation, tensor):
-                        edges.extend((p, c) for c in consumers(op))
-    return edges
+    return graph.channel_axes(axes, rank) == [graph.producer_channel_axis(producer, rank)]
