@@ -32,6 +32,7 @@ moments are returned unchanged and no collective is issued.
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 from tfbn import stats
@@ -161,10 +162,81 @@ def _all_reduce_sum(
     if group_size is None or group_size == replicas:
         return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
     group = ctx.replica_id_in_sync_group // group_size
-    rows = tf.one_hot(group, replicas // group_size, dtype=value.dtype)
+    rows = tf.one_hot(group, replicas // group_size, on_value=True, off_value=False)
     rows = tf.reshape(rows, [-1] + [1] * value.shape.rank)
-    total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, rows * value[tf.newaxis])
-    return tf.gather(total, group)
+    zeros = tf.zeros_like(value)[tf.newaxis]
+    # tf.where, not a one-hot product: 0 * NaN would carry one group's NaN into every
+    # group. A dense read-back, not tf.gather: the gradient of a gather is
+    # IndexedSlices, whose all-reduce in the backward pass becomes extra all-gathers.
+    total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.where(rows, value[tf.newaxis], zeros))
+    return tf.reduce_sum(tf.where(rows, total, zeros), 0)
+
+
+# ------------------------------------------------ moving-statistics writes --
+# A training step writes the moving statistics (and counters) of every BN layer.
+# Mirrored variables aggregate replica-context writes (`aggregation="mean"`: a
+# reduction to one device and a broadcast back; `"only_first_replica"`: a
+# broadcast), although synchronised layers already hold identical values on
+# every replica. `replica_mean` makes the values identical with at most one
+# packed all-reduce (none when they already are), and `assign_own_copy` then
+# writes each replica's own copy without any communication. Because every copy
+# receives the same value computed from the same inputs, the copies never drift.
+
+
+def replica_mean(values: list[tf.Tensor], equal_within: int | None = None) -> list[tf.Tensor]:
+    """Mean over all replicas of per-replica `values` (one dtype), in at most ONE all-reduce.
+
+    Args:
+        values: Tensors of one dtype; their shapes are packed into one vector.
+        equal_within: How many consecutive replicas are already known to hold
+            identical `values`: None or the replica count (synchronised BN: the
+            values are returned unchanged, no collective), a group size (grouped
+            sync BN: groups of equal size, so the mean over replicas is the mean
+            over groups), or 1 (unsynchronised).
+
+    Outside a multi-replica context the values come back unchanged.
+    """
+    ctx = replica_context()
+    if ctx is None:
+        return list(values)
+    replicas = ctx.num_replicas_in_sync
+    if equal_within is None or equal_within == replicas:
+        return list(values)
+    validate_group_size(equal_within, replicas)
+    flat = tf.concat([tf.reshape(v, [-1]) for v in values], 0)
+    mean = ctx.all_reduce(tf.distribute.ReduceOp.SUM, flat) / tf.cast(replicas, flat.dtype)
+    sizes = [v.shape.num_elements() for v in values]
+    return [tf.reshape(part, v.shape) for part, v in zip(tf.split(mean, sizes), values)]
+
+
+def assign_own_copy(variable, value: tf.Tensor, add: bool = False) -> None:
+    """`variable.assign(value)` (or `assign_add`) on this replica's own copy only.
+
+    `value` must be identical on every replica (synchronised statistics, or the
+    output of `replica_mean`): each replica then writes the same value into its
+    own copy of the mirrored variable, with no aggregation and no communication.
+    Outside a multi-replica context, or for a variable that is not mirrored per
+    replica, it is the variable's ordinary (aggregated) assignment.
+    """
+    target = _own_copy(variable)
+    if target is None:
+        target = variable
+    if add:
+        target.assign_add(tf.cast(value, target.dtype))
+    else:
+        target.assign(tf.cast(value, target.dtype))
+
+
+def _own_copy(variable):
+    """The component of a mirrored `variable` that belongs to the current replica, or None."""
+    if replica_context() is None:
+        return None
+    value = variable.value if isinstance(variable, keras.Variable) else variable
+    if not isinstance(value, tf.distribute.DistributedValues):
+        return None
+    # TensorFlow's own replica-local read: the component of this replica.
+    local = getattr(value, "_get_on_device_or_primary", None)
+    return None if local is None else local()
 
 
 # ------------------------------------------------- whole-dataset reductions --

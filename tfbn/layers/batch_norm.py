@@ -52,14 +52,14 @@ class BatchNormalization(keras.layers.Layer):
     cancellation. Where the fused kernel applies, it computes the local moments
     and a custom gradient all-reduces the two backward sums once (as PyTorch's
     SyncBatchNorm); elsewhere gradients flow through the all-reduce.
-    The moving statistics are mirrored variables with `aggregation="mean"`:
-    each replica's update is averaged over replicas before it is written to
-    every copy, so the copies never drift apart. Unsynchronised, they hold the
-    mean over replicas of the per-replica EMA updates (Keras's layer instead
-    keeps each replica's own, different copy); synchronised, every replica's
-    update is already the same (with groups: the mean over groups). What is
-    saved, exported or used at inference is therefore that replica mean. The
-    counters use `aggregation="only_first_replica"`.
+    The moving statistics are mirrored variables whose copies never drift
+    apart: synchronised, every replica already holds the same new value and
+    writes its own copy (no communication beyond the forward and backward
+    all-reduce); with groups, the mean over groups, and unsynchronised, the
+    mean over replicas of the per-replica updates, each in ONE packed
+    all-reduce (Keras's layer instead keeps each replica's own, different
+    copy). What is saved, exported or used at inference is that value. The
+    counters count steps in which some replica updated (skipped) its statistics.
 
     Args:
         axis: Integer or list of integers, the channel axis/axes (not reduced).
@@ -453,11 +453,25 @@ class BatchNormalization(keras.layers.Layer):
             update = lambda moving, batch: stats.ema_update(  # noqa: E731
                 moving, batch, self._momentum_variable, self.momentum_convention
             )
-        for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
-            moving.assign(tf.where(apply, update(moving, batch), moving))
-        self.num_batches_tracked.assign_add(tf.cast(apply, tf.int64))
+        new_mean, new_variance = (
+            tf.where(apply, update(moving, batch), moving)
+            for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance))
+        )
+        # Copies never drift: synchronised statistics are already identical on every
+        # replica (no collective); otherwise ONE packed all-reduce averages the new
+        # values and the "applied"/"skipped" flags, then each replica writes its own copy.
+        skipped = nonempty & ~finite if self.skip_nonfinite_updates else tf.constant(False)
+        synced = self.synchronized and self.virtual_batch_size is None
+        new_mean, new_variance, applied, skipped = distribute.replica_mean(
+            [new_mean, new_variance]
+            + [tf.reshape(tf.cast(f, new_mean.dtype), [1]) for f in (apply, skipped)],
+            equal_within=(self.sync_group_size if synced else 1),
+        )
+        distribute.assign_own_copy(self.moving_mean, new_mean)
+        distribute.assign_own_copy(self.moving_variance, new_variance)
+        distribute.assign_own_copy(self.num_batches_tracked, applied[0] > 0, add=True)
         if self.skip_nonfinite_updates:
-            self.num_skipped_updates.assign_add(tf.cast(nonempty & ~finite, tf.int64))
+            distribute.assign_own_copy(self.num_skipped_updates, skipped[0] > 0, add=True)
 
     # -------------------------------------------------------------- helpers --
 
