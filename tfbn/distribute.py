@@ -32,10 +32,16 @@ moments are returned unchanged and no collective is issued.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import keras
 import tensorflow as tf
 
-from tfbn import stats
+from tfbn import _watchdog, stats
+from tfbn._watchdog import describe_peers, unreachable_peers  # noqa: F401 (re-exported)
 
 
 def replica_context() -> tf.distribute.ReplicaContext | None:
@@ -276,3 +282,87 @@ def run_and_sum(strategy: tf.distribute.Strategy | None, fn, *args):
     return tf.nest.map_structure(
         lambda value: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None), per_replica
     )
+
+
+# ------------------------------------------------------- multi-worker start --
+# `tf.distribute.MultiWorkerMirroredStrategy()` blocks in C++ until every worker of
+# TF_CONFIG has connected: with a peer that died before connecting it never returns
+# (and ignores SIGTERM). `multi_worker_strategy` bounds that wait and names the
+# peers that could not be reached.
+
+
+def cluster_peers(tf_config: str | None = None) -> tuple[dict, list[tuple[str, int, str]]]:
+    """`(task, [(job, index, "host:port"), ...])` of the other tasks in TF_CONFIG.
+
+    Raises ValueError naming TF_CONFIG when it is missing or malformed.
+    """
+    text = os.environ.get("TF_CONFIG") if tf_config is None else tf_config
+    try:
+        config = json.loads(text or "")
+        cluster, task = config["cluster"], config["task"]
+        me = (task["type"], int(task["index"]))
+        peers = [
+            (job, index, address)
+            for job, addresses in cluster.items()
+            for index, address in enumerate(addresses)
+            if (job, index) != me
+        ]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            "A multi-worker strategy needs TF_CONFIG as JSON with a cluster and this "
+            '"task": {"cluster": {"worker": ["host:port", ...]}, "task": {"type": '
+            f'"worker", "index": i}}}}. Received: TF_CONFIG={text!r} ({error})'
+        ) from None
+    return task, peers
+
+
+def multi_worker_strategy(
+    connect_timeout: float | None = 60.0,
+    collective_timeout: float | None = 60.0,
+    **kwargs,
+) -> tf.distribute.MultiWorkerMirroredStrategy:
+    """`tf.distribute.MultiWorkerMirroredStrategy` that fails fast when a peer is dead.
+
+    Args:
+        connect_timeout: Seconds to wait for every worker of TF_CONFIG to connect.
+            TensorFlow's constructor waits in C++ holding the GIL and ignores
+            SIGTERM, so when it has not returned by then a watchdog process
+            (`tfbn._watchdog`) prints which peers do not accept connections
+            (e.g. "worker 1 at 127.0.0.1:4242 is not reachable (Connection
+            refused)") to stderr and ends this process with SIGKILL. None waits
+            forever (TensorFlow's behaviour).
+        collective_timeout: Seconds after which a collective (all-reduce) whose
+            peer has died fails with an error (`CommunicationOptions`), so a
+            worker dying mid-training stops the others too. None: no timeout.
+        **kwargs: Passed to the strategy (e.g. `cluster_resolver`).
+
+    Must run before anything initialises TensorFlow's runtime, as the strategy itself.
+    """
+    for name, value in (("connect_timeout", connect_timeout),
+                        ("collective_timeout", collective_timeout)):
+        if value is not None and not value > 0:
+            raise ValueError(f"`{name}` must be a positive number of seconds or None. "
+                             f"Received: {name}={value!r}")
+    task, peers = cluster_peers()
+    if collective_timeout is not None and "communication_options" not in kwargs:
+        kwargs["communication_options"] = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=collective_timeout
+        )
+    watchdog = None
+    if connect_timeout is not None:
+        # A process, not a thread: the constructor holds the GIL while it waits.
+        watchdog = subprocess.Popen(
+            # Run by path: `-m tfbn._watchdog` would import tfbn, hence TensorFlow.
+            [sys.executable, _watchdog.__file__, str(os.getpid()), str(connect_timeout),
+             f"{task.get('type')} {task.get('index')}", json.dumps(peers)],
+            stdin=subprocess.PIPE,
+        )
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy(**kwargs)
+    finally:
+        if watchdog is not None:
+            watchdog.stdin.close()  # connected (or failed): the watchdog exits
+            try:
+                watchdog.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                watchdog.kill()
