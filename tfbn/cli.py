@@ -62,6 +62,19 @@ def _run_bench(args) -> int:
     return 0
 
 
+def _add_gpu_check(sub) -> None:
+    from tfbn import gpu_check
+
+    p = sub.add_parser(
+        "gpu-check",
+        help="check tfbn's GPU assumptions on this machine's GPUs (PASS/FAIL table + JSON)",
+        description="Fused vs unfused vs Keras on the GPU, cuDNN epsilon floor, NCCL sync "
+                    "parity and collective counts, XLA fit, benchmarks. Exit 0 without a GPU.",
+    )
+    gpu_check.add_arguments(p)
+    p.set_defaults(func=gpu_check.run_from_args)
+
+
 def _flag_bool(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -331,7 +344,9 @@ def _run_export(args) -> int:
     return 0
 
 
-SUBCOMMANDS = (_add_bench, _add_serve, _add_check, _add_inspect, _add_lint, _add_export)
+SUBCOMMANDS = (
+    _add_bench, _add_serve, _add_check, _add_inspect, _add_lint, _add_export, _add_gpu_check,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
