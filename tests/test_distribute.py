@@ -153,7 +153,7 @@ def _moving(layer):
 # ----------------------------------------------------------------- parity --
 
 
-@pytest.mark.parametrize("fused", ["auto", False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("inner", [(), (4, 4)], ids=["2d", "4d"])
 def test_sync_parity_float32(strategy, inner, fused):
     assert strategy.num_replicas_in_sync == REPLICAS
@@ -168,14 +168,14 @@ def test_sync_parity_float32(strategy, inner, fused):
     assert int(sync.num_batches_tracked.numpy()) == 3
 
 
-@pytest.mark.parametrize("fused", ["auto", False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 def test_sync_parity_channels_first(strategy, fused):
     assert strategy.num_replicas_in_sync == REPLICAS
     got, want, sync, ref = _parity(
         strategy, [3, 2, 4, 3], (4, 5), 6,
         lambda **kw: tfbn.BatchNormalization(axis=1, fused=fused, **kw), channels_first=True,
     )
-    assert sync._fused_format == ("NCHW" if fused == "auto" else None)
+    assert sync._fused_format == ("NCHW" if fused is True else None)
     for step_got, step_want in zip(got, want, strict=True):
         for name, g, w in zip(("y", "dx", "dgamma", "dbeta"), step_got, step_want, strict=True):
             assert _max_diff(g, w) <= 1e-5 * max(1.0, np.abs(w).max()), name
@@ -250,7 +250,7 @@ def test_sync_parity_mixed_precision(strategy, inner, mixed_policy):
         assert _max_diff(g, w) <= 1e-5
 
 
-@pytest.mark.parametrize("fused", ["auto", False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 def test_uneven_and_empty_replica_batches(strategy, fused):
     assert strategy.num_replicas_in_sync == REPLICAS
     got, want, sync, ref = _parity(
@@ -277,7 +277,7 @@ def test_uneven_and_empty_replica_batches(strategy, fused):
 # --------------------------------------------------------------- numerics --
 
 
-@pytest.mark.parametrize("fused", ["auto", False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 def test_large_mean_variance_is_accurate_where_keras_sync_is_not(strategy, fused):
     assert strategy.num_replicas_in_sync == REPLICAS
     rng = np.random.default_rng(3)
@@ -306,7 +306,7 @@ def test_large_mean_variance_is_accurate_where_keras_sync_is_not(strategy, fused
 # ------------------------------------------------------------- group sync --
 
 
-@pytest.mark.parametrize("fused", ["auto", False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 def test_group_sync_matches_independent_groups(strategy, fused):
     assert strategy.num_replicas_in_sync == REPLICAS
     batches = _batches([3, 3, 3, 3], (2, 2), 4, steps=2)
@@ -426,11 +426,12 @@ EXPECTED_TRAIN_COMMUNICATION = {
     "tfbn-ghost-sync": (1, 0, 0),
 }
 LAYER_FACTORIES = {
-    "tfbn-fused": lambda: tfbn.SyncBatchNormalization(),
+    # fused=True: "auto" takes the unfused path for inputs as small as these.
+    "tfbn-fused": lambda: tfbn.SyncBatchNormalization(fused=True),
     "tfbn-unfused": lambda: tfbn.SyncBatchNormalization(fused=False),
-    "tfbn-group": lambda: tfbn.SyncBatchNormalization(sync_group_size=2),
+    "tfbn-group": lambda: tfbn.SyncBatchNormalization(sync_group_size=2, fused=True),
     "tfbn-group-unfused": lambda: tfbn.SyncBatchNormalization(sync_group_size=2, fused=False),
-    "tfbn-local": lambda: tfbn.BatchNormalization(),
+    "tfbn-local": lambda: tfbn.BatchNormalization(fused=True),
     "tfbn-local-unfused": lambda: tfbn.BatchNormalization(fused=False),
     # Ghost batches normalise per replica (no forward all-reduce): averaged like local BN.
     "tfbn-ghost-sync": lambda: tfbn.SyncBatchNormalization(virtual_batch_size=2),
@@ -468,10 +469,10 @@ def test_communication_per_layer_and_step_is_the_minimum(strategy, kind):
 @pytest.mark.parametrize(
     "make_layer, forward, train",
     [
-        (lambda: tfbn.SyncBatchNormalization(), 1, 2),
+        (lambda: tfbn.SyncBatchNormalization(fused=True), 1, 2),
         (lambda: tfbn.SyncBatchNormalization(fused=False), 1, 2),
-        (lambda: tfbn.SyncBatchNormalization(sync_group_size=2), 2, 3),
-        (lambda: tfbn.BatchNormalization(), 1, 1),
+        (lambda: tfbn.SyncBatchNormalization(sync_group_size=2, fused=True), 2, 3),
+        (lambda: tfbn.BatchNormalization(fused=True), 1, 1),
         (lambda: keras.layers.BatchNormalization(synchronized=True), 3, 5),
     ],
     ids=["tfbn-fused", "tfbn-unfused", "tfbn-group", "tfbn-local", "keras-sync"],

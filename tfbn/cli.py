@@ -45,12 +45,27 @@ def _add_bench_sync_flags(p) -> None:
                    help="synchronised BN under MirroredStrategy on logical CPU replicas: tfbn "
                         "sync/local vs Keras synchronized=True/local (--shape is per replica)")
     p.add_argument("--replicas", type=int, default=4,
-                   help="with --sync: logical CPU devices (replicas) to split the CPU into")
+                   help="with --sync or --model: logical CPU devices (replicas) to split the CPU into")
+    p.add_argument("--model", dest="models", action="append",
+                   help="whole-model training steps of this model (repeatable): resnet, "
+                        "mobilenetv2 (small), resnet50, mobilenetv2_app, efficientnetb0 "
+                        "(Keras Applications); single device and MirroredStrategy")
+    p.add_argument("--batch", type=int, default=16, help="with --model: global batch size")
+    p.add_argument("--single-only", action="store_true",
+                   help="with --model: only the single-device table")
 
 
 def _run_bench(args) -> int:
     from tfbn import bench
 
+    if args.models:
+        if args.replicas < 2 and not args.single_only:
+            raise ValueError(f"--replicas must be at least 2. Received: {args.replicas}")
+        if not args.single_only:
+            bench.split_cpu(args.replicas)
+        bench.main_model(tuple(m for ms in args.models for m in ms.split(",")), args.batch,
+                         args.repeats, args.replicas, args.json_path, not args.single_only)
+        return 0
     if args.sync:
         if args.replicas < 2:
             raise ValueError(f"--replicas must be at least 2. Received: {args.replicas}")

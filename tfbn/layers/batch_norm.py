@@ -365,7 +365,9 @@ class BatchNormalization(keras.layers.Layer):
 
     def _normalize(self, x, mean, variance):
         """Normalise `x` with given per-channel statistics (inference)."""
-        if self._fused_format is not None and x.dtype in stats.FUSED_DTYPES:
+        # fused="auto": x * scale + offset (Keras's inference) is one pass, as fast as
+        # the fused kernel or faster at every shape of `tfbn bench`.
+        if self._fused_format is not None and self.fused is True and x.dtype in stats.FUSED_DTYPES:
             x4, restore = self._to_4d(x)
             y, _, _ = stats.fused_batch_norm(
                 x4,
@@ -384,7 +386,8 @@ class BatchNormalization(keras.layers.Layer):
     def _batch_norm(self, x, mask):
         """Normalise with batch statistics; returns (y, mean, variance, count)."""
         distributed = self.synchronized and distribute.replica_context() is not None
-        if self._fused_format is not None and mask is None and x.dtype in stats.FUSED_DTYPES:
+        if (self._fused_format is not None and mask is None and x.dtype in stats.FUSED_DTYPES
+                and (distributed or _fused_pays_off(self.fused, x))):
             x4, restore = self._to_4d(x)
             if distributed:
                 y, mean, variance, count = distribute.sync_fused_batch_norm(
@@ -606,6 +609,21 @@ def _validate_axis(axis) -> list[int]:
     if len(set(axes)) != len(axes):
         raise ValueError(f"`axis` must not repeat an axis. Received: axis={axis!r}")
     return axes
+
+
+# Below this many elements (static shape) the fused kernel's fixed costs exceed its
+# gain in training, and fused="auto" takes the unfused path: `tfbn bench` on 2 CPU
+# cores, (256, 64) and (32, 128): fused 1.7-2x slower than unfused; (32, 8, 8, 64)
+# (131k): equal; (16, 14, 14, 128) (401k) and above: fused faster. Synchronised BN
+# keeps the fused path at every size (its custom gradient beats autodiff through
+# the float64 all-reduce: `tfbn bench --sync`, row tfbn_sync_unfused).
+FUSED_AUTO_MIN_ELEMENTS = 131072
+
+
+def _fused_pays_off(fused, x) -> bool:
+    """fused=True always; "auto" unless the (static) input is known to be small."""
+    size = x.shape.num_elements()
+    return fused is True or size is None or size >= FUSED_AUTO_MIN_ELEMENTS
 
 
 def _prod(values):
