@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/tfbn bench
+
+# On a machine with GPUs and TensorFlow's GPU build: PASS/FAIL table + reports/gpu-check.json.
+gpu-check: $(STAMP)
+	mkdir -p reports
+	$(VENV)/bin/tfbn gpu-check --json reports/gpu-check.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info reports

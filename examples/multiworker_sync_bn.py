@@ -19,6 +19,11 @@ tests/test_multiworker.py checks the synchronised outputs, gradients and
 statistics against BN on the whole global batch on one device.)
 
     python examples/multiworker_sync_bn.py
+    python examples/multiworker_sync_bn.py --crash-worker 1   # a dead peer, named at once
+
+If a worker dies, the launcher blames the first worker that failed and stops the
+others; a worker whose peer is dead names it (`tfbn.distribute.multi_worker_strategy`)
+instead of hanging in the strategy's constructor.
 """
 
 from __future__ import annotations
@@ -47,12 +52,19 @@ STEPS = 8
 
 def worker(result_path: str) -> None:
     """One worker: TF_CONFIG says who it is. Writes its BN statistics to `result_path`."""
+    if os.environ.get("TFBN_EXAMPLE_CRASH") == "before-connect":
+        sys.exit(3)  # --crash-worker: this worker dies before the cluster forms
     import tensorflow as tf
 
+    from tfbn import distribute
+
     # The strategy must exist before anything else initialises TensorFlow's runtime,
-    # so Keras and tfbn are imported after it.
-    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=60)
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    # so Keras is imported after it. tfbn's constructor bounds the wait for the
+    # peers (a dead peer is named within --connect-timeout instead of a silent hang)
+    # and makes all-reduces with a dead peer fail after 60 s.
+    strategy = distribute.multi_worker_strategy(
+        connect_timeout=float(os.environ.get("TFBN_CONNECT_TIMEOUT", "60")), collective_timeout=60
+    )
     import keras
     from sklearn.datasets import load_digits
 
@@ -129,33 +141,54 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def launch(out: Path, timeout: float) -> list[dict]:
-    """Starts the workers, waits at most `timeout` seconds in all, returns their results."""
+def launch(
+    out: Path, timeout: float, connect_timeout: float = 60.0, crash_worker: int | None = None
+) -> list[dict]:
+    """Starts the workers, waits at most `timeout` seconds in all, returns their results.
+
+    All workers are watched together: the first one to fail is the one blamed (with
+    its log), and the others are killed at once instead of waiting for them.
+    """
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(WORKERS)]}
     procs, logs = [], []
     deadline = time.monotonic() + timeout
     try:
         for index in range(WORKERS):
             tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
-            env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "CUDA_VISIBLE_DEVICES": ""}
+            env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "CUDA_VISIBLE_DEVICES": "",
+                   "TFBN_CONNECT_TIMEOUT": str(connect_timeout)}
+            if index == crash_worker:
+                env["TFBN_EXAMPLE_CRASH"] = "before-connect"
             logs.append(open(out / f"worker{index}.log", "w"))  # noqa: SIM115
             procs.append(subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), "--worker", str(out / f"worker{index}.json")],
                 env=env, stdout=logs[-1], stderr=subprocess.STDOUT,
             ))  # fmt: skip
         print(f"started {WORKERS} workers, cluster {cluster['worker']}")
-        for index, proc in enumerate(procs):
-            try:
-                code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(f"worker {index} did not finish within {timeout:.0f} s") from None
-            if code != 0:
+        while True:
+            codes = [proc.poll() for proc in procs]  # every worker, every round
+            if all(code is not None for code in codes):
+                break
+            failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
+            if failed:
+                index, code = failed[0]
                 tail = (out / f"worker{index}.log").read_text()[-3000:]
-                raise RuntimeError(f"worker {index} exited with {code}:\n{tail}")
+                raise RuntimeError(
+                    f"worker {index} ({cluster['worker'][index]}) failed first, exit code {code}; "
+                    f"the other workers were stopped. Its log ends:\n{tail}"
+                )
+            if time.monotonic() > deadline:
+                running = [i for i, p in enumerate(procs) if p.poll() is None]
+                raise RuntimeError(f"worker(s) {running} did not finish within {timeout:.0f} s")
+            time.sleep(0.2)
+        for index, proc in enumerate(procs):
+            if proc.returncode != 0:
+                tail = (out / f"worker{index}.log").read_text()[-3000:]
+                raise RuntimeError(f"worker {index} exited with {proc.returncode}:\n{tail}")
     finally:  # on any failure, no worker is left waiting for its peer
         for proc in procs:
             if proc.poll() is None:
-                proc.kill()
+                proc.kill()  # SIGKILL: a worker waiting for its peers ignores SIGTERM
                 proc.wait(timeout=30)
         for log in logs:
             log.close()
@@ -167,6 +200,10 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", metavar="RESULT_JSON", help=argparse.SUPPRESS)
     parser.add_argument("--out", help="folder for worker logs and results (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for both workers")
+    parser.add_argument("--connect-timeout", type=float, default=60.0,
+                        help="seconds a worker waits for its peers before naming the missing ones")
+    parser.add_argument("--crash-worker", type=int, choices=range(WORKERS),
+                        help="simulate a failure: this worker dies before the cluster forms")
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker)
@@ -174,7 +211,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out or tempfile.mkdtemp(prefix="tfbn-multiworker-"))
     out.mkdir(parents=True, exist_ok=True)
-    results = launch(out, args.timeout)
+    results = launch(out, args.timeout, args.connect_timeout, args.crash_worker)
     for r in results:
         print(f"worker {r['task']}: {r['replicas']} replicas in sync, {r['batches_tracked']} "
               f"batches tracked, loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}")

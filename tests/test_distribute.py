@@ -153,7 +153,7 @@ def _moving(layer):
 # ----------------------------------------------------------------- parity --
 
 
-@pytest.mark.parametrize("fused", ["auto", False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("inner", [(), (4, 4)], ids=["2d", "4d"])
 def test_sync_parity_float32(strategy, inner, fused):
     assert strategy.num_replicas_in_sync == REPLICAS
@@ -168,14 +168,14 @@ def test_sync_parity_float32(strategy, inner, fused):
     assert int(sync.num_batches_tracked.numpy()) == 3
 
 
-@pytest.mark.parametrize("fused", ["auto", False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 def test_sync_parity_channels_first(strategy, fused):
     assert strategy.num_replicas_in_sync == REPLICAS
     got, want, sync, ref = _parity(
         strategy, [3, 2, 4, 3], (4, 5), 6,
         lambda **kw: tfbn.BatchNormalization(axis=1, fused=fused, **kw), channels_first=True,
     )
-    assert sync._fused_format == ("NCHW" if fused == "auto" else None)
+    assert sync._fused_format == ("NCHW" if fused is True else None)
     for step_got, step_want in zip(got, want, strict=True):
         for name, g, w in zip(("y", "dx", "dgamma", "dbeta"), step_got, step_want, strict=True):
             assert _max_diff(g, w) <= 1e-5 * max(1.0, np.abs(w).max()), name
@@ -233,8 +233,10 @@ def test_sync_parity_with_masks(strategy):
 @pytest.mark.parametrize("inner", [(), (4, 4)], ids=["2d", "4d"])
 def test_sync_parity_mixed_precision(strategy, inner, mixed_policy):
     assert strategy.num_replicas_in_sync == REPLICAS
+    # fused=True on both sides: "auto" trains inputs this small on the unfused path
+    # on one device, which rounds 16-bit values differently from the fused kernel.
     got, want, sync, ref = _parity(
-        strategy, [4, 4, 4, 4], inner, 5, lambda **kw: tfbn.BatchNormalization(**kw)
+        strategy, [4, 4, 4, 4], inner, 5, lambda **kw: tfbn.BatchNormalization(fused=True, **kw)
     )
     assert sync.compute_dtype == mixed_policy.split("_")[1]
     assert sync.moving_mean.dtype == "float32"
@@ -250,7 +252,7 @@ def test_sync_parity_mixed_precision(strategy, inner, mixed_policy):
         assert _max_diff(g, w) <= 1e-5
 
 
-@pytest.mark.parametrize("fused", ["auto", False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 def test_uneven_and_empty_replica_batches(strategy, fused):
     assert strategy.num_replicas_in_sync == REPLICAS
     got, want, sync, ref = _parity(
@@ -277,7 +279,7 @@ def test_uneven_and_empty_replica_batches(strategy, fused):
 # --------------------------------------------------------------- numerics --
 
 
-@pytest.mark.parametrize("fused", ["auto", False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 def test_large_mean_variance_is_accurate_where_keras_sync_is_not(strategy, fused):
     assert strategy.num_replicas_in_sync == REPLICAS
     rng = np.random.default_rng(3)
@@ -306,7 +308,7 @@ def test_large_mean_variance_is_accurate_where_keras_sync_is_not(strategy, fused
 # ------------------------------------------------------------- group sync --
 
 
-@pytest.mark.parametrize("fused", ["auto", False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 def test_group_sync_matches_independent_groups(strategy, fused):
     assert strategy.num_replicas_in_sync == REPLICAS
     batches = _batches([3, 3, 3, 3], (2, 2), 4, steps=2)
@@ -405,30 +407,82 @@ def test_sync_gradient_formula_reduces_to_batch_norm_gradient_on_one_device(data
 # ------------------------------------------------------------ collectives --
 
 
-def _count_collectives(fn, *args):
-    """CollectiveReduceV2 ops in a traced tf.function (nested functions included)."""
-    graph_def = fn.get_concrete_function(*args).graph.as_graph_def()
-    ops = collections.Counter(node.op for node in graph_def.node)
-    for function in graph_def.library.function:
-        ops.update(node.op for node in function.node_def)
-    return ops["CollectiveReduceV2"] + ops["NcclAllReduce"]
+def _communication(fn, *args):
+    from tfbn import bench
+
+    return bench.communication(fn, *args, replicas=REPLICAS)
+
+
+# Per BN layer and training step (forward + backward + moving statistics + counters):
+# (all-reduces, reductions to one device, broadcasts). Synchronised: the forward and
+# the backward all-reduce only, since every replica already holds the same statistics
+# and writes its own copy; grouped: one more all-reduce for the mean over groups;
+# unsynchronised: one packed all-reduce of the new moving statistics and flags.
+EXPECTED_TRAIN_COMMUNICATION = {
+    "tfbn-fused": (2, 0, 0),
+    "tfbn-unfused": (2, 0, 0),
+    "tfbn-group": (3, 0, 0),
+    "tfbn-group-unfused": (3, 0, 0),
+    "tfbn-local": (1, 0, 0),
+    "tfbn-local-unfused": (1, 0, 0),
+    "tfbn-ghost-sync": (1, 0, 0),
+}
+LAYER_FACTORIES = {
+    # fused=True: "auto" takes the unfused path for inputs as small as these.
+    "tfbn-fused": lambda: tfbn.SyncBatchNormalization(fused=True),
+    "tfbn-unfused": lambda: tfbn.SyncBatchNormalization(fused=False),
+    "tfbn-group": lambda: tfbn.SyncBatchNormalization(sync_group_size=2, fused=True),
+    "tfbn-group-unfused": lambda: tfbn.SyncBatchNormalization(sync_group_size=2, fused=False),
+    "tfbn-local": lambda: tfbn.BatchNormalization(fused=True),
+    "tfbn-local-unfused": lambda: tfbn.BatchNormalization(fused=False),
+    # Ghost batches normalise per replica (no forward all-reduce): averaged like local BN.
+    "tfbn-ghost-sync": lambda: tfbn.SyncBatchNormalization(virtual_batch_size=2),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED_TRAIN_COMMUNICATION))
+def test_communication_per_layer_and_step_is_the_minimum(strategy, kind):
+    """Counted in the traced graph of a training step (forward in training mode,
+    backward, moving-statistics and counter writes) of a model of two BN layers."""
+    assert strategy.num_replicas_in_sync == REPLICAS
+    layers = 2
+    with strategy.scope():
+        model = keras.Sequential(
+            [keras.Input((3, 3, 4))] + [LAYER_FACTORIES[kind]() for _ in range(layers)]
+        )
+    x = _per_replica(strategy, [np.ones((2, 3, 3, 4), "float32")] * REPLICAS)
+
+    def train_step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = model(x, training=True)
+        return tape.gradient(y, [x] + model.trainable_weights)
+
+    @tf.function
+    def train_fn(x):
+        return strategy.run(train_step, (x,))
+
+    counts = _communication(train_fn, x)
+    train_fn(x)  # and it runs
+    got = tuple(counts[k] / layers for k in ("all_reduce", "to_one_device", "broadcast"))
+    assert got == EXPECTED_TRAIN_COMMUNICATION[kind], counts
 
 
 @pytest.mark.parametrize(
     "make_layer, forward, train",
     [
-        (lambda: tfbn.SyncBatchNormalization(), 1, 2),
+        (lambda: tfbn.SyncBatchNormalization(fused=True), 1, 2),
         (lambda: tfbn.SyncBatchNormalization(fused=False), 1, 2),
-        (lambda: tfbn.SyncBatchNormalization(sync_group_size=2), 1, 2),
-        # Unsynchronised: one packed all-reduce per training step, for the moving
-        # statistics (a replica with non-finite statistics is left out of their mean).
-        (lambda: tfbn.BatchNormalization(), 1, 1),
+        (lambda: tfbn.SyncBatchNormalization(sync_group_size=2, fused=True), 2, 3),
+        (lambda: tfbn.BatchNormalization(fused=True), 1, 1),
         (lambda: keras.layers.BatchNormalization(synchronized=True), 3, 5),
     ],
     ids=["tfbn-fused", "tfbn-unfused", "tfbn-group", "tfbn-local", "keras-sync"],
 )
-def test_collectives_per_layer(strategy, make_layer, forward, train):
-    """tfbn: ONE all-reduce per layer forward (one more in backward); Keras sync: 3 + 2."""
+def test_all_reduces_per_layer(strategy, make_layer, forward, train):
+    """ReplicaContext.all_reduce calls (every replica equally) and all-reduce ops in the
+    graph; forward includes the moving-statistics write (tfbn-group: the mean over the
+    groups, tfbn-local: the packed mean over replicas). Keras sync: 3 + 2."""
     assert strategy.num_replicas_in_sync == REPLICAS
     layers = 2
     with strategy.scope():
@@ -462,11 +516,48 @@ def test_collectives_per_layer(strategy, make_layer, forward, train):
     with mock.patch.object(tf.distribute.ReplicaContext, "all_reduce", counting_all_reduce):
         forward_fn(x)
         assert sum(calls.values()) == REPLICAS * layers * forward
-        if forward:
-            assert set(calls.values()) == {layers * forward}  # every replica, equally
-        assert _count_collectives(forward_fn, x) == REPLICAS * layers * forward
+        assert set(calls.values()) == {layers * forward}  # every replica, equally
+        assert _communication(forward_fn, x)["all_reduce"] == layers * forward
         train_fn(x)
-    assert _count_collectives(train_fn, x) == REPLICAS * layers * train
+    assert _communication(train_fn, x)["all_reduce"] == layers * train
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED_TRAIN_COMMUNICATION))
+def test_replica_copies_never_drift_apart(strategy, kind):
+    """Many steps with different data on every replica (an empty shard, a NaN batch
+    on one replica, large means): every replica's copy of the moving statistics and
+    of the counters stays bit-for-bit identical."""
+    assert strategy.num_replicas_in_sync == REPLICAS
+    rng = np.random.default_rng(3)
+    with strategy.scope():
+        layer = LAYER_FACTORIES[kind]()
+        if kind != "tfbn-ghost-sync":
+            layer = type(layer).from_config({**layer.get_config(), "momentum": 0.7})
+        layer.build((None, 3, 3, 4))
+    def replica_step(x):
+        return layer(x, training=True)
+
+    step = tf.function(lambda x: strategy.run(replica_step, (x,)))
+    for i in range(12):
+        rows = [4, 0, 6, 4] if i % 4 == 1 else [4, 2, 6, 4] if i % 3 else [4, 4, 4, 4]
+        xs = [(rng.normal(1e3 * r, 1 + r, (n, 3, 3, 4))).astype("float32")
+              for r, n in enumerate(rows)]
+        if i == 5:
+            xs[2][0, 0, 0, 0] = np.nan  # one replica's statistics are not finite
+        step(_per_replica(strategy, xs))
+    for variable in (layer.moving_mean, layer.moving_variance,
+                     layer.num_batches_tracked, layer.num_skipped_updates):
+        copies = [np.asarray(c) for c in strategy.experimental_local_results(variable.value)]
+        assert len(copies) == REPLICAS
+        for c in copies[1:]:
+            np.testing.assert_array_equal(c, copies[0], err_msg=variable.name)
+    assert not np.allclose(np.asarray(layer.moving_mean), 0)
+    # The NaN step was skipped on one replica (unsynchronised) or everywhere (synced).
+    assert int(layer.num_skipped_updates.numpy()) == 1
+    # Fully synchronised layers skip the NaN step everywhere; otherwise some replica
+    # (group) applied its update, and the step counts as tracked.
+    fully_synced = kind in ("tfbn-fused", "tfbn-unfused")
+    assert int(layer.num_batches_tracked.numpy()) == (11 if fully_synced else 12)
 
 
 # -------------------------------------------------- unsynchronised replicas --
@@ -638,7 +729,7 @@ def test_bench_sync_cli_reports_times_ratios_and_collectives(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for impl in bench.SYNC_IMPLEMENTATIONS:
         assert f"| {impl} |" in proc.stdout
-    assert "target >= 2" in proc.stdout and "target <= 1.25" in proc.stdout
+    assert "target >= 2" in proc.stdout and "target <= 1.15" in proc.stdout
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
     assert all(r["replicas"] == REPLICAS for r in rows.values())
     collectives = {name: r["collectives_per_layer_step"] for name, r in rows.items()}

@@ -20,7 +20,11 @@ import tensorflow as tf
 
 from tfbn.layers import BatchNormalization
 
-DEFAULT_SHAPES = ((32, 56, 56, 64), (4096, 1024), (64, 256, 128), (8, 16, 32, 32, 32))
+DEFAULT_SHAPES = (
+    (32, 56, 56, 64), (4096, 1024), (64, 256, 128), (8, 16, 32, 32, 32),
+    # small tensors, where fixed per-call costs dominate
+    (256, 64), (32, 128), (1024, 256), (32, 8, 8, 64), (16, 14, 14, 128),
+)
 IMPLEMENTATIONS = ("tfbn", "keras", "keras_xla", "raw_fused")
 
 
@@ -164,7 +168,10 @@ def main(shapes=DEFAULT_SHAPES, repeats: int = 20, json_path: str | None = None)
 
 SYNC_SHAPES = ((8, 56, 56, 64), (16, 28, 28, 128), (256, 1024))  # per replica
 SYNC_IMPLEMENTATIONS = ("tfbn_sync", "tfbn_local", "keras_sync", "keras_local", "tfbn_sync_unfused")
-COLLECTIVE_OPS = ("CollectiveReduceV2", "NcclAllReduce")
+COLLECTIVE_OPS = (
+    "CollectiveReduceV2", "CollectiveReduce", "NcclAllReduce", "CollectiveGatherV2",
+    "CollectiveBcastSendV2", "CollectiveAllToAllV2",
+)
 
 
 def split_cpu(replicas: int) -> list[str]:
@@ -237,13 +244,54 @@ def _sync_train_step(strategy: tf.distribute.Strategy, layer: keras.layers.Layer
     return train
 
 
-def count_collectives(fn: Callable) -> int:
-    """All-reduce ops (CollectiveReduceV2/NcclAllReduce) in a traced tf.function's graph."""
-    graph_def = fn.get_concrete_function().graph.as_graph_def()
+def communication(fn: Callable, *args, replicas: int | None = None) -> dict[str, float]:
+    """Cross-replica communication in a traced tf.function's graph.
+
+    - `all_reduce`: collective ops (`COLLECTIVE_OPS`), counted once per replica
+      (every replica runs its own instance of one all-reduce), summed over
+      nested functions.
+    - `to_one_device`: ops that combine values from several devices on one
+      (a mirrored variable's `aggregation="mean"` write: AddN on one device).
+    - `broadcast`: values copied from one device to others (that write's copy
+      back, or `aggregation="only_first_replica"`), counted once per source.
+
+    Only the top-level graph has devices on its ops (MirroredStrategy traces
+    every replica into it), so the last two are found there.
+    """
+    graph_def = fn.get_concrete_function(*args).graph.as_graph_def()
     nodes = list(graph_def.node)
     for function in graph_def.library.function:
         nodes += list(function.node_def)
-    return sum(node.op in COLLECTIVE_OPS for node in nodes)
+    devices = {n.name: n.device for n in graph_def.node}
+    if replicas is None:  # MirroredStrategy: one device per replica
+        replicas = max(1, len({d for d in devices.values() if d}))
+    all_reduce = sum(node.op in COLLECTIVE_OPS for node in nodes)
+    to_one, copied = 0, set()
+    for node in graph_def.node:
+        if not node.device or node.op in COLLECTIVE_OPS:
+            continue
+        sources = {}
+        for name in node.input:
+            if name.startswith("^"):
+                continue
+            source = name.split(":")[0]
+            if devices.get(source):
+                sources[source] = devices[source]
+        foreign = {s: d for s, d in sources.items() if d != node.device}
+        if len(set(foreign.values())) > 1:
+            to_one += 1
+        elif foreign:
+            copied.update(foreign)
+    return {
+        "all_reduce": all_reduce / replicas,
+        "to_one_device": to_one,
+        "broadcast": len(copied),
+    }
+
+
+def count_collectives(fn: Callable, *args, replicas: int | None = None) -> float:
+    """All cross-replica communications of a traced tf.function (see `communication`)."""
+    return sum(communication(fn, *args, replicas=replicas).values())
 
 
 def run_sync_benchmark(
@@ -257,7 +305,9 @@ def run_sync_benchmark(
     rows = []
     for shape in shapes:
         steps = {name: _sync_train_step(strategy, _sync_layer(name), shape) for name in implementations}
-        collectives = {name: count_collectives(fn) / replicas for name, fn in steps.items()}
+        collectives = {
+            name: count_collectives(fn, replicas=replicas) for name, fn in steps.items()
+        }
         times = _interleaved_medians(steps, repeats)
         base = times.get("tfbn_sync", next(iter(times.values())))
         for name in implementations:
@@ -275,7 +325,7 @@ def run_sync_benchmark(
 
 
 def sync_summary(rows: list[dict]) -> list[dict]:
-    """Per shape: Keras sync / tfbn sync (target >= 2) and tfbn sync / tfbn local (<= 1.25)."""
+    """Per shape: Keras sync / tfbn sync (target >= 2) and tfbn sync / tfbn local (<= 1.15)."""
     by_shape: dict[tuple, dict[str, float]] = {}
     for r in rows:
         by_shape.setdefault(tuple(r["shape"]), {})[r["impl"]] = r["train_ms"]
@@ -304,7 +354,7 @@ def format_sync_table(rows: list[dict]) -> str:
             f"{r['vs_tfbn_sync']:.2f} | {r['collectives_per_layer_step']:g} |"
         )
     lines += ["", "| per-replica shape | keras sync / tfbn sync (target >= 2) "
-              "| tfbn sync / tfbn local (target <= 1.25) |", "|---|---:|---:|"]
+              "| tfbn sync / tfbn local (target <= 1.15) |", "|---|---:|---:|"]
     for s in sync_summary(rows):
         lines.append(
             f"| {tuple(s['shape'])} | {s.get('keras_sync_over_tfbn_sync', float('nan')):.2f} | "
@@ -330,3 +380,239 @@ def main_sync(
 if __name__ == "__main__":  # pragma: no cover
     np.set_printoptions(precision=3)
     main()
+
+
+# ------------------------------------------------------------- whole models --
+# A full `model.fit` training step (forward, backward, optimizer update) of whole
+# models, `train_on_batch` on a fixed batch, timed round-robin like the layers.
+# Single device: Keras BN, tfbn BN, and every BN replaced by a pass-through layer,
+# so "BN cost" = step time minus the pass-through model's. Under MirroredStrategy
+# (logical CPUs): Keras local/sync and tfbn local/sync, with and without XLA.
+
+MODEL_NAMES = ("resnet", "mobilenetv2", "resnet50", "mobilenetv2_app", "efficientnetb0")
+DEFAULT_MODELS = ("resnet", "mobilenetv2")
+SINGLE_VARIANTS = ("keras", "tfbn", "passthrough")
+MIRRORED_VARIANTS = ("keras_local", "keras_sync", "tfbn_local", "tfbn_sync")
+
+
+def _resnet(size: int = 32, classes: int = 10) -> keras.Model:
+    """ResNet-style CNN: stem + 3 stages x 2 basic blocks (16/32/64 channels), Keras BN."""
+    layers = keras.layers
+    inputs = keras.Input((size, size, 3))
+    h = layers.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
+    h = layers.ReLU()(layers.BatchNormalization()(h))
+    for stage, filters in enumerate((16, 32, 64)):
+        for block in range(2):
+            stride = 2 if stage and not block else 1
+            r = layers.Conv2D(filters, 3, stride, padding="same", use_bias=False)(h)
+            r = layers.ReLU()(layers.BatchNormalization()(r))
+            r = layers.Conv2D(filters, 3, padding="same", use_bias=False)(r)
+            r = layers.BatchNormalization()(r)
+            if stride != 1 or h.shape[-1] != filters:
+                h = layers.BatchNormalization()(
+                    layers.Conv2D(filters, 1, stride, use_bias=False)(h))
+            h = layers.ReLU()(layers.Add()([h, r]))
+    h = layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inputs, layers.Dense(classes)(h), name="resnet_small")
+
+
+def _mobilenetv2(size: int = 32, classes: int = 10) -> keras.Model:
+    """MobileNetV2-style inverted residual blocks (expand 1x1, depthwise 3x3, project 1x1)."""
+    layers = keras.layers
+    inputs = keras.Input((size, size, 3))
+    h = layers.Conv2D(16, 3, 2, padding="same", use_bias=False)(inputs)
+    h = layers.ReLU(6.0)(layers.BatchNormalization()(h))
+    for filters, stride, repeat in ((16, 1, 1), (24, 2, 2), (32, 2, 3), (64, 2, 2)):
+        for i in range(repeat):
+            s = stride if i == 0 else 1
+            r = layers.Conv2D(6 * h.shape[-1], 1, use_bias=False)(h)
+            r = layers.ReLU(6.0)(layers.BatchNormalization()(r))
+            r = layers.DepthwiseConv2D(3, s, padding="same", use_bias=False)(r)
+            r = layers.ReLU(6.0)(layers.BatchNormalization()(r))
+            r = layers.BatchNormalization()(layers.Conv2D(filters, 1, use_bias=False)(r))
+            h = layers.Add()([h, r]) if s == 1 and h.shape[-1] == filters else r
+    h = layers.ReLU(6.0)(layers.BatchNormalization()(layers.Conv2D(128, 1, use_bias=False)(h)))
+    h = layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inputs, layers.Dense(classes)(h), name="mobilenetv2_small")
+
+
+def _model_spec(name: str) -> tuple[Callable[[], keras.Model], int]:
+    """(builder with Keras BN, input size) of a bench model."""
+    apps = keras.applications
+    specs = {
+        "resnet": (lambda: _resnet(32), 32),
+        "mobilenetv2": (lambda: _mobilenetv2(32), 32),
+        "resnet50": (lambda: apps.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10), 64),
+        "mobilenetv2_app": (
+            lambda: apps.MobileNetV2(weights=None, input_shape=(96, 96, 3), classes=10), 96),
+        "efficientnetb0": (
+            lambda: apps.EfficientNetB0(weights=None, input_shape=(64, 64, 3), classes=10), 64),
+    }
+    if name not in specs:
+        raise ValueError(f"Unknown bench model {name!r}; accepted: {', '.join(MODEL_NAMES)}")
+    return specs[name]
+
+
+def _variant(model: keras.Model, variant: str) -> keras.Model:
+    """`model` (Keras BN) with every BN layer replaced as `variant` says."""
+    from tfbn.convert import batch_norm_config, rewrite_layers
+
+    if variant in ("keras", "keras_local"):
+        return model
+    if variant == "keras_sync":
+        def replace(layer):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                return keras.layers.BatchNormalization.from_config(
+                    {**layer.get_config(), "synchronized": True})
+            return None
+    elif variant == "passthrough":
+        def replace(layer):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                return _PassThrough(name=layer.name)
+            return None
+    else:
+        synchronized = variant == "tfbn_sync"
+
+        def replace(layer):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                return BatchNormalization.from_config(
+                    {**batch_norm_config(layer), "synchronized": synchronized})
+            return None
+
+    return rewrite_layers(model, replace, transfer=lambda old, new: None)[0]
+
+
+def _fit_step(name: str, variant: str, batch: int, jit: bool, strategy=None):
+    """A compiled `train_on_batch` closure for one model variant."""
+    build, size = _model_spec(name)
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (batch, size, size, 3)).astype("float32")
+    y = rng.integers(0, 10, batch)
+    scope = strategy.scope() if strategy is not None else _null_scope()
+    with scope:
+        keras.utils.set_random_seed(0)
+        model = _variant(build(), variant)
+        model.compile(keras.optimizers.SGD(0.01, momentum=0.9),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      jit_compile=jit)
+    return lambda: model.train_on_batch(x, y)
+
+
+class _PassThrough(keras.layers.Layer):
+    """What a BN layer costs nothing as: returns its input (accepts BN's call arguments)."""
+
+    def call(self, inputs, training=None, mask=None):
+        return inputs
+
+
+class _null_scope:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _time_variants(builders: dict[str, Callable], repeats: int) -> dict[str, float | str]:
+    """Median step seconds per variant; a variant that cannot run gives its error."""
+    steps, errors = {}, {}
+    for key, make in builders.items():
+        try:
+            step = make()
+            step()  # compile
+            steps[key] = step
+        except Exception as error:  # noqa: BLE001 - reported in the table, not fatal
+            errors[key] = f"n/a ({type(error).__name__}: {str(error).splitlines()[0][:80]})"
+    times: dict[str, float | str] = dict(_interleaved_medians(steps, repeats, warmup=2))
+    times.update(errors)
+    return times
+
+
+def run_model_benchmark(models=DEFAULT_MODELS, batch: int = 16, repeats: int = 10,
+                        replicas: int = 4, jit=(False, True), single: bool = True,
+                        mirrored: bool = True) -> dict:
+    """Whole-model training steps: the single-device table (issue: BN cost) and the
+    MirroredStrategy table over `replicas` logical CPUs (global batch `batch`)."""
+    strategy = _mirrored_strategy(replicas) if mirrored else None
+    out = {"batch": batch, "replicas": replicas, "single": [], "mirrored": []}
+    for name in models:
+        _model_spec(name)
+        if single:
+            t = _time_variants({v: (lambda v=v, n=name: _fit_step(n, v, batch, False))
+                                for v in SINGLE_VARIANTS}, repeats)
+            row = {"model": name, **{f"{v}_ms": _ms(t[v]) for v in SINGLE_VARIANTS}}
+            if all(isinstance(t[v], float) for v in SINGLE_VARIANTS):
+                bn_keras, bn_tfbn = t["keras"] - t["passthrough"], t["tfbn"] - t["passthrough"]
+                row.update(step_keras_over_tfbn=t["keras"] / t["tfbn"],
+                           bn_cost_keras_over_tfbn=bn_keras / bn_tfbn if bn_tfbn > 0 else None,
+                           bn_share_keras=bn_keras / t["keras"], bn_share_tfbn=bn_tfbn / t["tfbn"])
+            out["single"].append(row)
+        if mirrored:
+            for compiled in jit:
+                t = _time_variants(
+                    {v: (lambda v=v, n=name, c=compiled: _fit_step(n, v, batch, c, strategy))
+                     for v in MIRRORED_VARIANTS}, repeats)
+                row = {"model": name, "jit_compile": compiled,
+                       **{f"{v}_ms": _ms(t[v]) for v in MIRRORED_VARIANTS}}
+                if all(isinstance(t[v], float) for v in MIRRORED_VARIANTS):
+                    row.update(keras_sync_over_tfbn_sync=t["keras_sync"] / t["tfbn_sync"],
+                               keras_local_over_tfbn_local=t["keras_local"] / t["tfbn_local"],
+                               tfbn_sync_over_tfbn_local=t["tfbn_sync"] / t["tfbn_local"])
+                out["mirrored"].append(row)
+    return out
+
+
+def _ms(value):
+    return value * 1e3 if isinstance(value, float) else value
+
+
+def _fmt(value, spec):
+    return format(value, spec) if isinstance(value, (int, float)) else str(value or "-")
+
+
+def format_model_tables(result: dict) -> str:
+    lines = []
+    if result["single"]:
+        lines += [
+            f"Single device, float32, batch {result['batch']}: a full training step "
+            "(train_on_batch: forward, backward, SGD update).",
+            "",
+            "| model | Keras ms | tfbn ms | pass-through ms | step Keras/tfbn "
+            "| BN cost Keras/tfbn | BN share Keras / tfbn |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in result["single"]:
+            share = (f"{r['bn_share_keras']:.0%} / {r['bn_share_tfbn']:.0%}"
+                     if "bn_share_keras" in r else "-")
+            lines.append(
+                f"| {r['model']} | {_fmt(r['keras_ms'], '.1f')} | {_fmt(r['tfbn_ms'], '.1f')} | "
+                f"{_fmt(r['passthrough_ms'], '.1f')} | {_fmt(r.get('step_keras_over_tfbn'), '.2f')}x"
+                f" | {_fmt(r.get('bn_cost_keras_over_tfbn'), '.2f')}x | {share} |")
+    if result["mirrored"]:
+        lines += [
+            "",
+            f"MirroredStrategy over {result['replicas']} logical CPUs, global batch "
+            f"{result['batch']}: a full training step.",
+            "",
+            "| model | jit_compile | Keras local ms | Keras sync ms | tfbn local ms | tfbn sync ms "
+            "| Keras sync / tfbn sync | Keras local / tfbn local | tfbn sync / tfbn local |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in result["mirrored"]:
+            lines.append(
+                f"| {r['model']} | {r['jit_compile']} | "
+                + " | ".join(_fmt(r[f"{v}_ms"], ".1f") for v in MIRRORED_VARIANTS)
+                + f" | {_fmt(r.get('keras_sync_over_tfbn_sync'), '.2f')}"
+                f" | {_fmt(r.get('keras_local_over_tfbn_local'), '.2f')}"
+                f" | {_fmt(r.get('tfbn_sync_over_tfbn_local'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def main_model(models=DEFAULT_MODELS, batch: int = 16, repeats: int = 10, replicas: int = 4,
+               json_path: str | None = None, mirrored: bool = True) -> dict:
+    result = run_model_benchmark(models, batch, repeats, replicas, mirrored=mirrored)
+    print(format_model_tables(result))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"tf": tf.__version__, "keras": keras.__version__, **result}, f, indent=2)
+    return result

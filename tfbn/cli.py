@@ -45,12 +45,27 @@ def _add_bench_sync_flags(p) -> None:
                    help="synchronised BN under MirroredStrategy on logical CPU replicas: tfbn "
                         "sync/local vs Keras synchronized=True/local (--shape is per replica)")
     p.add_argument("--replicas", type=int, default=4,
-                   help="with --sync: logical CPU devices (replicas) to split the CPU into")
+                   help="with --sync or --model: logical CPU devices (replicas) to split the CPU into")
+    p.add_argument("--model", dest="models", action="append",
+                   help="whole-model training steps of this model (repeatable): resnet, "
+                        "mobilenetv2 (small), resnet50, mobilenetv2_app, efficientnetb0 "
+                        "(Keras Applications); single device and MirroredStrategy")
+    p.add_argument("--batch", type=int, default=16, help="with --model: global batch size")
+    p.add_argument("--single-only", action="store_true",
+                   help="with --model: only the single-device table")
 
 
 def _run_bench(args) -> int:
     from tfbn import bench
 
+    if args.models:
+        if args.replicas < 2 and not args.single_only:
+            raise ValueError(f"--replicas must be at least 2. Received: {args.replicas}")
+        if not args.single_only:
+            bench.split_cpu(args.replicas)
+        bench.main_model(tuple(m for ms in args.models for m in ms.split(",")), args.batch,
+                         args.repeats, args.replicas, args.json_path, not args.single_only)
+        return 0
     if args.sync:
         if args.replicas < 2:
             raise ValueError(f"--replicas must be at least 2. Received: {args.replicas}")
@@ -60,6 +75,19 @@ def _run_bench(args) -> int:
     bench.main(tuple(args.shapes) if args.shapes else bench.DEFAULT_SHAPES,
                args.repeats, args.json_path)
     return 0
+
+
+def _add_gpu_check(sub) -> None:
+    from tfbn import gpu_check
+
+    p = sub.add_parser(
+        "gpu-check",
+        help="check tfbn's GPU assumptions on this machine's GPUs (PASS/FAIL table + JSON)",
+        description="Fused vs unfused vs Keras on the GPU, cuDNN epsilon floor, NCCL sync "
+                    "parity and collective counts, XLA fit, benchmarks. Exit 0 without a GPU.",
+    )
+    gpu_check.add_arguments(p)
+    p.set_defaults(func=gpu_check.run_from_args)
 
 
 def _flag_bool(text: str) -> bool:
@@ -418,7 +446,9 @@ def _run_export(args) -> int:
     return 0
 
 
-SUBCOMMANDS = (_add_bench, _add_serve, _add_check, _add_inspect, _add_lint, _add_export)
+SUBCOMMANDS = (
+    _add_bench, _add_serve, _add_check, _add_inspect, _add_lint, _add_export, _add_gpu_check,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,9 +32,16 @@ moments are returned unchanged and no collective is issued.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
+import keras
 import tensorflow as tf
 
-from tfbn import stats
+from tfbn import _watchdog, stats
+from tfbn._watchdog import describe_peers, unreachable_peers  # noqa: F401 (re-exported)
 
 
 def replica_context() -> tf.distribute.ReplicaContext | None:
@@ -148,41 +155,60 @@ def sync_fused_batch_norm(
 
 
 def mean_over_replicas_where(
-    values: list[tf.Tensor], keep: tf.Tensor, counts: tf.Tensor
+    values: list[tf.Tensor],
+    keep: tf.Tensor,
+    counts: tf.Tensor,
+    equal_within: int | None = 1,
 ) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
-    """Mean of each of `values` over the replicas whose `keep` is True: one all-reduce.
+    """Mean of each of `values` over the replicas whose `keep` is True: at most ONE all-reduce.
 
-    For unsynchronised BN's moving statistics: a replica that skipped its update
-    (non-finite batch statistics) must not pull the mean towards its old value,
-    nor push NaN into it. Its values are selected away (never multiplied by 0).
+    For BN's moving statistics: a replica that skipped its update (non-finite
+    batch statistics) must not pull the mean towards its old value, nor push NaN
+    into it. Its values are selected away (never multiplied by 0).
 
     Args:
         values: Per-replica tensors (e.g. updated moving statistics), float.
         keep: Scalar bool, this replica's decision to apply its values.
         counts: 1-D int64, this replica's event counts (e.g. skipped updates).
+        equal_within: How many consecutive replicas are already known to hold
+            identical arguments: None or the replica count (synchronised BN: no
+            collective, the arguments come back as they are), a group size
+            (grouped sync BN: means and counts are over groups), or 1
+            (unsynchronised: over replicas).
 
     Returns:
-        `(means, kept, counts_total)`: the means over keeping replicas (zeros
-        where none kept; callers then keep the old value), the number of keeping
-        replicas and the sum of `counts` over replicas, the same on every
-        replica. Outside a multi-replica context: `values`, `keep` as 0/1, `counts`.
+        `(means, kept, counts_total)`: the means over keeping replicas (groups)
+        (zeros where none kept; callers then keep the old value), the number of
+        keeping replicas (groups) and the sum of `counts` over replicas (groups),
+        the same on every replica. Without communication: `values`, `keep` as
+        0/1, `counts`.
     """
     ctx = replica_context()
-    if ctx is None:
+    replicas = 1 if ctx is None else ctx.num_replicas_in_sync
+    if equal_within is None or equal_within == replicas:
         return list(values), tf.cast(keep, tf.int64), counts
+    validate_group_size(equal_within, replicas)
     dtype = values[0].dtype
     flat = [tf.where(keep, tf.reshape(v, [-1]), tf.zeros_like(tf.reshape(v, [-1]))) for v in values]
     flags = tf.concat([tf.cast(keep, dtype)[None], tf.cast(counts, dtype)], 0)
     total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat(flat + [flags], 0))
     n = counts.shape[0]
-    kept, counts_total = total[-n - 1], total[-n:]
+    # Each group's members contributed identical values: the sums are equal_within
+    # times the sums over groups, so the means are unchanged and counts are divided.
+    kept = total[-n - 1]
+    counts_total = total[-n:] / tf.cast(equal_within, dtype)
     means, start = [], 0
     for v in values:
         size = v.shape.num_elements()  # per-channel statistics: static shapes
         part = total[start : start + size]
         means.append(tf.reshape(tf.math.divide_no_nan(part, kept), tf.shape(v)))
         start += size
-    return means, tf.cast(kept, tf.int64), tf.cast(counts_total, tf.int64)
+    kept_groups = kept / tf.cast(equal_within, dtype)
+    return (
+        means,
+        tf.cast(tf.round(kept_groups), tf.int64),
+        tf.cast(tf.round(counts_total), tf.int64),
+    )
 
 
 def _all_reduce_sum(
@@ -199,10 +225,55 @@ def _all_reduce_sum(
     if group_size is None or group_size == replicas:
         return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
     group = ctx.replica_id_in_sync_group // group_size
-    rows = tf.one_hot(group, replicas // group_size, dtype=value.dtype)
+    rows = tf.one_hot(group, replicas // group_size, on_value=True, off_value=False)
     rows = tf.reshape(rows, [-1] + [1] * value.shape.rank)
-    total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, rows * value[tf.newaxis])
-    return tf.gather(total, group)
+    zeros = tf.zeros_like(value)[tf.newaxis]
+    # tf.where, not a one-hot product: 0 * NaN would carry one group's NaN into every
+    # group. A dense read-back, not tf.gather: the gradient of a gather is
+    # IndexedSlices, whose all-reduce in the backward pass becomes extra all-gathers.
+    total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.where(rows, value[tf.newaxis], zeros))
+    return tf.reduce_sum(tf.where(rows, total, zeros), 0)
+
+
+# ------------------------------------------------ moving-statistics writes --
+# A training step writes the moving statistics (and counters) of every BN layer.
+# Mirrored variables aggregate replica-context writes (`aggregation="mean"`: a
+# reduction to one device and a broadcast back; `"only_first_replica"`: a
+# broadcast), although synchronised layers already hold identical values on
+# every replica. `mean_over_replicas_where` makes the values identical with at most one
+# packed all-reduce (none when they already are), and `assign_own_copy` then
+# writes each replica's own copy without any communication. Because every copy
+# receives the same value computed from the same inputs, the copies never drift.
+
+
+def assign_own_copy(variable, value: tf.Tensor, add: bool = False) -> None:
+    """`variable.assign(value)` (or `assign_add`) on this replica's own copy only.
+
+    `value` must be identical on every replica (synchronised statistics, or the
+    output of `mean_over_replicas_where`): each replica then writes the same value into its
+    own copy of the mirrored variable, with no aggregation and no communication.
+    Outside a multi-replica context, or for a variable that is not mirrored per
+    replica, it is the variable's ordinary (aggregated) assignment.
+    """
+    target = _own_copy(variable)
+    if target is None:
+        target = variable
+    if add:
+        target.assign_add(tf.cast(value, target.dtype))
+    else:
+        target.assign(tf.cast(value, target.dtype))
+
+
+def _own_copy(variable):
+    """The component of a mirrored `variable` that belongs to the current replica, or None."""
+    if replica_context() is None:
+        return None
+    value = variable.value if isinstance(variable, keras.Variable) else variable
+    if not isinstance(value, tf.distribute.DistributedValues):
+        return None
+    # TensorFlow's own replica-local read: the component of this replica.
+    local = getattr(value, "_get_on_device_or_primary", None)
+    return None if local is None else local()
 
 
 # ------------------------------------------------- whole-dataset reductions --
@@ -242,3 +313,87 @@ def run_and_sum(strategy: tf.distribute.Strategy | None, fn, *args):
     return tf.nest.map_structure(
         lambda value: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None), per_replica
     )
+
+
+# ------------------------------------------------------- multi-worker start --
+# `tf.distribute.MultiWorkerMirroredStrategy()` blocks in C++ until every worker of
+# TF_CONFIG has connected: with a peer that died before connecting it never returns
+# (and ignores SIGTERM). `multi_worker_strategy` bounds that wait and names the
+# peers that could not be reached.
+
+
+def cluster_peers(tf_config: str | None = None) -> tuple[dict, list[tuple[str, int, str]]]:
+    """`(task, [(job, index, "host:port"), ...])` of the other tasks in TF_CONFIG.
+
+    Raises ValueError naming TF_CONFIG when it is missing or malformed.
+    """
+    text = os.environ.get("TF_CONFIG") if tf_config is None else tf_config
+    try:
+        config = json.loads(text or "")
+        cluster, task = config["cluster"], config["task"]
+        me = (task["type"], int(task["index"]))
+        peers = [
+            (job, index, address)
+            for job, addresses in cluster.items()
+            for index, address in enumerate(addresses)
+            if (job, index) != me
+        ]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            "A multi-worker strategy needs TF_CONFIG as JSON with a cluster and this "
+            '"task": {"cluster": {"worker": ["host:port", ...]}, "task": {"type": '
+            f'"worker", "index": i}}}}. Received: TF_CONFIG={text!r} ({error})'
+        ) from None
+    return task, peers
+
+
+def multi_worker_strategy(
+    connect_timeout: float | None = 60.0,
+    collective_timeout: float | None = 60.0,
+    **kwargs,
+) -> tf.distribute.MultiWorkerMirroredStrategy:
+    """`tf.distribute.MultiWorkerMirroredStrategy` that fails fast when a peer is dead.
+
+    Args:
+        connect_timeout: Seconds to wait for every worker of TF_CONFIG to connect.
+            TensorFlow's constructor waits in C++ holding the GIL and ignores
+            SIGTERM, so when it has not returned by then a watchdog process
+            (`tfbn._watchdog`) prints which peers do not accept connections
+            (e.g. "worker 1 at 127.0.0.1:4242 is not reachable (Connection
+            refused)") to stderr and ends this process with SIGKILL. None waits
+            forever (TensorFlow's behaviour).
+        collective_timeout: Seconds after which a collective (all-reduce) whose
+            peer has died fails with an error (`CommunicationOptions`), so a
+            worker dying mid-training stops the others too. None: no timeout.
+        **kwargs: Passed to the strategy (e.g. `cluster_resolver`).
+
+    Must run before anything initialises TensorFlow's runtime, as the strategy itself.
+    """
+    for name, value in (("connect_timeout", connect_timeout),
+                        ("collective_timeout", collective_timeout)):
+        if value is not None and not value > 0:
+            raise ValueError(f"`{name}` must be a positive number of seconds or None. "
+                             f"Received: {name}={value!r}")
+    task, peers = cluster_peers()
+    if collective_timeout is not None and "communication_options" not in kwargs:
+        kwargs["communication_options"] = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=collective_timeout
+        )
+    watchdog = None
+    if connect_timeout is not None:
+        # A process, not a thread: the constructor holds the GIL while it waits.
+        watchdog = subprocess.Popen(
+            # Run by path: `-m tfbn._watchdog` would import tfbn, hence TensorFlow.
+            [sys.executable, _watchdog.__file__, str(os.getpid()), str(connect_timeout),
+             f"{task.get('type')} {task.get('index')}", json.dumps(peers)],
+            stdin=subprocess.PIPE,
+        )
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy(**kwargs)
+    finally:
+        if watchdog is not None:
+            watchdog.stdin.close()  # connected (or failed): the watchdog exits
+            try:
+                watchdog.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                watchdog.kill()

@@ -106,15 +106,17 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
     cancellation. Where the fused kernel applies, it computes the local moments
     and a custom gradient all-reduces the two backward sums once (as PyTorch's
     SyncBatchNorm); elsewhere gradients flow through the all-reduce.
-    Synchronised, every replica's update of the moving statistics is the same.
-    Unsynchronised, the moving statistics become the mean over replicas of the
-    per-replica updates (Keras's layer instead keeps each replica's own,
-    different copy), and a replica whose batch statistics are non-finite is left
-    out of that mean: the update is the mean over the replicas that applied
-    theirs (none applied: unchanged), `num_skipped_updates` grows by the number
-    of replicas that skipped and `num_batches_tracked` by 1 if any applied
-    (one packed all-reduce per layer and training step).
-    What is saved, exported or used at inference is therefore that replica mean.
+    The moving statistics are mirrored variables whose copies never drift
+    apart: synchronised, every replica already holds the same new value and
+    writes its own copy (no communication beyond the forward and backward
+    all-reduce); with groups, the mean over groups, and unsynchronised, the
+    mean over replicas of the per-replica updates, each in ONE packed
+    all-reduce (Keras's layer instead keeps each replica's own, different
+    copy). A replica (group) whose batch statistics are non-finite is left out
+    of that mean: the update is the mean over those that applied theirs (none
+    applied: unchanged), `num_skipped_updates` grows by the number of replicas
+    (groups) that skipped and `num_batches_tracked` by 1 if any applied.
+    What is saved, exported or used at inference is therefore that mean.
 
     Args:
         axis: Integer or list of integers, the channel axis/axes (not reduced).
@@ -369,8 +371,10 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
         return outputs
 
     def _normalize(self, x, mean, variance):
-        """Inference: normalise `x` with the moving statistics (fused kernel where it applies)."""
-        if self._fused_format is not None and x.dtype in stats.FUSED_DTYPES:
+        """Inference: normalise `x` with the moving statistics."""
+        # fused="auto": x * scale + offset (Keras's inference) is one pass, as fast as
+        # the fused kernel or faster at every shape of `tfbn bench`.
+        if self._fused_format is not None and self.fused is True and x.dtype in stats.FUSED_DTYPES:
             x4, restore = self._to_4d(x)
             y, _, _ = stats.fused_batch_norm(
                 x4,
@@ -408,7 +412,9 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
     def _batch_norm(self, x, mask):
         """Normalise with batch statistics; returns (y, mean, variance, count)."""
         distributed = self.synchronized and distribute.replica_context() is not None
-        fused = self._fused_format is not None and mask is None and x.dtype in stats.FUSED_DTYPES
+        fused = (self._fused_format is not None and mask is None
+                 and x.dtype in stats.FUSED_DTYPES
+                 and (distributed or _fused_pays_off(self.fused, x)))
         if self.renorm:
             return self._renorm_batch_norm(x, mask, fused and not distributed, distributed)
         if fused:
@@ -501,19 +507,22 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
         # Per-batch event counts: [skipped (non-finite), one value per channel].
         events = tf.cast(tf.stack([nonempty & ~finite, tf.reduce_any(count == 1)]), tf.int64)
         targets = self._moving_targets(mean, variance, moving_batch_var)
-        new_values = [new for _, new in targets]
-        if not self.synchronized and distribute.replica_context() is not None:
-            # Unsynchronised replicas: average only the replicas that applied.
-            new_values, applied, events = distribute.mean_over_replicas_where(
-                new_values, apply, events
-            )
-            apply = applied > 0
+        # Copies never drift: synchronised statistics are already identical on every
+        # replica (no collective); otherwise ONE packed all-reduce averages the new
+        # values over the replicas (groups) that applied theirs, then each replica
+        # writes the same result into its own copy.
+        synced = self.synchronized and self.virtual_batch_size is None
+        new_values, applied, events = distribute.mean_over_replicas_where(
+            [new for _, new in targets], apply, events,
+            equal_within=self.sync_group_size if synced else 1,
+        )
+        apply = applied > 0
         for (moving, _), new in zip(targets, new_values):
-            moving.assign(tf.where(apply, new, moving))
-        self.num_batches_tracked.assign_add(tf.cast(apply, tf.int64))
+            distribute.assign_own_copy(moving, tf.where(apply, new, moving))
+        distribute.assign_own_copy(self.num_batches_tracked, apply, add=True)
         if self.skip_nonfinite_updates:
-            self.num_skipped_updates.assign_add(events[0])
-        self.num_single_value_batches.assign_add(events[1])
+            distribute.assign_own_copy(self.num_skipped_updates, events[0], add=True)
+        distribute.assign_own_copy(self.num_single_value_batches, events[1], add=True)
 
     def _moving_targets(self, mean, variance, moving_batch_var):
         """`[(variable, updated value), ...]` for every moving statistic of the layer.
@@ -716,3 +725,19 @@ def _sqrt_initializer(initializer):
         return tf.sqrt(initializers.get(_clone_initializer(initializer))(shape, dtype=dtype))
 
     return init
+
+
+# Below this many elements (static shape) the fused kernel's fixed costs exceed its
+# gain in training, and fused="auto" takes the unfused path: `tfbn bench` on 2 CPU
+# cores, (256, 64) and (32, 128): fused 1.7-2x slower than unfused; (32, 8, 8, 64)
+# (131k): equal; (16, 14, 14, 128) (401k) and above: fused faster. Synchronised BN
+# keeps the fused path at every size (its custom gradient beats autodiff through
+# the float64 all-reduce: `tfbn bench --sync`, row tfbn_sync_unfused).
+FUSED_AUTO_MIN_ELEMENTS = 131072
+
+
+def _fused_pays_off(fused, x) -> bool:
+    """fused=True always; "auto" unless the (static) input is known to be small."""
+    size = x.shape.num_elements()
+    return fused is True or size is None or size >= FUSED_AUTO_MIN_ELEMENTS
+

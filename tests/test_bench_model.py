@@ -1,0 +1,70 @@
+"""`tfbn bench --model` (whole-model training steps) and the fused="auto" size rule
+the layer benchmark motivated."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfbn
+from tfbn import bench
+from tfbn.layers import batch_norm
+
+
+def _ops(layer, shape, training):
+    x = tf.zeros(shape)
+    layer.build(shape)
+    fn = tf.function(lambda x: layer(x, training=training))
+    return {node.op for node in fn.get_concrete_function(x).graph.as_graph_def().node}
+
+
+@pytest.mark.parametrize("shape", [(256, 64), (32, 128), (32, 8, 8, 32)])
+def test_auto_trains_small_inputs_on_the_unfused_path(shape):
+    assert np.prod(shape) < batch_norm.FUSED_AUTO_MIN_ELEMENTS
+    assert "FusedBatchNormV3" not in _ops(tfbn.BatchNormalization(), shape, True)
+    assert "FusedBatchNormV3" in _ops(tfbn.BatchNormalization(fused=True), shape, True)
+
+
+def test_auto_trains_large_inputs_on_the_fused_path_and_infers_with_one_affine():
+    shape = (16, 14, 14, 128)
+    assert "FusedBatchNormV3" in _ops(tfbn.BatchNormalization(), shape, True)
+    assert "FusedBatchNormV3" not in _ops(tfbn.BatchNormalization(), shape, False)
+    assert "FusedBatchNormV3" in _ops(tfbn.BatchNormalization(fused=True), shape, False)
+
+
+def test_small_inputs_give_the_same_numbers_on_both_paths():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3, 2, (256, 64)).astype("float32")
+    auto, fused = tfbn.BatchNormalization(), tfbn.BatchNormalization(fused=True)
+    np.testing.assert_allclose(auto(x, training=True), fused(x, training=True), atol=2e-5)
+    np.testing.assert_allclose(auto.moving_variance, fused.moving_variance, atol=1e-6)
+    np.testing.assert_allclose(auto(x, training=False), fused(x, training=False), atol=2e-5)
+
+
+def test_default_grid_has_small_2d_and_4d_shapes():
+    assert {(256, 64), (32, 128), (32, 8, 8, 64)} <= set(bench.DEFAULT_SHAPES)
+
+
+def test_model_variants_replace_every_batch_norm():
+    build, _ = bench._model_spec("mobilenetv2")
+    model = build()
+    n_bn = sum(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+    assert n_bn > 20
+    for variant, kind in (("tfbn", tfbn.BatchNormalization), ("passthrough", bench._PassThrough)):
+        new = bench._variant(model, variant)
+        assert sum(isinstance(layer, kind) for layer in new.layers) == n_bn
+        assert not any(type(layer) is keras.layers.BatchNormalization for layer in new.layers)
+    with pytest.raises(ValueError, match="Unknown bench model 'vgg'; accepted: resnet"):
+        bench._model_spec("vgg")
+
+
+@pytest.mark.slow
+def test_model_bench_single_device_reports_bn_cost():
+    result = bench.run_model_benchmark(("resnet",), batch=4, repeats=1, mirrored=False)
+    (row,) = result["single"]
+    assert row["model"] == "resnet"
+    for key in ("keras_ms", "tfbn_ms", "passthrough_ms"):
+        assert isinstance(row[key], float) and row[key] > 0, row
+    assert {"step_keras_over_tfbn", "bn_cost_keras_over_tfbn", "bn_share_tfbn"} <= set(row)
+    table = bench.format_model_tables(result)
+    assert "| resnet |" in table and "BN cost Keras/tfbn" in table
