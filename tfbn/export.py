@@ -42,6 +42,7 @@ from keras.src.models.functional import Functional
 
 from tfbn import convert
 from tfbn.inspect import SavedModelReport, lint_saved_model
+from tfbn.statistics_signature import statistics_signatures, write_asset
 
 SERVING_KEY = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
@@ -421,6 +422,7 @@ def export_saved_model(
     num_samples: int = DEFAULT_NUM_SAMPLES,
     rtol: float = DEFAULT_RTOL,
     seed: int = 0,
+    statistics_signature: bool = True,
 ) -> ExportResult:
     """Exports `model` as `<base_path>/<version>/` for TF Serving, after a parity gate.
 
@@ -450,6 +452,10 @@ def export_saved_model(
             kernels TensorFlow picks per batch size) with room to spare, and
             orders of magnitude below what batch statistics do (~1).
         seed: Seed of the drawn sample inputs.
+        statistics_signature: Add the `tfbn_batch_norm_statistics` and
+            `tfbn_batch_norm_reference` signatures (`tfbn.statistics_signature`:
+            what each BN layer's input looks like on live traffic, for `tfbn
+            drift`) and their asset file, if the model has BN layers.
 
     Returns:
         An `ExportResult` (`result.fold_report` says what was folded).
@@ -492,6 +498,12 @@ def export_saved_model(
     signatures = {SERVING_KEY: serve}
     for name, fn in extra_signatures.items():
         signatures[name] = _extra_concrete(name, fn, serving_model)
+    stats_functions, stats_asset = ({}, None)
+    if statistics_signature:
+        stats_functions, stats_asset = statistics_signatures(model, serving_model, specs)
+        if set(stats_functions) & set(signatures):
+            raise ValueError(f"`extra_signatures` must not redefine {sorted(stats_functions)}")
+        signatures.update(stats_functions)
     module.extra_functions = list(signatures.values())[1:]
     if extra_signatures:
         module.source_model = model  # extra functions may close over the original model
@@ -521,6 +533,7 @@ def export_saved_model(
             }
         )
         np.savez(os.path.join(extra_dir, GOLDEN_FILE), **golden)
+        write_asset(extra_dir, stats_asset)
         tol = _tolerance(rtol, [s.dtype for s in out_specs.values()])
         gate = _gate(export_dir, samples, reference, out_names, tol)
         if not gate.ok:
