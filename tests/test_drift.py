@@ -442,3 +442,38 @@ def test_redeploy_if_drifted_on_a_live_server(calibrated, tmp_path):
         with GrpcClient(srv.grpc_target, "m") as client:
             assert client.metadata().version == 2
     assert os.path.isfile(result.recalibrated_model)
+
+
+# ---------------------------------------------------------- examples, experiment --
+
+
+def _load_script(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+EXAMPLES = __import__("pathlib").Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_bench_statistics_signature_runs(capsys):
+    assert _load_script(EXAMPLES / "bench_statistics_signature.py").main(["--repeats", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "| 64 | serving_default (export with probe) |" in out and SIG in out
+
+
+@pytest.mark.slow
+def test_drift_experiment_quick(tmp_path):
+    from test_experiments import check_report
+
+    module = _load_script(EXAMPLES / "experiments" / "drift_detection.py")
+    result = module.main(["--quick", "--out", str(tmp_path)])
+    check_report(result, "drift_detection", tmp_path)
+    shifts = {(r["shift"], r["strength"]) for r in result["rows"]}
+    assert ("none", 0.0) in shifts and ("translate", 2) in shifts
+    assert set(result["false_alarm"]) == {64, 256}
+    for r in result["rows"]:
+        assert 0.0 <= r["acc_shifted"] <= 1.0 and r["score_shifted"] >= 0.0
