@@ -477,3 +477,25 @@ def test_drift_experiment_quick(tmp_path):
     assert set(result["false_alarm"]) == {64, 256}
     for r in result["rows"]:
         assert 0.0 <= r["acc_shifted"] <= 1.0 and r["score_shifted"] >= 0.0
+
+
+def test_nested_model_with_dict_inputs(tmp_path):
+    """A BN inside a nested Sequential (folded) and one after it (frozen), two named inputs:
+    the export's probe and the .keras computation agree."""
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.Input((6, 6, 4)),
+                              keras.layers.Conv2D(4, 3, padding="same", use_bias=False),
+                              keras.layers.BatchNormalization(name="inner_bn")], name="block")
+    a, b = keras.Input((6, 6, 3), name="a"), keras.Input((6, 6, 1), name="b")
+    x = keras.layers.BatchNormalization(name="outer_bn")(inner(keras.layers.Concatenate()([a, b])))
+    model = keras.Model({"a": a, "b": b}, keras.layers.Dense(2)(keras.layers.Flatten()(x)))
+    rng = np.random.default_rng(0)
+    traffic = {"a": rng.standard_normal((10, 6, 6, 3)).astype("float32"),
+               "b": rng.standard_normal((10, 6, 6, 1)).astype("float32")}
+    result = tfbn.export_saved_model(model, tmp_path / "m", sample_inputs=traffic)
+    assert result.fold_report.folded == [("inner_bn", inner.layers[0].name)]
+    served = drift.measure_drift(drift.SavedModelProbe(result.path), traffic, 4)
+    local = drift.measure_drift(drift.KerasProbe(model), traffic, 3)
+    assert [la.name for la in served.layers] == ["inner_bn", "outer_bn"]
+    for s, k in zip(served.layers, local.layers, strict=True):
+        assert s.score == pytest.approx(k.score, rel=1e-5)
