@@ -237,9 +237,10 @@ class SavedModelProbe:
             raise MissingStatisticsSignature(
                 f"{self.path} has no '{STATISTICS_SIGNATURE}' signature (signatures: "
                 f"{sorted(loaded.signatures)}): it was exported without it (--no-statistics-"
-                "signature) or not by tfbn (e.g. Keras's model.export()). Pass --keras MODEL.keras "
-                "(the model it was exported from) to compute the statistics in process, or "
-                "re-export it with `tfbn export`."
+                "signature) or not by tfbn (e.g. Keras's model.export()), or its model has no "
+                "BatchNormalization layer (nothing to drift). Pass --keras MODEL.keras (the "
+                "model it was exported from) to compute the statistics in process, or re-export "
+                "it with `tfbn export`."
             )
         self._stats = loaded.signatures[STATISTICS_SIGNATURE]
         self._ref = loaded.signatures[REFERENCE_SIGNATURE]
@@ -271,8 +272,8 @@ class ClientProbe:
             raise MissingStatisticsSignature(
                 f"model '{client.model_name}' version {meta.version} at {client.target} has no "
                 f"'{STATISTICS_SIGNATURE}' signature (signatures: {sorted(meta.signatures)}): it "
-                "was exported without it or not by tfbn (e.g. Keras's model.export()). Pass "
-                "--keras MODEL.keras (the model it was exported from) to compute the statistics "
+                "was exported without it or not by tfbn (e.g. Keras's model.export()), or its model "
+                "has no BatchNormalization layer (nothing to drift). Pass --keras MODEL.keras (the model it was exported from) to compute the statistics "
                 "in process, or re-export it with `tfbn export` and let the server load it."
             )
         sig = meta.signature(STATISTICS_SIGNATURE)

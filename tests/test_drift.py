@@ -229,6 +229,9 @@ def test_model_without_bn_exports_without_probe_and_drift_says_so(tmp_path, caps
     model.save(tmp_path / "m.keras")
     assert cli.main(["drift", str(tmp_path / "m.keras"), "--inputs", str(tmp_path / "t.npy")]) == 2
     assert "no BatchNormalization layer" in capsys.readouterr().err
+    assert cli.main(["drift", str(tmp_path / "m"), "--inputs", str(tmp_path / "t.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "no BatchNormalization layer (nothing to drift)" in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------ CLI --
