@@ -273,8 +273,9 @@ class ClientProbe:
                 f"model '{client.model_name}' version {meta.version} at {client.target} has no "
                 f"'{STATISTICS_SIGNATURE}' signature (signatures: {sorted(meta.signatures)}): it "
                 "was exported without it or not by tfbn (e.g. Keras's model.export()), or its model "
-                "has no BatchNormalization layer (nothing to drift). Pass --keras MODEL.keras (the model it was exported from) to compute the statistics "
-                "in process, or re-export it with `tfbn export` and let the server load it."
+                "has no BatchNormalization layer (nothing to drift). Pass --keras MODEL.keras "
+                "(the model it was exported from) to compute the statistics in process, or "
+                "re-export it with `tfbn export` and let the server load it."
             )
         sig = meta.signature(STATISTICS_SIGNATURE)
         self.version = meta.version
