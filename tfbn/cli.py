@@ -335,8 +335,6 @@ def _run_export(args) -> int:
 
 
 def _add_drift(sub) -> None:
-    from tfbn.serving.drift import DEFAULT_BATCH_SIZE, DEFAULT_THRESHOLD
-
     p = sub.add_parser(
         "drift",
         help="do the BN running statistics still describe live traffic? (drift report)",
@@ -363,10 +361,11 @@ def _add_drift(sub) -> None:
     p.add_argument("--keras", dest="keras_model", metavar="MODEL.keras",
                    help="compute the statistics from this .keras model in process when the "
                         "SavedModel / served model has no statistics signature")
-    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
-                   help=f"examples per request (default {DEFAULT_BATCH_SIZE})")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help=f"a layer drifts when its score exceeds this (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--batch_size", type=int,
+                   help="examples per request (default tfbn.serving.drift.DEFAULT_BATCH_SIZE, 32)")
+    p.add_argument("--threshold", type=float,
+                   help="a layer drifts when its score exceeds this "
+                        "(default tfbn.serving.drift.DEFAULT_THRESHOLD, 0.5)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
     p.add_argument("--png", dest="png_path", metavar="PATH", help="also plot the report here")
     _add_json_flag(p)
@@ -382,7 +381,9 @@ def _run_drift(args) -> int:
             args.model_path, inputs=args.inputs, rest=args.rest, grpc=args.grpc,
             model_name=args.model_name, version=args.model_version,
             label=args.model_version_label, keras_model=args.keras_model,
-            batch_size=args.batch_size, threshold=args.threshold, timeout=args.timeout)
+            batch_size=drift.DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size,
+            threshold=drift.DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
+            timeout=args.timeout)
     except TFServingError as err:
         print(f"tfbn drift: error: the server did not answer the statistics request: {err}",
               file=sys.stderr)
