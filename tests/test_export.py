@@ -60,7 +60,8 @@ def test_export_layout_signature_warmup_and_golden(tmp_path):
     assert "folded 2" in result.format() and "lint: OK" in result.format()
 
     loaded = tf.saved_model.load(result.path)
-    assert list(loaded.signatures) == ["serving_default"]
+    assert sorted(loaded.signatures) == [  # + the drift probe (tfbn.statistics_signature)
+        "serving_default", "tfbn_batch_norm_reference", "tfbn_batch_norm_statistics"]
     fn = loaded.signatures["serving_default"]
     _, kwargs = fn.structured_input_signature
     assert list(kwargs) == ["image"] and kwargs["image"].shape.as_list() == [None, 8, 8, 3]
@@ -122,7 +123,8 @@ def test_export_tfbn_model_unfolded_sample_inputs_and_extra_signature(tmp_path):
     )  # fmt: skip
     assert result.version == 3 and result.fold_report is None and result.nothing_folded
     loaded = tf.saved_model.load(result.path)
-    assert set(loaded.signatures) == {"serving_default", "doubled"}
+    assert set(loaded.signatures) == {"serving_default", "doubled", "tfbn_batch_norm_reference",
+                                      "tfbn_batch_norm_statistics"}
     out = loaded.signatures["doubled"](image=tf.constant(x))["twice"]
     np.testing.assert_allclose(out, 2.0 * model(x, training=False), rtol=1e-5, atol=1e-5)
     inputs, _ = load_golden(result.path)

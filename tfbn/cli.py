@@ -416,6 +416,8 @@ def _add_export(sub) -> None:
                    help="lift one refusal (repeatable): never_updated, nonfinite, "
                         "negative_variance (BN statistics) or nonfinite_outputs")
     _add_quiet_flag(p, "the gate's steps")
+    p.add_argument("--no-statistics-signature", dest="statistics_signature", action="store_false",
+                   help="leave out the BN statistics probe signatures used by `tfbn drift`")
     p.set_defaults(func=_run_export)
 
 
@@ -438,6 +440,7 @@ def _run_export(args) -> int:
             model, args.base_path, version=args.model_version, sample_inputs=samples,
             fold=args.fold, overwrite=args.overwrite, model_name=args.model_name, rtol=args.rtol,
             allow=args.allow, progress=False if args.quiet else None,
+            statistics_signature=args.statistics_signature,
         )  # fmt: skip
     except export.ExportGateError as err:
         print(f"tfbn export: {err}", file=sys.stderr)
@@ -446,8 +449,109 @@ def _run_export(args) -> int:
     return 0
 
 
+def _add_drift(sub) -> None:
+    p = sub.add_parser(
+        "drift",
+        help="do the BN running statistics still describe live traffic? (drift report)",
+        description="Sends traffic to the export's tfbn_batch_norm_statistics signature (in "
+                    "process, or a live TF Serving over REST/gRPC), adds up every BN layer's input "
+                    "moments and compares them with its running statistics: per layer the mean "
+                    "|standardised shift|, the largest channels, the log variance ratio and a "
+                    "score (RMS over channels of sqrt(2 KL)); a layer drifts above --threshold. "
+                    "Exit 0 if the statistics describe the traffic, 1 on drift, 2 on bad usage or "
+                    "when nothing could be measured.",
+    )
+    p.add_argument("model_path", nargs="?", metavar="MODEL",
+                   help="SavedModel version directory or base path, or a .keras model (in process)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--rest", metavar="URL", help="TF Serving REST API, e.g. http://localhost:8501")
+    where.add_argument("--grpc", metavar="HOST:PORT", help="TF Serving gRPC API, e.g. localhost:8500")
+    p.add_argument("--model_name", help="served model name (with --rest / --grpc)")
+    version = p.add_mutually_exclusive_group()
+    version.add_argument("--model_version", type=int, help="pin a version on the server")
+    version.add_argument("--model_version_label", help="pin a version label on the server")
+    p.add_argument("--inputs", nargs="+", required=True, metavar="FILE",
+                   help="traffic: .npz (arrays by input name), .npy (one-input models) or "
+                        "TFRecord PredictionLog files (warm-up file, request log)")
+    p.add_argument("--keras", dest="keras_model", metavar="MODEL.keras",
+                   help="compute the statistics from this .keras model in process when the "
+                        "SavedModel / served model has no statistics signature")
+    p.add_argument("--batch_size", type=int,
+                   help="examples per request (default tfbn.serving.drift.DEFAULT_BATCH_SIZE, 32)")
+    p.add_argument("--threshold", type=float,
+                   help="a layer drifts when its score exceeds this "
+                        "(default tfbn.serving.drift.DEFAULT_THRESHOLD, 0.5)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
+    p.add_argument("--png", dest="png_path", metavar="PATH", help="also plot the report here")
+    _add_json_flag(p)
+    p.set_defaults(func=_run_drift)
+
+
+def _run_drift(args) -> int:
+    from tfbn.serving import drift
+    from tfbn.serving.client import TFServingError
+
+    try:
+        report = drift.run_drift(
+            args.model_path, inputs=args.inputs, rest=args.rest, grpc=args.grpc,
+            model_name=args.model_name, version=args.model_version,
+            label=args.model_version_label, keras_model=args.keras_model,
+            batch_size=drift.DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size,
+            threshold=drift.DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
+            timeout=args.timeout)
+    except TFServingError as err:
+        print(f"tfbn drift: error: the server did not answer the statistics request: {err}",
+              file=sys.stderr)
+        return 2
+    _emit(report, args.json_path)
+    if args.png_path:
+        report.plot(args.png_path)
+    return 1 if report.drift else 0
+
+
+def _add_recalibrate(sub) -> None:
+    p = sub.add_parser(
+        "recalibrate",
+        help="set every BN layer's running statistics from traffic (precise BN) and save",
+        description="Recomputes every BatchNormalization layer's moving mean and variance as the "
+                    "exact statistics of its inputs over the traffic (tfbn.recalibrate, one pass "
+                    "per layer in forward order, inference mode), and saves the model to --out. "
+                    "Export it as a new version with `tfbn export`. Exit 0 on success, 2 on bad "
+                    "usage.",
+    )
+    p.add_argument("model", help="a .keras model file")
+    p.add_argument("--inputs", nargs="+", required=True, metavar="FILE",
+                   help="traffic: .npz (arrays by input name), .npy or TFRecord PredictionLog files")
+    p.add_argument("--out", required=True, metavar="NEW.keras", help="where to save the model")
+    p.add_argument("--batch_size", type=int, default=64, help="examples per batch (default 64)")
+    p.set_defaults(func=_run_recalibrate)
+
+
+def _run_recalibrate(args) -> int:
+    import keras
+
+    import tfbn.layers  # noqa: F401 - registers tfbn's layers for loading
+    from tfbn.serving import drift
+
+    if not os.path.isfile(args.model) or not args.model.endswith(".keras"):
+        raise FileNotFoundError(f"MODEL must be an existing .keras file; got {args.model!r}")
+    if not args.out.endswith(".keras"):
+        raise ValueError(f"--out must end in .keras; got {args.out!r}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be a positive integer; got {args.batch_size}")
+    model = keras.saving.load_model(args.model, compile=False)
+    from tfbn.export import io_specs
+
+    traffic = drift.load_traffic(args.inputs, list(io_specs(model)[0]))
+    result = drift.recalibrate_on_traffic(model, traffic, args.batch_size)
+    model.save(args.out)
+    print(f"{result}\nsaved {args.out}")
+    return 0
+
+
 SUBCOMMANDS = (
     _add_bench, _add_serve, _add_check, _add_inspect, _add_lint, _add_export, _add_gpu_check,
+    _add_drift, _add_recalibrate,
 )
 
 

@@ -69,6 +69,7 @@ from keras.src.models.functional import Functional
 from tfbn import convert, graph, layout, tolerance
 from tfbn.inspect import FLAG_ADVICE, SavedModelReport, inspect_model, lint_saved_model
 from tfbn.layout import ASSETS_EXTRA, GOLDEN_FILE, TMP_PREFIX, WARMUP_FILE  # noqa: F401
+from tfbn.statistics_signature import statistics_signatures, write_asset
 
 SERVING_KEY = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
@@ -615,6 +616,7 @@ def export_saved_model(
     allow: Collection[str] = (),
     fold_margin: float = FOLD_MARGIN,
     progress: bool | None = False,
+    statistics_signature: bool = True,
 ) -> ExportResult:
     """Exports `model` as `<base_path>/<version>/` for TF Serving, after a parity gate.
 
@@ -654,6 +656,10 @@ def export_saved_model(
             model itself the export may be from the float32 truth.
         progress: The export's steps on stderr (`tfbn.progress`): True, False, or None
             for "when stderr is a terminal".
+        statistics_signature: Add the `tfbn_batch_norm_statistics` and
+            `tfbn_batch_norm_reference` signatures (`tfbn.statistics_signature`:
+            what each BN layer's input looks like on live traffic, for `tfbn
+            drift`) and their asset file, if the model has BN layers.
 
     Returns:
         An `ExportResult` (`result.fold_report` says what was folded).
@@ -696,14 +702,16 @@ def export_saved_model(
 
     with progress_bar(len(EXPORT_STEPS), "tfbn export", progress, unit="step") as bar:
         return _export(model, base_path, version, specs, out_names, samples, fold, overwrite,
-                       extra_signatures, model_name, closeness, allow, fold_margin, bar)
+                       extra_signatures, model_name, closeness, allow, fold_margin, bar,
+                       statistics_signature)
 
 
 EXPORT_STEPS = ("statistics", "fold", "reference", "save", "gate", "version")
 
 
 def _export(model, base_path, version, specs, out_names, samples, fold, overwrite,
-            extra_signatures, model_name, closeness, allow, fold_margin, bar) -> ExportResult:
+            extra_signatures, model_name, closeness, allow, fold_margin, bar,
+            statistics_signature) -> ExportResult:
     def step(name):
         bar.set_postfix_str(name, refresh=False)
         bar.update(1)
@@ -727,6 +735,12 @@ def _export(model, base_path, version, specs, out_names, samples, fold, overwrit
     signatures = {SERVING_KEY: serve}
     for name, fn in extra_signatures.items():
         signatures[name] = _extra_concrete(name, fn, serving_model)
+    stats_functions, stats_asset = ({}, None)
+    if statistics_signature:
+        stats_functions, stats_asset = statistics_signatures(model, serving_model, specs)
+        if set(stats_functions) & set(signatures):
+            raise ValueError(f"`extra_signatures` must not redefine {sorted(stats_functions)}")
+        signatures.update(stats_functions)
     module.extra_functions = list(signatures.values())[1:]
     if extra_signatures:
         module.source_model = model  # extra functions may close over the original model
@@ -750,6 +764,7 @@ def _export(model, base_path, version, specs, out_names, samples, fold, overwrit
                 model_name or os.path.basename(base_path),
                 samples,
             )
+            write_asset(extra_dir, stats_asset)
             step("save")
             gate, served = _gate(export_dir, samples, model_out, truth, out_names, closeness,
                                  fold_margin, allow, stat_findings)  # fmt: skip

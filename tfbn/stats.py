@@ -419,3 +419,45 @@ def renorm_scale_offset(
     if beta is not None:
         offset = offset + tf.cast(beta, r.dtype)
     return scale, offset
+
+def example_moment_sums(
+    x: tf.Tensor, channel_axes: list[int], weights: tf.Tensor | None = None
+) -> tf.Tensor:
+    """Float64 moment sums of each example of `x`, per channel: shape `[batch, 3, C]`.
+
+    Row `b` holds `[n, sum(x), sum(x**2)]` over example `b`'s values of each channel
+    (every axis but 0 and `channel_axes`; `C` is the product of the channel
+    dimensions, in axis order): the layout of `moment_sums`, kept per example.
+    Summing over axis 0, over any number of batches, gives the exact float64 sums
+    of all of them, so `moments_from_sums` of the total is the moments of the union.
+    Nothing is reduced over the batch axis: an example's row does not depend on
+    the rest of its batch. `weights` (broadcastable to `x`; 1 = use, 0 = ignore)
+    weight each value, e.g. a mask.
+    """
+    rank = len(x.shape)
+    channel_axes = sorted(a % rank for a in channel_axes)
+    if 0 in channel_axes:
+        raise ValueError(f"`channel_axes` must not include the batch axis. Received: {channel_axes}")
+    dims = [x.shape[a] for a in channel_axes]
+    if any(d is None for d in dims):
+        raise ValueError(f"The channel dimensions must be known. Received shape: {x.shape}")
+    channels = 1
+    for d in dims:
+        channels *= int(d)
+    perm = [0, *[a for a in range(1, rank) if a not in channel_axes], *channel_axes]
+
+    def per_example(t):  # [batch, values per channel, C]
+        return tf.reshape(tf.transpose(t, perm), [tf.shape(t)[0], -1, channels])
+
+    x64 = tf.cast(x, tf.float64)
+    w = None if weights is None else tf.broadcast_to(tf.cast(weights, tf.float64), tf.shape(x64))
+    x64 = per_example(x64)
+    if w is None:
+        n = tf.fill([tf.shape(x64)[0], channels], tf.cast(tf.shape(x64)[1], tf.float64))
+        wx = x64
+    else:
+        w = per_example(w)
+        n = tf.reduce_sum(w, axis=1)
+        # Selected, not multiplied: a masked-out NaN/Inf must not reach the sums.
+        wx = tf.where(w > 0, w * tf.where(w > 0, x64, tf.zeros_like(x64)), tf.zeros_like(x64))
+    return tf.stack([n, tf.reduce_sum(wx, axis=1), tf.reduce_sum(wx * x64, axis=1)], axis=1)
