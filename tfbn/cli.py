@@ -1,17 +1,38 @@
 """The `tfbn` command. Thin: each subcommand parses its flags, calls one library
 function, prints its result and returns the exit code (0 ok, 1 findings/failure,
-2 bad usage). Library modules are imported inside the handlers so `tfbn --help`
-stays fast.
+2 bad usage).
 
-To add a subcommand: write `_add_<name>(subparsers)` that registers its flags and
-sets `func`, and list it in `SUBCOMMANDS`.
+Every subcommand is one `Command` row in `COMMANDS`: its options (a table of
+`opt(...)` rows), an optional TensorFlow-free `validate(args)` and the `run(args)`
+handler. `tfbn --help`, `tfbn CMD --help`, `--version` and every argument error
+are answered before TensorFlow is imported (library modules are imported inside
+the handlers); TensorFlow's start-up logs are silenced unless `--verbose`.
+
+Flag style: tfbn's own options are kebab-case (`--num-examples`). Options that are
+tensorflow_model_server's own flags keep TF Serving's spelling (`--model_name`,
+`--model_base_path`, `--rest_api_port`, `--enable_batching`, ...), on every command
+that takes them. Old spellings still parse, with a deprecation warning on stderr
+(`opt(..., deprecated=("--old",))`). `--json PATH` means the same everywhere:
+write the JSON report to PATH; `-` (or `--json` alone) prints the JSON to stdout
+instead of the table.
+
+To add a subcommand: write its `_run_<name>(args)` handler and a `Command` row.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import io
+import json
 import os
 import sys
+import tempfile
+from collections.abc import Callable
+
+# --- argument types (TensorFlow-free) -----------------------------------------
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -26,40 +47,14 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def _add_bench(sub) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="time tfbn against keras.layers.BatchNormalization and the raw fused op",
-        description="Training-step and inference timings (medians, ratios vs tfbn, one run).",
-    )
-    p.add_argument("--shape", type=_shape, action="append", dest="shapes",
-                   help="input shape (repeatable); default: the four README shapes")
-    p.add_argument("--repeats", type=int, default=20, help="timed calls per implementation")
-    p.add_argument("--json", dest="json_path", help="also write the rows as JSON here")
-    _add_bench_sync_flags(p)
-    p.set_defaults(func=_run_bench)
-
-
-def _add_bench_sync_flags(p) -> None:
-    p.add_argument("--sync", action="store_true",
-                   help="synchronised BN under MirroredStrategy on logical CPU replicas: tfbn "
-                        "sync/local vs Keras synchronized=True/local (--shape is per replica)")
-    p.add_argument("--replicas", type=int, default=4,
-                   help="with --sync: logical CPU devices (replicas) to split the CPU into")
-
-
-def _run_bench(args) -> int:
-    from tfbn import bench
-
-    if args.sync:
-        if args.replicas < 2:
-            raise ValueError(f"--replicas must be at least 2. Received: {args.replicas}")
-        bench.main_sync(tuple(args.shapes) if args.shapes else bench.SYNC_SHAPES,
-                        args.repeats, args.replicas, args.json_path)
-        return 0
-    bench.main(tuple(args.shapes) if args.shapes else bench.DEFAULT_SHAPES,
-               args.repeats, args.json_path)
-    return 0
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return value
 
 
 def _flag_bool(text: str) -> bool:
@@ -91,127 +86,91 @@ def _batch_sizes(text: str) -> tuple[int | None, ...]:
     return tuple(sizes)
 
 
-def _add_serve(sub) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="run the TF-Serving-protocol development server (not TF Serving)",
-        description="A development server speaking TF Serving's gRPC and REST protocols over "
-                    "SavedModels, with tensorflow_model_server's flag names. For local checks and "
-                    "tests, not production. Binds 127.0.0.1 unless --host says otherwise.",
-    )
-    p.add_argument("--port", type=int, default=8500,
-                   help="gRPC port (default 8500; 0 picks a free port)")
-    p.add_argument("--rest_api_port", type=int, default=0,
-                   help="REST port (default 0: REST disabled, as in tensorflow_model_server)")
-    p.add_argument("--model_name", default="default", help="model name (default: default)")
-    p.add_argument("--model_base_path", help="directory holding integer version directories")
-    p.add_argument("--model_config_file", help="ModelServerConfig text proto (instead of the two above)")
-    p.add_argument("--enable_batching", type=_flag_bool, nargs="?", const=True, default=False,
-                   help="emulate server-side batching")
-    p.add_argument("--batching_parameters_file", help="BatchingParameters text proto")
-    p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
-                   help="seconds between polls for new versions (0: poll once at start)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--max_request_bytes", type=int, default=64 * 1024 * 1024,
-                   help="largest accepted request body / message (default 64 MiB)")
-    p.set_defaults(func=_run_serve)
+# --- the option table ---------------------------------------------------------
 
 
-def _run_serve(args) -> int:
-    from tfbn.serving import _config, server
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One `add_argument` call: flags (canonical first), argparse keywords, and
+    old spellings that still parse with a deprecation warning."""
 
-    models = server.models_from_flags(args.model_name, args.model_base_path, args.model_config_file)
-    batching = None
-    if args.enable_batching:
-        batching = (_config.load_batching_parameters(args.batching_parameters_file)
-                    if args.batching_parameters_file else _config.BatchingParameters())
-    elif args.batching_parameters_file:
-        raise ValueError("--batching_parameters_file needs --enable_batching")
-    return server.serve(models, port=args.port, rest_api_port=args.rest_api_port or None,
-                        host=args.host, batching=batching,
-                        file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
-                        max_request_bytes=args.max_request_bytes,
-                        ready=lambda line: print(line, flush=True))
+    flags: tuple[str, ...]
+    kwargs: dict
+    deprecated: tuple[str, ...] = ()
 
 
-def _add_check(sub) -> None:
-    p = sub.add_parser(
-        "check",
-        help="check that predictions do not depend on the batch (deployment gate)",
-        description="Re-runs the same examples in batches of several sizes and orders (and, with "
-                    "--concurrent, as simultaneous single-row requests) and compares every answer "
-                    "with the golden outputs (else the full-batch answer). Exits 0 if invariant, "
-                    "1 if not (or the server failed), 2 on bad usage.",
-    )
-    p.add_argument("model_path", nargs="?",
-                   help="SavedModel version directory or base path (in-process backend)")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--rest", metavar="URL", help="TF Serving REST API, e.g. http://localhost:8501")
-    where.add_argument("--grpc", metavar="HOST:PORT", help="TF Serving gRPC API, e.g. localhost:8500")
-    p.add_argument("--model_name", help="served model name (with --rest / --grpc)")
-    version = p.add_mutually_exclusive_group()
-    version.add_argument("--model_version", type=int, help="pin a version on the server")
-    version.add_argument("--model_version_label", help="pin a version label on the server")
-    p.add_argument("--signature_name", default="serving_default")
-    p.add_argument("--golden", help="golden .npz or version directory (default: the model's own)")
-    p.add_argument("--inputs", dest="inputs_file", help=".npz of named input arrays")
-    p.add_argument("--num_examples", type=int, default=64,
-                   help="synthetic examples when there is no golden file or --inputs (default 64)")
-    p.add_argument("--batch_sizes", type=_batch_sizes, default=(1, 2, 3, 7, None),
-                   help="comma-separated, 'all' for one request (default 1,2,3,7,all)")
-    p.add_argument("--orders", type=int, default=3, help="orders per batch size (default 3)")
-    p.add_argument("--atol", type=float, default=1e-5)
-    p.add_argument("--rtol", type=float, default=1e-4)
-    p.add_argument("--concurrent", action="store_true",
-                   help="also send all examples as simultaneous single-row requests")
-    p.add_argument("--concurrent_rounds", type=int, default=1)
-    p.add_argument("--enable_batching", type=_flag_bool, nargs="?", const=True, default=False,
-                   help="in-process backend only: emulate TF Serving's server-side batching")
-    p.add_argument("--batching_parameters_file", help="BatchingParameters text proto")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", dest="json_path", help="also write the report as JSON here")
-    p.set_defaults(func=_run_check)
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """Options of which at most one may be given (argparse mutually exclusive group)."""
+
+    options: tuple[Option, ...]
 
 
-def _run_check(args) -> int:
-    import json
-
-    from tfbn.serving import _config, invariance
-    from tfbn.serving.client import TFServingError
-
-    batching = None
-    if args.enable_batching:
-        batching = (_config.load_batching_parameters(args.batching_parameters_file)
-                    if args.batching_parameters_file else _config.BatchingParameters())
-    elif args.batching_parameters_file:
-        raise ValueError("--batching_parameters_file needs --enable_batching")
-    try:
-        report = invariance.run_check(
-            args.model_path, rest=args.rest, grpc=args.grpc, model_name=args.model_name,
-            version=args.model_version, label=args.model_version_label,
-            signature_name=args.signature_name, golden=args.golden, inputs_file=args.inputs_file,
-            num_examples=args.num_examples, batch_sizes=args.batch_sizes, orders=args.orders,
-            atol=args.atol, rtol=args.rtol, concurrent=args.concurrent,
-            concurrent_rounds=args.concurrent_rounds, batching=batching, timeout=args.timeout,
-            seed=args.seed)
-    except TFServingError as err:
-        print(f"tfbn check: the server failed: {err}", file=sys.stderr)
-        return 1
-    print(report.table())
-    if args.json_path:
-        with open(args.json_path, "w", encoding="utf-8") as f:
-            json.dump(report.to_dict(), f, indent=1)
-    return 0 if report.passed else 1
+def opt(*flags: str, deprecated: tuple[str, ...] = (), **kwargs) -> Option:
+    return Option(flags, kwargs, deprecated)
 
 
-def _add_json_flag(p) -> None:
-    p.add_argument("--json", dest="json_path", nargs="?", const="-", metavar="PATH",
-                   help="print the report as JSON instead of the table (--json), "
-                        "or also write it to PATH (--json PATH)")
+def one_of(*options: Option) -> OneOf:
+    return OneOf(options)
+
+
+JSON = opt("--json", dest="json_path", nargs="?", const="-", metavar="PATH",
+           help="write the report as JSON to PATH; '-' or --json alone: print the JSON to "
+                "stdout instead of the table")
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    description: str
+    options: tuple[Option | OneOf, ...]
+    run: Callable[[argparse.Namespace], int]
+    validate: Callable[[argparse.Namespace], None] | None = None
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling: stores into the canonical option's dest and warns once."""
+
+    def __init__(self, option_strings, dest, canonical: str, **kwargs):
+        self.canonical = canonical
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.canonical}",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _add_option(container, option: Option) -> None:
+    action = container.add_argument(*option.flags, **option.kwargs)
+    if not option.deprecated:
+        return
+    kwargs = {k: v for k, v in option.kwargs.items()
+              if k in ("type", "nargs", "const", "choices", "metavar")}
+    container.add_argument(*option.deprecated, dest=action.dest, action=_DeprecatedAlias,
+                           canonical=option.flags[0], default=argparse.SUPPRESS,
+                           help=argparse.SUPPRESS, **kwargs)
+
+
+def _add_command(sub, command: Command, parents) -> None:
+    p = sub.add_parser(command.name, help=command.help, description=command.description,
+                       parents=parents)
+    for item in command.options:
+        if isinstance(item, OneOf):
+            group = p.add_mutually_exclusive_group()
+            for option in item.options:
+                _add_option(group, option)
+        else:
+            _add_option(p, item)
+    p.set_defaults(command_row=command)
+
+
+# --- shared helpers for handlers ----------------------------------------------
 
 
 def _emit(report, json_path: str | None) -> None:
+    """Print a report (`format()` or `table()`), and its JSON as `--json` asks."""
     if json_path == "-":
         print(report.to_json())
         return
@@ -221,20 +180,245 @@ def _emit(report, json_path: str | None) -> None:
             f.write(report.to_json())
 
 
-def _add_inspect(sub) -> None:
-    p = sub.add_parser(
-        "inspect",
-        help="report on a model: BN statistics table (.keras) or training-mode lint (SavedModel)",
-        description="For a .keras file: a table of every BatchNormalization layer (momentum, "
-                    "epsilon, batches tracked, min/median/max of moving mean, variance, gamma, "
-                    "beta) flagging never-updated statistics, NaN/Inf, dead channels and "
-                    "variance collapse. For a SavedModel directory (or TF Serving base path): "
-                    "BatchNorm in training mode, state updates and random ops on the serving "
-                    "path. Exit 0 if nothing was found, 1 otherwise, 2 on bad usage.",
-    )
-    p.add_argument("path", help="a .keras model file, a SavedModel directory or a base path")
-    _add_json_flag(p)
-    p.set_defaults(func=_run_inspect)
+def _positional_from_json(args, name: str) -> None:
+    """`tfbn inspect --json model.keras`: with the positional missing, the value that
+    `--json` took was the positional, and the JSON goes to stdout."""
+    if getattr(args, name) is None and args.json_path not in (None, "-"):
+        setattr(args, name, args.json_path)
+        args.json_path = "-"
+
+
+class MissingExtraError(Exception):
+    """A subcommand needs an optional dependency group that is not installed."""
+
+
+_EXTRAS = {"serving": ("grpc", "tensorflow_serving")}
+
+
+def _require_extra(extra: str, what: str) -> None:
+    missing = [m for m in _EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(
+            f"{what} needs the '{extra}' extra ({', '.join(missing)} not installed): "
+            f"pip install 'tfbn[{extra}]'"
+        )
+
+
+# --- bench --------------------------------------------------------------------
+
+
+def _validate_bench(args) -> None:
+    if args.sync and args.replicas < 2:
+        raise ValueError(f"--replicas must be at least 2. Received: {args.replicas}")
+
+
+def _run_bench(args) -> int:
+    from tfbn import bench
+
+    def run(json_path):
+        if args.sync:
+            return bench.main_sync(tuple(args.shapes) if args.shapes else bench.SYNC_SHAPES,
+                                   args.repeats, args.replicas, json_path)
+        return bench.main(tuple(args.shapes) if args.shapes else bench.DEFAULT_SHAPES,
+                          args.repeats, json_path)
+
+    if args.json_path != "-":
+        run(args.json_path)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:  # the JSON instead of the table
+        path = os.path.join(tmp, "bench.json")
+        with contextlib.redirect_stdout(io.StringIO()):
+            run(path)
+        with open(path, encoding="utf-8") as f:
+            sys.stdout.write(f.read() + "\n")
+    return 0
+
+
+BENCH = Command(
+    "bench",
+    help="time tfbn against keras.layers.BatchNormalization and the raw fused op",
+    description="Training-step and inference timings (medians, ratios vs tfbn, one run).",
+    options=(
+        opt("--shape", type=_shape, action="append", dest="shapes",
+            help="input shape (repeatable); default: the four README shapes"),
+        opt("--repeats", type=_positive_int, default=20,
+            help="timed calls per implementation (default 20)"),
+        JSON,
+        opt("--sync", action="store_true",
+            help="synchronised BN under MirroredStrategy on logical CPU replicas: tfbn "
+                 "sync/local vs Keras synchronized=True/local (--shape is per replica)"),
+        opt("--replicas", type=_positive_int, default=4,
+            help="with --sync: logical CPU devices (replicas) to split the CPU into (default 4)"),
+    ),
+    run=_run_bench,
+    validate=_validate_bench,
+)
+
+
+# --- serve --------------------------------------------------------------------
+
+
+def _validate_batching(args) -> None:
+    if args.batching_parameters_file and not args.enable_batching:
+        raise ValueError("--batching_parameters_file needs --enable_batching")
+
+
+def _batching(args):
+    from tfbn.serving import _config
+
+    if not args.enable_batching:
+        return None
+    return (_config.load_batching_parameters(args.batching_parameters_file)
+            if args.batching_parameters_file else _config.BatchingParameters())
+
+
+def _validate_serve(args) -> None:
+    _validate_batching(args)
+    _require_extra("serving", "tfbn serve")
+
+
+def _run_serve(args) -> int:
+    from tfbn.serving import server
+
+    models = server.models_from_flags(args.model_name, args.model_base_path, args.model_config_file)
+    return server.serve(models, port=args.port, rest_api_port=args.rest_api_port or None,
+                        host=args.host, batching=_batching(args),
+                        file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
+                        max_request_bytes=args.max_request_bytes,
+                        ready=lambda line: print(line, flush=True))
+
+
+ENABLE_BATCHING = opt("--enable_batching", type=_flag_bool, nargs="?", const=True, default=False,
+                      metavar="BOOL", help="emulate TF Serving's server-side batching")
+BATCHING_PARAMETERS_FILE = opt("--batching_parameters_file", metavar="FILE",
+                               help="BatchingParameters text proto (with --enable_batching)")
+
+SERVE = Command(
+    "serve",
+    help="run the TF-Serving-protocol development server (not TF Serving)",
+    description="A development server speaking TF Serving's gRPC and REST protocols over "
+                "SavedModels, with tensorflow_model_server's flag names. For local checks and "
+                "tests, not production. Binds 127.0.0.1 unless --host says otherwise. Needs "
+                "the 'serving' extra.",
+    options=(
+        opt("--port", type=int, default=8500, help="gRPC port (default 8500; 0 picks a free port)"),
+        opt("--rest_api_port", type=int, default=0,
+            help="REST port (default 0: REST disabled, as in tensorflow_model_server)"),
+        opt("--model_name", default="default", help="model name (default: default)"),
+        opt("--model_base_path", metavar="DIR",
+            help="directory holding integer version directories"),
+        opt("--model_config_file", metavar="FILE",
+            help="ModelServerConfig text proto (instead of the two above)"),
+        ENABLE_BATCHING,
+        BATCHING_PARAMETERS_FILE,
+        opt("--file_system_poll_wait_seconds", type=float, default=1.0, metavar="SECONDS",
+            help="seconds between polls for new versions (0: poll once at start)"),
+        opt("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)"),
+        opt("--max-request-bytes", type=_positive_int, default=64 * 1024 * 1024, metavar="BYTES",
+            deprecated=("--max_request_bytes",),
+            help="largest accepted request body / message (default 64 MiB)"),
+    ),
+    run=_run_serve,
+    validate=_validate_serve,
+)
+
+
+# --- check --------------------------------------------------------------------
+
+
+def _validate_check(args) -> None:
+    if args.rest is None and args.grpc is None:
+        _positional_from_json(args, "model_path")
+    _validate_batching(args)
+    if args.grpc is not None:
+        _require_extra("serving", "tfbn check --grpc")
+
+
+def _run_check(args) -> int:
+    from tfbn.serving import invariance
+    from tfbn.serving.client import TFServingError
+
+    try:
+        report = invariance.run_check(
+            args.model_path, rest=args.rest, grpc=args.grpc, model_name=args.model_name,
+            version=args.model_version, label=args.model_version_label,
+            signature_name=args.signature_name, golden=args.golden, inputs_file=args.inputs_file,
+            num_examples=args.num_examples, batch_sizes=args.batch_sizes, orders=args.orders,
+            atol=args.atol, rtol=args.rtol, concurrent=args.concurrent,
+            concurrent_rounds=args.concurrent_rounds, batching=_batching(args),
+            timeout=args.timeout, seed=args.seed)
+    except TFServingError as err:
+        print(f"tfbn check: the server failed: {err}", file=sys.stderr)
+        return 1
+    if args.json_path == "-":
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print(report.table())
+        if args.json_path:
+            with open(args.json_path, "w", encoding="utf-8") as f:
+                json.dump(report.to_dict(), f, indent=1)
+    return 0 if report.passed else 1
+
+
+CHECK = Command(
+    "check",
+    help="check that predictions do not depend on the batch (deployment gate)",
+    description="Re-runs the same examples in batches of several sizes and orders (and, with "
+                "--concurrent, as simultaneous single-row requests) and compares every answer "
+                "with the golden outputs (else the full-batch answer). Exits 0 if invariant, "
+                "1 if not (or the server failed), 2 on bad usage. --grpc needs the 'serving' "
+                "extra.",
+    options=(
+        opt("model_path", nargs="?",
+            help="SavedModel version directory or base path (in-process backend)"),
+        one_of(
+            opt("--rest", metavar="URL", help="TF Serving REST API, e.g. http://localhost:8501"),
+            opt("--grpc", metavar="HOST:PORT", help="TF Serving gRPC API, e.g. localhost:8500"),
+        ),
+        opt("--model_name", help="served model name (with --rest / --grpc)"),
+        one_of(
+            opt("--model-version", type=int, metavar="N", deprecated=("--model_version",),
+                help="pin a version on the server"),
+            opt("--model-version-label", metavar="LABEL", deprecated=("--model_version_label",),
+                help="pin a version label on the server"),
+        ),
+        opt("--signature-name", default="serving_default", deprecated=("--signature_name",),
+            help="signature to call (default serving_default)"),
+        opt("--golden", metavar="PATH",
+            help="golden .npz or version directory (default: the model's own)"),
+        opt("--inputs", dest="inputs_file", metavar="NPZ", help=".npz of named input arrays"),
+        opt("--num-examples", type=_positive_int, default=64, deprecated=("--num_examples",),
+            help="synthetic examples when there is no golden file or --inputs (default 64)"),
+        opt("--batch-sizes", type=_batch_sizes, default=(1, 2, 3, 7, None),
+            deprecated=("--batch_sizes",),
+            help="comma-separated, 'all' for one request (default 1,2,3,7,all)"),
+        opt("--orders", type=_positive_int, default=3, help="orders per batch size (default 3)"),
+        opt("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)"),
+        opt("--rtol", type=float, default=1e-4, help="relative tolerance (default 1e-4)"),
+        opt("--concurrent", action="store_true",
+            help="also send all examples as simultaneous single-row requests"),
+        opt("--concurrent-rounds", type=_positive_int, default=1,
+            deprecated=("--concurrent_rounds",),
+            help="how many times to repeat the --concurrent burst (default 1)"),
+        ENABLE_BATCHING,
+        BATCHING_PARAMETERS_FILE,
+        opt("--timeout", type=float, default=10.0, help="seconds per request (default 10)"),
+        opt("--seed", type=int, default=0,
+            help="seed for the orders and the synthetic examples (default 0)"),
+        JSON,
+    ),
+    run=_run_check,
+    validate=_validate_check,
+)
+
+
+# --- inspect, lint --------------------------------------------------------------
+
+
+def _validate_path(args) -> None:
+    _positional_from_json(args, "path")
+    if args.path is None:
+        raise ValueError("PATH is required (a .keras file, a SavedModel directory or a base path)")
 
 
 def _run_inspect(args) -> int:
@@ -248,61 +432,66 @@ def _run_inspect(args) -> int:
     return 0 if report.ok else 1
 
 
-def _add_lint(sub) -> None:
-    p = sub.add_parser(
-        "lint",
-        help="find model wiring that keeps BatchNormalization from working (.keras)",
-        description="Bias before BN, BN in/after recurrent layers, BN after dropout, and, "
-                    "given the training batch size, BN statistics over fewer than 8 examples "
-                    "per replica (unsynchronised BN under a strategy). Each finding says why "
-                    "and what to do. Exit 0 if nothing was found, 1 otherwise, 2 on bad usage.",
-    )
-    p.add_argument("path", help="a .keras model file")
-    p.add_argument("--batch-size", type=int, dest="batch_size",
-                   help="global training batch size (enables the small-batch checks)")
-    p.add_argument("--replicas", type=int, default=1,
-                   help="replicas in sync under a tf.distribute strategy (default 1)")
-    _add_json_flag(p)
-    p.set_defaults(func=_run_lint)
+INSPECT = Command(
+    "inspect",
+    help="report on a model: BN statistics table (.keras) or training-mode lint (SavedModel)",
+    description="For a .keras file: a table of every BatchNormalization layer (momentum, "
+                "epsilon, batches tracked, min/median/max of moving mean, variance, gamma, "
+                "beta) flagging never-updated statistics, NaN/Inf, dead channels and "
+                "variance collapse. For a SavedModel directory (or TF Serving base path): "
+                "BatchNorm in training mode, state updates and random ops on the serving "
+                "path. Exit 0 if nothing was found, 1 otherwise, 2 on bad usage.",
+    options=(
+        opt("path", nargs="?", help="a .keras model file, a SavedModel directory or a base path"),
+        JSON,
+    ),
+    run=_run_inspect,
+    validate=_validate_path,
+)
+
+
+def _validate_lint(args) -> None:
+    _validate_path(args)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer; got {args.batch_size}")
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be a positive integer; got {args.replicas}")
 
 
 def _run_lint(args) -> int:
     from tfbn import inspect
 
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be a positive integer; got {args.batch_size}")
-    if args.replicas < 1:
-        raise ValueError(f"--replicas must be a positive integer; got {args.replicas}")
     report = inspect.lint_model(args.path, batch_size=args.batch_size, strategy=args.replicas)
     _emit(report, args.json_path)
     return 0 if report.ok else 1
 
 
-def _add_export(sub) -> None:
-    p = sub.add_parser(
-        "export",
-        help="export a .keras model as a TF Serving SavedModel version (BN folded, gated)",
-        description="Folds BatchNorm into the preceding kernels (other BN frozen), writes "
-                    "BASE_PATH/VERSION/ with a serving_default signature named after the model's "
-                    "inputs and outputs, warm-up requests and a golden file, and renames it into "
-                    "place only after parity with Keras, batch-size invariance and the lint "
-                    "passed. Exit 0 on success, 1 if the gate failed (nothing written), 2 on bad "
-                    "usage.",
-    )
-    p.add_argument("model", help="a .keras model file")
-    p.add_argument("base_path", help="the model's base path (TF Serving model_base_path)")
-    p.add_argument("--version", dest="model_version", metavar="N",
-                   help="integer version (default: one more than the highest existing)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing version")
-    p.add_argument("--no-fold", dest="fold", action="store_false",
-                   help="export the model as it is (inference mode) instead of folding BN")
-    p.add_argument("--samples", metavar="FILE",
-                   help="sample inputs: .npy (one input) or .npz keyed by input name "
-                        "(default: N(0,1) rows)")
-    p.add_argument("--model-name", help="model name in the warm-up requests (default: base dir name)")
-    p.add_argument("--rtol", type=float, default=1e-4,
-                   help="gate tolerance, max relative error (default 1e-4)")
-    p.set_defaults(func=_run_export)
+LINT = Command(
+    "lint",
+    help="find model wiring that keeps BatchNormalization from working (.keras)",
+    description="Bias before BN, BN in/after recurrent layers, BN after dropout, and, "
+                "given the training batch size, BN statistics over fewer than 8 examples "
+                "per replica (unsynchronised BN under a strategy). Each finding says why "
+                "and what to do. Exit 0 if nothing was found, 1 otherwise, 2 on bad usage.",
+    options=(
+        opt("path", nargs="?", help="a .keras model file"),
+        opt("--batch-size", type=int, deprecated=("--batch_size",),
+            help="global training batch size (enables the small-batch checks)"),
+        opt("--replicas", type=int, default=1,
+            help="replicas in sync under a tf.distribute strategy (default 1)"),
+        JSON,
+    ),
+    run=_run_lint,
+    validate=_validate_lint,
+)
+
+
+# --- export ---------------------------------------------------------------------
+
+
+def _validate_export(args) -> None:
+    if not os.path.isfile(args.model) or not args.model.endswith(".keras"):
+        raise FileNotFoundError(f"MODEL must be an existing .keras file; got {args.model!r}")
 
 
 def _run_export(args) -> int:
@@ -312,8 +501,6 @@ def _run_export(args) -> int:
     import tfbn.layers  # noqa: F401 - registers tfbn's layers for loading
     from tfbn import export
 
-    if not os.path.isfile(args.model) or not args.model.endswith(".keras"):
-        raise FileNotFoundError(f"MODEL must be an existing .keras file; got {args.model!r}")
     model = keras.saving.load_model(args.model, compile=False)
     samples = None
     if args.samples:
@@ -331,27 +518,117 @@ def _run_export(args) -> int:
     return 0
 
 
-SUBCOMMANDS = (_add_bench, _add_serve, _add_check, _add_inspect, _add_lint, _add_export)
+EXPORT = Command(
+    "export",
+    help="export a .keras model as a TF Serving SavedModel version (BN folded, gated)",
+    description="Folds BatchNorm into the preceding kernels (other BN frozen), writes "
+                "BASE_PATH/VERSION/ with a serving_default signature named after the model's "
+                "inputs and outputs, warm-up requests and a golden file, and renames it into "
+                "place only after parity with Keras, batch-size invariance and the lint "
+                "passed. Exit 0 on success, 1 if the gate failed (nothing written), 2 on bad "
+                "usage.",
+    options=(
+        opt("model", help="a .keras model file"),
+        opt("base_path", help="the model's base path (TF Serving model_base_path)"),
+        opt("--model-version", metavar="N", deprecated=("--version",),
+            help="integer version (default: one more than the highest existing)"),
+        opt("--overwrite", action="store_true", help="replace an existing version"),
+        opt("--no-fold", dest="fold", action="store_false",
+            help="export the model as it is (inference mode) instead of folding BN"),
+        opt("--samples", metavar="FILE",
+            help="sample inputs: .npy (one input) or .npz keyed by input name "
+                 "(default: N(0,1) rows)"),
+        opt("--model_name", deprecated=("--model-name",),
+            help="model name in the warm-up requests (default: base dir name)"),
+        opt("--rtol", type=float, default=1e-4,
+            help="gate tolerance, max relative error (default 1e-4)"),
+    ),
+    run=_run_export,
+    validate=_validate_export,
+)
+
+
+COMMANDS = (BENCH, SERVE, CHECK, INSPECT, LINT, EXPORT)
+
+
+# --- the program ------------------------------------------------------------------
+
+
+def _version() -> str:
+    """The installed distribution's version, without importing tfbn's modules."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("tfbn")
+    except metadata.PackageNotFoundError:  # a source checkout that is not installed
+        from tfbn import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tfbn import __version__
-
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show TensorFlow's start-up and warning logs (hidden by default)")
     parser = argparse.ArgumentParser(
-        prog="tfbn", description="Batch Normalization for TensorFlow/Keras 3, to TF Serving."
+        prog="tfbn", description="Batch Normalization for TensorFlow/Keras 3, to TF Serving.",
+        parents=[common],
     )
-    parser.add_argument("--version", action="version", version=f"tfbn {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in SUBCOMMANDS:
-        add(sub)
+    parser.add_argument("--version", action="version", version=f"tfbn {_version()}",
+                        help="print tfbn's version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="run `tfbn COMMAND --help` for its options")
+    for command in COMMANDS:
+        _add_command(sub, command, [common])
     return parser
 
 
+def _quiet_tensorflow() -> None:
+    """Import TensorFlow with its start-up logs hidden (restored on failure)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)  # C++ logs written before TF reads its log level
+        try:
+            import tensorflow as tf
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    tf.get_logger().setLevel("ERROR")
+    with contextlib.suppress(ImportError):
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    command: Command = args.command_row
     try:
-        return int(args.func(args) or 0)
+        if command.validate is not None:
+            command.validate(args)
+        if not getattr(args, "verbose", False):
+            _quiet_tensorflow()
+        return int(command.run(args) or 0)
+    except MissingExtraError as err:
+        print(f"tfbn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        extra = next((e for e, mods in _EXTRAS.items()
+                      if (err.name or "").split(".")[0] in mods), None)
+        if extra is None:
+            raise
+        print(f"tfbn {args.command}: error: {err.name} is not installed: "
+              f"pip install 'tfbn[{extra}]'", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError) as err:
         print(f"tfbn {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ import numpy as np
 from keras.src.models.functional import Functional
 from keras.src.ops.function import make_node_key
 
-from tfbn import stats
+from tfbn import _compat, stats
 from tfbn.layers.batch_norm import COUNTER_NAMES, BatchNormalization
 from tfbn.layers.frozen_batch_norm import FoldedBatchNormalization, FrozenBatchNormalization
 
@@ -51,6 +51,7 @@ def rewrite_layers(
     Returns:
         `(new_model, [(old_layer, new_layer), ...])`.
     """
+    _compat.check_not_legacy_keras(model)
     if not isinstance(model, keras.Model) or not model.built:
         raise ValueError(
             "Expected a built keras.Model (Sequential or Functional). Received: "
@@ -424,6 +425,7 @@ def fold_batch_norm(
 def batch_norm_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
     """Every Keras and tfbn BN layer in `model`, nested models and layers included,
     each once, in the order the model tracks them."""
+    _compat.check_not_legacy_keras(model)
     if is_batch_norm(model):
         return [model]
     flatten = getattr(model, "_flatten_layers", None)
@@ -449,6 +451,7 @@ def reset_running_stats(model: keras.Model, inplace: bool = False) -> keras.Mode
     Returns:
         The model with reset running statistics.
     """
+    _compat.check_not_legacy_keras(model)
     if not isinstance(model, keras.layers.Layer) or not model.built:
         raise ValueError(
             "reset_running_stats needs a built keras.Model. Received: "

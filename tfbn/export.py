@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.models.functional import Functional
 
-from tfbn import convert
+from tfbn import _compat, convert
 from tfbn.inspect import SavedModelReport, lint_saved_model
 
 SERVING_KEY = "serving_default"
@@ -132,6 +132,7 @@ def _graph(model: keras.Model):
 
 
 def _check_model(model) -> None:
+    _compat.check_not_legacy_keras(model)
     if not isinstance(model, keras.Model):
         raise TypeError(f"`model` must be a keras.Model. Received: {type(model).__name__}")
     if not model.built or (

@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
-from tfbn import distribute, stats
+from tfbn import _compat, distribute, stats
 
 ESTIMATORS = ("biased", "unbiased")
 FUSED_CHOICES = ("auto", True, False)
@@ -347,6 +347,7 @@ class BatchNormalization(keras.layers.Layer):
     # ----------------------------------------------------------------- call --
 
     def call(self, inputs, training=None, mask=None):
+        _compat.check_not_legacy_keras(inputs, "inputs")
         if not inputs.dtype.is_floating:
             raise TypeError(
                 f"{type(self).__name__} '{self.name}' needs float inputs "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from tfbn import stats
+from tfbn import _compat, stats
 from tfbn.layers.batch_norm import COUNTER_NAMES, _validate_axis, resolve_channel_axes
 
 
@@ -121,6 +121,7 @@ class FrozenBatchNormalization(keras.layers.Layer):
         )
 
     def call(self, inputs, training=None, mask=None):
+        _compat.check_not_legacy_keras(inputs, "inputs")
         if not inputs.dtype.is_floating:
             raise TypeError(
                 f"{type(self).__name__} '{self.name}' needs float inputs. "
