@@ -17,6 +17,8 @@ OLD_PY    := $(OLD_VENV)/bin/python
 OLD_STAMP := $(OLD_VENV)/.installed
 CONSTRAINTS_OLDEST := .ci/constraints-oldest.txt
 SOURCES := tfbn serving tests examples
+# prints the versions a test run uses: $(PY) $(VERSIONS) LABEL
+VERSIONS := -c "import sys, tensorflow as tf, keras, numpy, google.protobuf as pb; print(sys.argv[1], 'end: python', sys.version.split()[0], 'tensorflow', tf.__version__, 'keras', keras.__version__, 'numpy', numpy.__version__, 'protobuf', pb.__version__)"
 
 .PHONY: demo test test-newest test-oldest test-fast lint format bench clean
 
@@ -44,12 +46,13 @@ test: test-newest test-oldest
 
 # `ruff format --check` joins this line (use `$(MAKE) lint`) once the tree has been formatted.
 test-newest: $(STAMP)
+	$(PY) $(VERSIONS) newest
 	$(PY) -m ruff check $(SOURCES)
 	$(PY) -m pytest
 
 # The tests that build their own virtual environments (marker `venv`) run once, above.
 test-oldest: $(OLD_STAMP)
-	$(OLD_PY) -c "import tensorflow as tf, keras, numpy, google.protobuf as pb; print('oldest end: tensorflow', tf.__version__, 'keras', keras.__version__, 'numpy', numpy.__version__, 'protobuf', pb.__version__)"
+	$(OLD_PY) $(VERSIONS) oldest
 	$(OLD_PY) -m pytest -m "not venv"
 
 test-fast: $(STAMP)

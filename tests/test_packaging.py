@@ -173,5 +173,7 @@ def test_installing_tfbn_keeps_an_existing_tensorflow(dist, tmp_path):
              "from tfbn.serving import client, server\n"
              "m = keras.Sequential([keras.Input((3,)), tfbn.BatchNormalization()])\n"
              "print(tf.__version__, m(np.ones((2, 3), 'float32'), training=True).shape)\n")
-    assert _run(bin_dir / "python", "-c", smoke, env=env).stdout.split() == [EXISTING_TF, "(2,", "3)"]
+    # cwd: away from this checkout, whose ./tfbn would shadow the installed package
+    done = _run(bin_dir / "python", "-c", smoke, env=env, cwd=tmp_path)
+    assert done.stdout.split() == [EXISTING_TF, "(2,", "3)"]
     shutil.rmtree(tmp_path / "venv")
