@@ -77,7 +77,7 @@ def _keras_backend_setting() -> tuple[str, str]:
     else "tensorflow".
     """
     if os.environ.get("KERAS_BACKEND"):
-        return os.environ["KERAS_BACKEND"], "the KERAS_BACKEND environment variable"
+        return os.environ["KERAS_BACKEND"], "KERAS_BACKEND"
     if "KERAS_HOME" in os.environ:
         keras_dir = os.environ["KERAS_HOME"]
     else:
@@ -89,7 +89,7 @@ def _keras_backend_setting() -> tuple[str, str]:
             backend = json.load(f).get("backend")
     except (OSError, ValueError, AttributeError):
         backend = None
-    return (backend, config) if backend else ("tensorflow", "the default")
+    return (backend, f'"backend" in {config}') if backend else ("tensorflow", "the default")
 
 
 def check_keras_backend() -> None:
@@ -113,13 +113,14 @@ def check_keras_backend() -> None:
             "Install a Keras 3 release: pip install 'keras>=3.10'."
         )
     if keras is not None and hasattr(keras, "backend"):
-        backend, source = keras.backend.backend(), "the Keras already imported"
+        backend, source = keras.backend.backend(), "keras.backend.backend()"
     else:
         backend, source = _keras_backend_setting()
     if backend != "tensorflow":
         raise ImportError(
-            f"tfbn needs Keras's TensorFlow backend; Keras is set to use {backend!r} (from "
-            f"{source}). Set KERAS_BACKEND=tensorflow before importing keras or tfbn."
+            f"tfbn needs Keras's TensorFlow backend. Received: {source}={backend!r}; set "
+            'KERAS_BACKEND=tensorflow (or "backend": "tensorflow" in ~/.keras/keras.json) '
+            "before importing keras or tfbn."
         )
 
 
