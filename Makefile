@@ -1,11 +1,26 @@
-# The README's two commands. Each creates (or reuses) .venv with Python 3.11
-# and installs the project with the extras it needs before running.
+# The README's commands. Each creates (or reuses) a virtual environment with
+# Python 3.11 and installs the project with the extras it needs before running.
+#
+#   make test         lint, then the whole suite at both ends of the supported range
+#                     (newest versions in .venv, oldest pinned ones in .venv-oldest), as CI runs it
+#   make test-newest  the whole suite on the newest versions only
+#   make test-oldest  the whole suite on the oldest supported versions (.ci/constraints-oldest.txt)
+#   make test-fast    the suite without the tests marked slow, newest versions
+#   make lint         ruff check and ruff format --check
+#   make format       ruff format and the import-order fixes
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+OLD_VENV  ?= .venv-oldest
+OLD_PY    := $(OLD_VENV)/bin/python
+OLD_STAMP := $(OLD_VENV)/.installed
+CONSTRAINTS_OLDEST := .ci/constraints-oldest.txt
+SOURCES := tfbn serving tests examples
+# prints the versions a test run uses: $(PY) $(VERSIONS) LABEL
+VERSIONS := -c "import sys, tensorflow as tf, keras, numpy, google.protobuf as pb; print(sys.argv[1], 'end: python', sys.version.split()[0], 'tensorflow', tf.__version__, 'keras', keras.__version__, 'numpy', numpy.__version__, 'protobuf', pb.__version__)"
 
-.PHONY: demo test lint bench clean gpu-check
+.PHONY: demo test test-newest test-oldest test-fast lint format bench clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -15,12 +30,41 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install -e ".[serving,examples,dev]"
 	touch $(STAMP)
 
+$(OLD_PY):
+	$(PYTHON) -m venv $(OLD_VENV) || python3 -m venv $(OLD_VENV)
+
+$(OLD_STAMP): $(OLD_PY) setup.cfg pyproject.toml $(CONSTRAINTS_OLDEST)
+	$(OLD_PY) -m pip install --upgrade pip
+	$(OLD_PY) -m pip install -c $(CONSTRAINTS_OLDEST) -e ".[serving,examples,dev]"
+	$(OLD_PY) -m pip check
+	touch $(OLD_STAMP)
+
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP)
-	$(PY) -m ruff check tfbn serving tests examples
+test: test-newest test-oldest
+
+# `ruff format --check` joins this line (use `$(MAKE) lint`) once the tree has been formatted.
+test-newest: $(STAMP)
+	$(PY) $(VERSIONS) newest
+	$(PY) -m ruff check $(SOURCES)
 	$(PY) -m pytest
+
+# The tests that build their own virtual environments (marker `venv`) run once, above.
+test-oldest: $(OLD_STAMP)
+	$(OLD_PY) $(VERSIONS) oldest
+	$(OLD_PY) -m pytest -m "not venv"
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check $(SOURCES)
+	$(PY) -m ruff format --check $(SOURCES)
+
+format: $(STAMP)
+	$(PY) -m ruff check --select I --fix $(SOURCES)
+	$(PY) -m ruff format $(SOURCES)
 
 bench: $(STAMP)
 	$(VENV)/bin/tfbn bench
@@ -31,4 +75,4 @@ gpu-check: $(STAMP)
 	$(VENV)/bin/tfbn gpu-check --json reports/gpu-check.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info reports
+	rm -rf $(VENV) $(OLD_VENV) build dist *.egg-info reports

@@ -22,22 +22,22 @@ from tfbn.serving._status import ServingError, error
 
 def metadata_json(resp) -> str:
     """TF Serving's REST rendering of GetModelMetadataResponse (field names preserved)."""
-    from google.protobuf import json_format
     from tensorflow_serving.apis import get_model_metadata_pb2
 
-    opts = dict(preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    from tfbn._compat import message_to_dict
+
+    opts = dict(preserving_proto_field_name=True, print_default_fields=True)
     sig_map = get_model_metadata_pb2.SignatureDefMap()
     resp.metadata["signature_def"].Unpack(sig_map)
-    return json.dumps({"model_spec": json_format.MessageToDict(resp.model_spec, **opts),
-                       "metadata": {"signature_def": json_format.MessageToDict(sig_map, **opts)}},
+    return json.dumps({"model_spec": message_to_dict(resp.model_spec, **opts),
+                       "metadata": {"signature_def": message_to_dict(sig_map, **opts)}},
                       indent=1)
 
 
 def status_json(resp) -> str:
-    from google.protobuf import json_format
+    from tfbn._compat import message_to_dict
 
-    return json.dumps(json_format.MessageToDict(resp, always_print_fields_with_no_presence=True),
-                      indent=1)
+    return json.dumps(message_to_dict(resp, print_default_fields=True), indent=1)
 
 
 

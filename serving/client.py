@@ -555,17 +555,18 @@ class GrpcClient(_Base):
 
     def metadata(self, version: int | None = None, label: str | None = None,
                  timeout: float | None = None) -> ModelMetadata:
-        from google.protobuf import json_format
         from tensorflow_serving.apis import get_model_metadata_pb2
+
+        from tfbn._compat import message_to_dict
 
         req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
         self._fill_spec(req.model_spec, version, label)
         resp = self._rpc(self._predict_stub.GetModelMetadata, req, timeout)
         sig_map = get_model_metadata_pb2.SignatureDefMap()
         resp.metadata["signature_def"].Unpack(sig_map)
-        opts = dict(preserving_proto_field_name=True)
-        return _metadata_from_json(json_format.MessageToDict(resp.model_spec, **opts),
-                                   json_format.MessageToDict(sig_map, **opts))
+        return _metadata_from_json(
+            message_to_dict(resp.model_spec, preserving_proto_field_name=True),
+            message_to_dict(sig_map, preserving_proto_field_name=True))
 
     def predict(self, inputs, *, signature_name: str | None = None, version: int | None = None,
                 label: str | None = None, output_filter=(), timeout: float | None = None,

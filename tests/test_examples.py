@@ -1,19 +1,9 @@
 """Every script under examples/ is run by a test, so the README never shows a broken one."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from _examples_helpers import load, private_tempdir  # noqa: F401 - autouse fixture
 
 
 @pytest.mark.slow

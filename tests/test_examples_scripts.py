@@ -6,21 +6,11 @@ the lines it prints. The Docker walkthrough is not run, but its batching file an
 its `tfbn` command lines are parsed with the real parsers.
 """
 
-import importlib.util
 import re
 import shlex
-from pathlib import Path
 
 import pytest
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from _examples_helpers import EXAMPLES, load, private_tempdir  # noqa: F401 - autouse fixture
 
 
 def test_quickstart(capsys):

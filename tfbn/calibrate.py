@@ -39,7 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfbn import distribute, graph, stats
+from tfbn import _compat, distribute, graph, stats
 from tfbn.convert import batch_norm_layers
 from tfbn.layers.batch_norm import BatchNormalization
 
@@ -125,6 +125,7 @@ def recalibrate(
         - [Wu and Johnson, 2021](https://arxiv.org/abs/2105.07576), "Rethinking
           'Batch' in BatchNorm", section 3 (precise BN).
     """
+    _compat.check_not_legacy_keras(model)
     if not isinstance(model, keras.Model):
         raise ValueError(f"Expected a keras.Model. Received: {type(model).__name__}")
     if not model.built:

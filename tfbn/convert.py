@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from tfbn import graph, stats
+from tfbn import _compat, graph, stats
 from tfbn.layers.batch_norm import COUNTER_NAMES, BatchNormalization
 from tfbn.layers.frozen_batch_norm import FoldedBatchNormalization, FrozenBatchNormalization
 
@@ -138,6 +138,7 @@ def rewrite_layers(
 
 
 def _check_model(model) -> None:
+    _compat.check_not_legacy_keras(model)
     if not isinstance(model, keras.Model) or not model.built:
         raise ValueError(
             "Expected a built keras.Model (Sequential, Functional or subclassed). Received: "
@@ -829,6 +830,7 @@ def as_graph_model(model: keras.Model) -> keras.Model:
 def batch_norm_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
     """Every Keras and tfbn BN layer in `model`, nested models and layers included,
     each once, in the order the model tracks them."""
+    _compat.check_not_legacy_keras(model)
     if is_batch_norm(model):
         return [model]
     flatten = getattr(model, "_flatten_layers", None)
@@ -855,6 +857,7 @@ def reset_running_stats(model: keras.Model, inplace: bool = False) -> keras.Mode
     Returns:
         The model with reset running statistics.
     """
+    _compat.check_not_legacy_keras(model)
     if not isinstance(model, keras.layers.Layer) or not model.built:
         raise ValueError(
             "reset_running_stats needs a built keras.Model. Received: "

@@ -66,7 +66,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.models.functional import Functional
 
-from tfbn import convert, graph, layout, tolerance
+from tfbn import _compat, convert, graph, layout, tolerance
 from tfbn.inspect import FLAG_ADVICE, SavedModelReport, inspect_model, lint_saved_model
 from tfbn.layout import ASSETS_EXTRA, GOLDEN_FILE, TMP_PREFIX, WARMUP_FILE  # noqa: F401
 from tfbn.statistics_signature import statistics_signatures, write_asset
@@ -205,6 +205,7 @@ def _graph(model: keras.Model):
 
 
 def _check_model(model) -> None:
+    _compat.check_not_legacy_keras(model)
     if not isinstance(model, keras.Model):
         raise TypeError(f"`model` must be a keras.Model. Received: {type(model).__name__}")
     if not model.built or (

@@ -376,7 +376,9 @@ def load_keras_model(model_or_path):
     import keras
 
     import tfbn.layers  # noqa: F401 - registers tfbn's layers for deserialisation
+    from tfbn import _compat
 
+    _compat.check_not_legacy_keras(model_or_path)
     if isinstance(model_or_path, keras.Model):
         return model_or_path
     if isinstance(model_or_path, (str, os.PathLike)):
