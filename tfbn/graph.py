@@ -187,7 +187,7 @@ def single_input_calls(model) -> list[LayerInput]:
     return found
 
 
-def layer_edges(model) -> list[tuple]:
+def layer_edges(model) -> list[tuple]:  # noqa: C901 - over the complexity limit, to be split into named steps
     """(producer, consumer) pairs of layers connected by a tensor, nested models
     flattened (a nested model's output is produced by its inner layer, its input
     consumed by its inner layers). Sequential, Functional and nested models; a

@@ -26,7 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfbn import _validate, stats
+from tfbn import _compat, _validate, stats
 
 COUNTER_NAMES = ("num_batches_tracked", "num_skipped_updates", "num_single_value_batches")
 # tfbn 0.1 stored these two after the weights in the weights store.
@@ -200,7 +200,9 @@ class BatchNormBase(keras.layers.Layer):
 
     def _standardize_inputs(self, inputs):
         """Keras's input rules: array-likes become tensors; integer and boolean
-        inputs are cast to the compute dtype (Keras casts them to float)."""
+        inputs are cast to the compute dtype (Keras casts them to float). A Keras 2
+        (tf.keras / tf_keras) tensor fails at once, saying how to switch."""
+        _compat.check_not_legacy_keras(inputs, "inputs")
         inputs = tf.convert_to_tensor(inputs)
         if not inputs.dtype.is_floating:
             inputs = tf.cast(inputs, self.compute_dtype)

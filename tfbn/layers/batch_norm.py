@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
-from tfbn import _compat, _validate, distribute, stats
+from tfbn import _validate, distribute, stats
 from tfbn.layers._base import COUNTER_NAMES, BatchNormBase, logger, resolve_channel_axes
 
 __all__ = ["BatchNormalization", "SyncBatchNormalization", "COUNTER_NAMES", "resolve_channel_axes"]
@@ -347,7 +347,6 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
         value = _validate.momentum("momentum", value, allow_none=True)
         if getattr(self, "built", False) and (value is None) != (self._momentum is None):
             raise ValueError(
-        _compat.check_not_legacy_keras(inputs, "inputs")
                 f"Layer '{self.name}' was built with momentum={self._momentum!r}; after build "
                 "momentum can change value but not switch between an EMA and the "
                 f"cumulative average (None). Received: momentum={value!r}"

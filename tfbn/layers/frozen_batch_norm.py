@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from tfbn import _compat, stats
+from tfbn import stats
 from tfbn.layers._base import BatchNormBase
 
 
@@ -121,7 +121,6 @@ class FoldedBatchNormalization(keras.layers.Layer):
         super().__init__(**kwargs)
         self.folded_into = folded_into
         self.supports_masking = True
-        _compat.check_not_legacy_keras(inputs, "inputs")
 
     def call(self, inputs, training=None, mask=None):
         return inputs
