@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 import threading
 import time
 from typing import Any
@@ -19,13 +18,13 @@ from tfbn.serving._loading import LoadOptions, load_servable
 from tfbn.serving._servable import Servable
 from tfbn.serving._status import ServingError, error
 
+from tfbn import layout
+
 log = logging.getLogger("tfbn.serving.server")
 
 
 DEFAULT_MAX_NUM_LOAD_RETRIES = 5  # tensorflow_model_server's --max_num_load_retries
 DEFAULT_LOAD_RETRY_INTERVAL_MICROS = 60_000_000  # --load_retry_interval_micros (60 s)
-INT64_MAX = 2**63 - 1
-_VERSION_NAME = re.compile(r"[0-9]+")
 
 
 @dataclasses.dataclass
@@ -36,15 +35,6 @@ class _VersionState:
     servable: Servable | None = None
     attempts: int = 0  # failed load attempts of this fingerprint
     retry_at: float | None = None  # monotonic time of the next retry, if one is due
-
-
-def parse_version(name: str) -> int | None:
-    """The version number a directory name stands for, or None: TF Serving serves only
-    directories named by a non-negative int64 in ASCII digits."""
-    if not _VERSION_NAME.fullmatch(name):
-        return None
-    version = int(name)
-    return version if version <= INT64_MAX else None
 
 
 class _Ignored:
@@ -75,7 +65,7 @@ def _version_dirs(base_path: str, ignored: _Ignored | None = None) -> dict[int, 
         full = os.path.join(base_path, name)
         if not os.path.isdir(full):
             continue
-        version = parse_version(name)
+        version = layout.parse_version(name)
         if version is None:
             if ignored is not None and not name.startswith("."):
                 ignored.report(base_path, name)

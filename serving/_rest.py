@@ -35,12 +35,13 @@ from tfbn.serving import _inference, _json_tensor
 from tfbn.serving._manager import ModelManager, metadata_response
 from tfbn.serving._status import ServingError, error, http_status
 
+from tfbn import layout
+
 if TYPE_CHECKING:
     from tfbn.serving.server import DevServer
 
 log = logging.getLogger("tfbn.serving.server")
 
-INT64_MAX = 2**63 - 1
 BODY_BUDGET_FACTOR = 4
 
 # --- routes (TF Serving's http_rest_api_util regexes) ----------------------------------
@@ -64,7 +65,7 @@ def _spec(m: re.Match) -> tuple[str, int | None, str | None]:
     label = m.group("label")
     text = m.group("version")
     version = int(text) if text else None
-    if version is not None and version > INT64_MAX:  # absl::SimpleAtoi into an int64 fails
+    if version is not None and version > layout.MAX_VERSION:  # absl::SimpleAtoi into an int64 fails
         raise error("INVALID_ARGUMENT", f"Failed to convert version: {text} to numeric.")
     return name, version, urllib.parse.unquote(label) if label else None
 

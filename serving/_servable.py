@@ -20,18 +20,10 @@ PREDICT_METHODS = ("tensorflow/serving/predict", "tensorflow/serving/classify",
 
 
 def _read_meta_graph(path: str, tags=("serve",)):
-    from tensorflow.core.protobuf import saved_model_pb2
+    from tfbn import layout
 
-    pb, pbtxt = os.path.join(path, "saved_model.pb"), os.path.join(path, "saved_model.pbtxt")
-    proto = saved_model_pb2.SavedModel()
-    if os.path.isfile(pb):
-        with open(pb, "rb") as f:
-            proto.ParseFromString(f.read())
-    elif os.path.isfile(pbtxt):
-        from google.protobuf import text_format
-
-        with open(pbtxt, encoding="utf-8") as f:
-            text_format.Parse(f.read(), proto)
+    if layout.is_saved_model_dir(path):
+        proto = layout.read_saved_model(path)
     else:
         raise error("NOT_FOUND", "Could not find SavedModel .pb or .pbtxt at supplied export "
                                 f"directory path: {path}")

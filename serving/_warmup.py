@@ -28,9 +28,9 @@ MAX_RECORDS = 1000  # WarmupConsts::kMaxNumRecords
 
 
 def warmup_path(version_dir: str) -> str:
-    from tfbn.export import ASSETS_EXTRA, WARMUP_FILE
+    from tfbn import layout
 
-    return os.path.join(version_dir, ASSETS_EXTRA, WARMUP_FILE)
+    return layout.warmup_path(version_dir)
 
 
 def _records(path: str):
