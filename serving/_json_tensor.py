@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import ml_dtypes
 import numpy as np
 from tfbn.serving import _tensor
 from tfbn.serving._status import ServingError, error
@@ -162,7 +163,7 @@ def _check_leaf(v, dt: int):
         return error("INVALID_ARGUMENT", f"JSON Value: {_json_text(v)} Type: {_type_name(v)} is not "
                                         f"of expected type: {_tensor.dtype_name(dt)}")
 
-    if dt in (T.DT_FLOAT, T.DT_DOUBLE, T.DT_HALF):
+    if dt in (T.DT_FLOAT, T.DT_DOUBLE, T.DT_HALF, T.DT_BFLOAT16):
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise type_error()
         try:
@@ -232,7 +233,7 @@ def _fast_tensor(val, dt: int) -> np.ndarray | None:
     """`val` as an array of `dt` in one NumPy call, or None when it needs the exact walk
     (strings, objects, ragged or over-deep lists, bools among numbers, out-of-range ints)."""
     np_type = _tensor.numpy_dtype(dt)
-    accepted = _FAST_KINDS.get(np_type.kind)
+    accepted = _FAST_KINDS.get("f" if np_type == ml_dtypes.bfloat16 else np_type.kind)
     if accepted is None:
         return None
     try:

@@ -13,6 +13,7 @@ import base64
 import json
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
@@ -30,6 +31,8 @@ _DTYPES = {
     types_pb2.DT_UINT64: (np.uint64, "uint64_val"),
     types_pb2.DT_BOOL: (np.bool_, "bool_val"),
     types_pb2.DT_HALF: (np.float16, "half_val"),
+    # TF Serving's bfloat16: 16-bit patterns in `half_val` (or `tensor_content`); JSON numbers.
+    types_pb2.DT_BFLOAT16: (ml_dtypes.bfloat16, "half_val"),
     types_pb2.DT_STRING: (np.object_, "string_val"),
 }
 _NP_TO_DT = {np.dtype(np_type): dt for dt, (np_type, _) in _DTYPES.items() if np_type is not np.object_}
@@ -80,7 +83,7 @@ def to_tensor_proto(array: Any, dtype: int | None = None, typed_fields: bool = F
         return proto
     field = _DTYPES[dt][1]
     flat = arr.reshape(-1)
-    if field == "half_val":
+    if field == "half_val":  # float16 and bfloat16: their bit patterns
         flat = flat.view(np.uint16)
     getattr(proto, field).extend(flat.tolist())
     return proto
@@ -112,7 +115,7 @@ def from_tensor_proto(proto: tensor_pb2.TensorProto, max_bytes: int | None = Non
         field = _DTYPES[dt][1]
         raw = getattr(proto, field)
         if field == "half_val":
-            values = np.asarray(raw, dtype=np.uint16).view(np.float16)
+            values = np.asarray(raw, dtype=np.uint16).view(np_type)
         else:
             values = np.asarray(raw, dtype=np_type)
     if values.size == size:
@@ -130,6 +133,8 @@ _SPECIAL = {"nan": "NaN", "-nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
 def _leaf_strings(array: np.ndarray, binary: bool) -> np.ndarray:
+    if array.dtype == ml_dtypes.bfloat16:  # every bfloat16 is exactly a float32
+        array = array.astype(np.float32)
     kind = array.dtype.kind
     if kind == "f":
         strs = array.astype(str)
@@ -194,4 +199,6 @@ def json_to_array(value: Any, dtype: np.dtype) -> np.ndarray:
 
         arr = np.asarray(value, dtype=object)
         return np.vectorize(dec, otypes=[object])(arr) if arr.size else arr
+    if dtype == ml_dtypes.bfloat16:  # numbers -> float32 (exact for bfloat16 values) -> bfloat16
+        return np.asarray(value, dtype=np.float32).astype(dtype)
     return np.asarray(value, dtype=dtype)

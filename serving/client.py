@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from tfbn.serving import _tensor
 
@@ -51,58 +52,6 @@ _HTTP_TO_CODE = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSI
                  413: "RESOURCE_EXHAUSTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED",
                  500: "INTERNAL", 501: "UNIMPLEMENTED", 502: "UNAVAILABLE", 503: "UNAVAILABLE",
                  504: "DEADLINE_EXCEEDED"}
-
-
-# --- bfloat16: the one dtype the shared tensor codec (tfbn.serving._tensor) lacks -----------
-
-_DT_BFLOAT16 = 14  # tensorflow.core.framework.types_pb2.DT_BFLOAT16
-
-
-def _bfloat16():
-    import ml_dtypes
-
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-def _is_bfloat16(array: np.ndarray) -> bool:
-    return np.asarray(array).dtype.name == "bfloat16"
-
-
-def _numpy_dtype(dt: int) -> np.dtype:
-    return _bfloat16() if dt == _DT_BFLOAT16 else _tensor.numpy_dtype(dt)
-
-
-def _to_json(array: np.ndarray, binary: bool) -> str:
-    if _is_bfloat16(array):  # JSON numbers; every bfloat16 is exactly a float32
-        array = np.asarray(array).astype(np.float32)
-    return _tensor.array_to_json(array, binary)
-
-
-def _to_tensor_proto(array: np.ndarray):
-    if not _is_bfloat16(array):
-        return _tensor.to_tensor_proto(array)
-    from tensorflow.core.framework import tensor_pb2
-
-    array = np.ascontiguousarray(array)
-    return tensor_pb2.TensorProto(dtype=_DT_BFLOAT16, tensor_shape=_tensor.shape_proto(array.shape),
-                                  tensor_content=array.view(np.uint16).astype("<u2").tobytes())
-
-
-def _from_tensor_proto(proto) -> np.ndarray:
-    if proto.dtype != _DT_BFLOAT16:
-        return _tensor.from_tensor_proto(proto)
-    shape = tuple(d.size for d in proto.tensor_shape.dim)
-    size = int(np.prod(shape, dtype=np.int64))
-    if proto.tensor_content:
-        bits = np.frombuffer(proto.tensor_content, dtype="<u2").astype(np.uint16)
-    else:
-        bits = np.asarray(proto.half_val, dtype=np.uint16)
-    if bits.size == 1 and size > 1:  # TF's "fill with the last value" rule
-        bits = np.full(size, bits[0], np.uint16)
-    if bits.size != size:
-        raise ValueError(f"bfloat16 tensor has {bits.size} values but its shape {list(shape)} "
-                         f"needs {size}")
-    return bits.view(_bfloat16()).reshape(shape)
 
 
 # --- REST deadlines ------------------------------------------------------------------------
@@ -205,7 +154,7 @@ class TensorInfo:
     def numpy_dtype(self) -> np.dtype:
         from tensorflow.core.framework import types_pb2
 
-        return _numpy_dtype(types_pb2.DataType.Value(self.dtype))
+        return _tensor.numpy_dtype(types_pb2.DataType.Value(self.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +213,7 @@ def _as_inputs(inputs, signature: SignatureInfo | None) -> dict[str, np.ndarray]
         for k, arr in arrays.items():
             info = signature.inputs.get(k)
             if info is not None and info.dtype != "DT_STRING" and (arr.dtype.kind in "fiub"
-                                                                  or _is_bfloat16(arr)):
+                                                                  or arr.dtype == ml_dtypes.bfloat16):
                 arrays[k] = arr.astype(info.numpy_dtype, copy=False)
     return arrays
 
@@ -449,7 +398,7 @@ class RestClient(_Base):
         binary = {k for k, a in arrays.items() if a.dtype.kind in "OS"}
         name = json.dumps(sig.name)
         if format == "columnar":
-            payload = "{" + ",".join(f"{json.dumps(k)}:{_to_json(a, k in binary)}"
+            payload = "{" + ",".join(f"{json.dumps(k)}:{_tensor.array_to_json(a, k in binary)}"
                                      for k, a in arrays.items()) + "}"
             body = '{"signature_name":' + name + ',"inputs":' + payload + "}"
         else:
@@ -457,9 +406,8 @@ class RestClient(_Base):
             if len(rows) != 1 or -1 in rows:
                 raise ValueError("row format needs every input to have the same first dimension; "
                                  f"Received shapes { {k: a.shape for k, a in arrays.items()} }")
-            rows_in = {k: (a.astype(np.float32) if _is_bfloat16(a) else a) for k, a in arrays.items()}
             body = ('{"signature_name":' + name + ',"instances":'
-                    + _tensor.rows_to_json(rows_in, binary, named=True) + "}")
+                    + _tensor.rows_to_json(arrays, binary, named=True) + "}")
         doc = self._http("POST", self._path(version, label, ":predict"), body.encode("utf-8"), timeout)
         key = "outputs" if format == "columnar" else "predictions"
         if key not in doc:
@@ -473,10 +421,7 @@ class RestClient(_Base):
             info = sig.outputs.get(alias)
             return info.numpy_dtype if info is not None else np.float32
 
-        def decode(v, dt):
-            if dt == _bfloat16():  # numbers -> float32 (exact for bfloat16 values) -> bfloat16
-                return np.asarray(v, dtype=np.float32).astype(dt)
-            return _tensor.json_to_array(v, dt)
+        decode = _tensor.json_to_array
 
         names = list(sig.outputs)
         if format == "columnar":
@@ -584,10 +529,10 @@ class GrpcClient(_Base):
         req = predict_pb2.PredictRequest()
         self._fill_spec(req.model_spec, version, label, signature_name or self.signature_name)
         for k, a in arrays.items():
-            req.inputs[k].CopyFrom(_to_tensor_proto(a))
+            req.inputs[k].CopyFrom(_tensor.to_tensor_proto(a))
         req.output_filter.extend(output_filter)
         resp = self._rpc(self._predict_stub.Predict, req, timeout)
-        return {k: _from_tensor_proto(v) for k, v in resp.outputs.items()}
+        return {k: _tensor.from_tensor_proto(v) for k, v in resp.outputs.items()}
 
     def close(self):
         self._channel.close()

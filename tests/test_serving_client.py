@@ -354,22 +354,48 @@ def test_grpc_timeout_is_a_deadline_for_the_whole_call():
 
 
 def test_bfloat16_over_grpc_matches_tensorflows_codec():
-    """Issue 19.5: DT_BFLOAT16 tensors (TensorProto half_val or tensor_content)."""
+    """Issue 19.5: DT_BFLOAT16 tensors (TensorProto half_val or tensor_content), in the
+    codec the client and the development server share."""
     import ml_dtypes
     import tensorflow as tf
-    from tfbn.serving import client as client_module
 
     x = np.array([[1.5, -2.25, 3e-3], [100.0, 0.0, -0.0]], dtype=ml_dtypes.bfloat16)
     typed = tf.make_tensor_proto(tf.constant(x))  # TensorFlow's own encoding
     assert typed.dtype == tf.bfloat16.as_datatype_enum
-    got = client_module._from_tensor_proto(typed)
+    got = _tensor.from_tensor_proto(typed)
     assert got.dtype == ml_dtypes.bfloat16 and got.tobytes() == x.tobytes()
-    ours = client_module._to_tensor_proto(x)
+    ours = _tensor.to_tensor_proto(x)
     back = tf.make_ndarray(ours)
     assert back.dtype == tf.bfloat16.as_numpy_dtype and back.tobytes() == x.tobytes()
     half = type(typed)(dtype=typed.dtype, tensor_shape=typed.tensor_shape)
     half.half_val.extend(x.view(np.uint16).ravel().tolist())  # the typed-field form
-    assert client_module._from_tensor_proto(half).tobytes() == x.tobytes()
+    assert _tensor.from_tensor_proto(half).tobytes() == x.tobytes()
+    typed_fields = _tensor.to_tensor_proto(x, typed_fields=True)  # as a server answers
+    assert tf.make_ndarray(typed_fields).tobytes() == x.tobytes()
+
+
+def test_dev_server_serves_bfloat16_over_rest_and_grpc(tmp_path):
+    """Issue 19.5: `tfbn serve` answered a DT_BFLOAT16 model with HTTP 500 (REST) and
+    INVALID_ARGUMENT (gRPC); TF Serving serves it (JSON numbers, TensorProto half_val)."""
+    import ml_dtypes
+    import tensorflow as tf
+
+    class Twice(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.bfloat16, name="x")])
+        def serve(self, x):
+            return {"y": x * tf.constant(2.0, tf.bfloat16)}
+
+    module = Twice()
+    tf.saved_model.save(module, str(tmp_path / "1"),
+                        signatures={"serving_default": module.serve.get_concrete_function()})
+    x = np.array([[1.5, -2.25, 3e-3], [100.0, 0.0, 7.0]], dtype=ml_dtypes.bfloat16)
+    want = (x.astype(np.float32) * 2).astype(ml_dtypes.bfloat16)
+    with DevServer([_config.ModelConfig("bf16", str(tmp_path))], port=0, rest_api_port=0) as srv:
+        for client in (RestClient(srv.rest_url, "bf16", timeout=10),
+                       GrpcClient(srv.grpc_target, "bf16", timeout=10)):
+            got = client.predict({"x": x})["y"]
+            assert got.dtype == ml_dtypes.bfloat16 and got.tobytes() == want.tobytes()
+            client.close()
 
 
 class _Bf16Server(http.server.BaseHTTPRequestHandler):
