@@ -147,6 +147,40 @@ def check_all(server: DevServer, golden_dir: Path) -> dict:
 FLOOR = 1e-9  # deviations of exactly 0 are drawn here on the log axis
 
 
+SHIFT_CONTRAST = 0.4  # a new camera: every pixel at 40% of its contrast
+
+
+def drift_loop(server: DevServer, keras_path: str, base_path: Path, x_shifted, y) -> dict:
+    """Shifted traffic against the served model: accuracy and `tfbn drift` over REST and
+    gRPC; then the loop closes (`redeploy_if_drifted`: recalibrate on the unlabelled
+    traffic, export the next version, wait until it serves) and the same is measured again."""
+    from tfbn.serving.client import GrpcClient, RestClient
+    from tfbn.serving.drift import ClientProbe, measure_drift, redeploy_if_drifted
+
+    traffic = {"image": x_shifted}
+
+    def served(version=None) -> dict:
+        result = {}
+        for kind, client in (("rest", RestClient(server.rest_url, "digits", version=version)),
+                             ("grpc", GrpcClient(server.grpc_target, "digits", version=version))):
+            with client:
+                report = measure_drift(ClientProbe(client), traffic)
+                result[kind] = {"drift": bool(report.drift), "score": float(report.score)}
+                if kind == "grpc":
+                    probs = np.concatenate([  # requests within the batching limit
+                        next(iter(client.predict({"image": x_shifted[i:i + 64]}).values()))
+                        for i in range(0, len(x_shifted), 64)])
+                    result["accuracy"] = float(np.mean(np.argmax(probs, -1) == y))
+                    result["version"] = client.metadata().version
+        return result
+
+    before = served()
+    redeployed = redeploy_if_drifted(keras_path, str(base_path), traffic,
+                                     address=server.rest_url, model_name="digits")
+    after = served(redeployed.new_version)
+    return {"before": before, "after": after, "recalibrated_model": redeployed.recalibrated_model}
+
+
 def plot(history: dict, reports: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -222,33 +256,44 @@ def main(argv=None) -> int:
     devices = use_replicas()
     strategy = tf.distribute.MirroredStrategy(devices)
     data = load_data(args.seed)
-    print(f"[1/4] training on {strategy.num_replicas_in_sync} replicas ({', '.join(devices)}), "
+    print(f"[1/5] training on {strategy.num_replicas_in_sync} replicas ({', '.join(devices)}), "
           f"synchronised BN, global batch {args.per_replica_batch * strategy.num_replicas_in_sync}")
     model, history = train(strategy, data, args.epochs, args.per_replica_batch, args.seed,
                            verbose=0 if args.quiet else 1)
     x_test, y_test = data[1], data[3]
     accuracy = float(np.mean(np.argmax(model.predict(x_test, verbose=0), -1) == y_test))
 
-    print("[2/4] exporting: frozen + folded (gated), and a training-mode export for contrast")
+    keras_path = out / "models" / "digits.keras"
+    model.save(keras_path)
+    print("[2/5] exporting: frozen + folded (gated), and a training-mode export for contrast")
     frozen = tfbn.export_saved_model(model, out / "models" / "digits", sample_inputs=x_test[:64])
     leaky_dir = out / "models" / "digits_training_mode" / "1"
     export_training_mode(model, leaky_dir)
     lint_frozen = tfbn.lint_saved_model(str(frozen.path))
     lint_leaky = tfbn.lint_saved_model(str(leaky_dir))
 
-    print("[3/4] serving both on 127.0.0.1 with server-side batching "
+    print("[3/5] serving both on 127.0.0.1 with server-side batching "
           f"(max_batch_size={BATCHING.max_batch_size}, allowed {list(BATCHING.allowed_batch_sizes)})")
     models = [ModelConfig(name, str(out / "models" / name)) for name in ("digits", "digits_training_mode")]
-    with DevServer(models, batching=BATCHING, file_system_poll_wait_seconds=0) as server:
+    # Polled every 0.5 s, so the recalibrated version of step 5 is picked up as TF Serving would.
+    with DevServer(models, batching=BATCHING, file_system_poll_wait_seconds=0.5) as server:
         print(f"      REST {server.rest_url}   gRPC {server.grpc_target}")
-        print("[4/4] batch-size invariance check (batches of 1, 2, 3, 7, all; concurrent single rows)")
+        print("[4/5] batch-size invariance check (batches of 1, 2, 3, 7, all; concurrent single rows)")
         reports = check_all(server, frozen.path)
+        print(f"[5/5] drift: traffic shifts (contrast x{SHIFT_CONTRAST}); tfbn drift over REST and "
+              "gRPC -> recalibrate -> new version -> drift again")
+        drift = drift_loop(server, str(keras_path), out / "models" / "digits",
+                           x_test * SHIFT_CONTRAST, y_test)
 
     seconds = time.perf_counter() - started
     plots = plot(history, reports, out)
     frozen_ok = all(r.passed for k, r in reports.items() if k.startswith("digits "))
     leaky_caught = not any(r.passed for k, r in reports.items() if "training_mode" in k)
-    ok = frozen_ok and leaky_caught and lint_frozen.ok and not lint_leaky.ok and accuracy > 0.9
+    drift_ok = (drift["before"]["rest"]["drift"] and drift["before"]["grpc"]["drift"]
+                and not drift["after"]["rest"]["drift"] and not drift["after"]["grpc"]["drift"]
+                and drift["after"]["accuracy"] > drift["before"]["accuracy"])
+    ok = (frozen_ok and leaky_caught and lint_frozen.ok and not lint_leaky.ok and accuracy > 0.9
+          and drift_ok)
 
     rows = [("replicas in sync", strategy.num_replicas_in_sync), ("test accuracy", f"{accuracy:.4f}"),
             ("export", str(frozen.path)), ("lint, frozen export", f"{len(lint_frozen.findings)} findings"),
@@ -256,6 +301,12 @@ def main(argv=None) -> int:
     for name, report in reports.items():
         worst = max(r.max_abs for r in report.rows)
         rows.append((f"check {name}", f"{'PASS' if report.passed else 'FAIL'} (max dev {worst:.2g})"))
+    for when in ("before", "after"):
+        d = drift[when]
+        rows.append((f"shifted traffic, {when} recalibration",
+                     f"version {d['version']}: accuracy {d['accuracy']:.4f}, drift "
+                     f"{'DRIFT' if d['rest']['drift'] else 'OK'} (REST score {d['rest']['score']:.2f}), "
+                     f"{'DRIFT' if d['grpc']['drift'] else 'OK'} (gRPC score {d['grpc']['score']:.2f})"))
     rows += [("plots", ", ".join(str(p) for p in plots)), ("total time", f"{seconds:.0f} s"),
              ("demo verdict", "OK" if ok else "UNEXPECTED")]
     width = max(len(k) for k, _ in rows) + 2
@@ -263,7 +314,7 @@ def main(argv=None) -> int:
     print("\n".join(f"{k:<{width}}{v}" for k, v in rows))
     (out / "demo.json").write_text(json.dumps(
         {"accuracy": accuracy, "ok": ok, "seconds": seconds,
-         "checks": {k: r.to_dict() for k, r in reports.items()},
+         "checks": {k: r.to_dict() for k, r in reports.items()}, "drift": drift,
          "lint": {"frozen": lint_frozen.to_dict(), "training_mode": lint_leaky.to_dict()}},
         indent=2))
     return 0 if ok else 1
