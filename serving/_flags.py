@@ -10,7 +10,7 @@ defaults from server.h) is listed here with its name, type and default, and with
   runs unchanged) and logged once as "accepted, has no effect in the development server".
 
 A flag tensorflow_model_server does not have is still an error (argparse's
-"unrecognized arguments"). tfbn's own extra flags (`--host`, `--max_request_bytes`)
+"unrecognized arguments"). tfbn's own extra flags (`--host`, `--max-request-bytes`)
 are listed separately in `EXTRA_FLAGS`.
 
 The table also feeds the README's feature table (`markdown_table()`).
@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import os
 
-__all__ = ["EXTRA_FLAGS", "FLAGS", "Flag", "add_arguments", "log_ignored", "markdown_table",
+__all__ = ["EXTRA_FLAGS", "FLAGS", "Flag", "argument_specs", "log_ignored", "markdown_table",
            "parse_bool", "parse_grpc_channel_arguments", "parse_saved_model_tags"]
 
 log = logging.getLogger("tfbn.serving.flags")
@@ -82,6 +82,17 @@ class Flag:
     status: str        # SAME, DIFFERS or NO_EFFECT
     help: str
     note: str = ""     # how it differs, or why it has no effect here
+    tfbn_only: bool = False  # not a tensorflow_model_server flag: tfbn's kebab-case spelling
+
+    @property
+    def option(self) -> str:
+        """The command-line spelling: TF Serving's own, or kebab-case for tfbn's additions."""
+        return "--" + (self.name.replace("_", "-") if self.tfbn_only else self.name)
+
+    @property
+    def old_spellings(self) -> tuple[str, ...]:
+        """Spellings still accepted, with a deprecation warning (tfbn's flags were snake_case)."""
+        return (f"--{self.name}",) if self.tfbn_only and "_" in self.name else ()
 
 
 FLAGS: tuple[Flag, ...] = (
@@ -181,24 +192,26 @@ FLAGS: tuple[Flag, ...] = (
 
 EXTRA_FLAGS: tuple[Flag, ...] = (
     Flag("host", "string", "127.0.0.1", DIFFERS, "address to bind (tfbn only)",
-         "tensorflow_model_server binds every interface"),
+         "tensorflow_model_server binds every interface", tfbn_only=True),
     Flag("max_request_bytes", "int64", 64 * 1024 * 1024, DIFFERS,
          "largest accepted REST body / gRPC message (tfbn only)",
-         "tensorflow_model_server has no such cap"),
+         "tensorflow_model_server has no such cap", tfbn_only=True),
     Flag("rest_idle_timeout_seconds", "float", 30.0, DIFFERS,
          "seconds a REST connection may take to send a request's headers, or stay idle between "
-         "requests (tfbn only)", "tensorflow_model_server has no such limit"),
+         "requests (tfbn only)", "tensorflow_model_server has no such limit", tfbn_only=True),
     Flag("rest_body_timeout_seconds", "float", 60.0, DIFFERS,
          "seconds a REST request body may take to arrive (tfbn only)",
-         "tensorflow_model_server has no such limit"),
+         "tensorflow_model_server has no such limit", tfbn_only=True),
 )
 
 _BY_NAME = {f.name: f for f in FLAGS + EXTRA_FLAGS}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register every flag of the table on `parser`, with tensorflow_model_server's
-    spelling: `--name=value`, `--name value`, and bare `--name` for booleans."""
+def argument_specs() -> list[tuple[str, dict, tuple[str, ...]]]:
+    """`(option, add_argument keywords, deprecated spellings)` for every flag of the table,
+    with tensorflow_model_server's spelling: `--name=value`, `--name value`, and bare
+    `--name` for booleans (the `tfbn serve` parser turns each into an option)."""
+    specs = []
     for flag in FLAGS + EXTRA_FLAGS:
         default = flag.default
         text = f"{flag.help} (default: {default!r})"
@@ -207,7 +220,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs = dict(type=_TYPES[flag.type], default=default, help=text, dest=flag.name)
         if flag.type == "bool":
             kwargs.update(nargs="?", const=True, metavar="BOOL")
-        parser.add_argument(f"--{flag.name}", **kwargs)
+        specs.append((flag.option, kwargs, flag.old_spellings))
+    return specs
 
 
 def log_ignored(args: argparse.Namespace, emit=None) -> list[str]:
@@ -263,5 +277,5 @@ def markdown_table() -> str:
         what = flag.status + (f": {flag.note}" if flag.note else "")
         if flag.status == NO_EFFECT:
             what += " (accepted, logged once)"
-        rows.append(f"| `--{flag.name}` | `{default}` | {what} |")
+        rows.append(f"| `{flag.option}` | `{default}` | {what} |")
     return "\n".join(rows)

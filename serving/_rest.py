@@ -309,7 +309,7 @@ class RestServer:
         length = request.content_length
         if length is not None and length > limit:
             raise _TooLarge(f"Request body of {length} bytes exceeds the limit of {limit} bytes "
-                            "(--max_request_bytes)")
+                            "(--max-request-bytes)")
         if not request.body_exists:
             return b""
         chunks, total = [], 0
@@ -319,6 +319,6 @@ class RestServer:
                 break
             total += len(chunk)
             if total > limit:
-                raise _TooLarge(f"Request body exceeds the limit of {limit} bytes (--max_request_bytes)")
+                raise _TooLarge(f"Request body exceeds the limit of {limit} bytes (--max-request-bytes)")
             chunks.append(chunk)
         return b"".join(chunks)

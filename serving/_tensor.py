@@ -104,7 +104,7 @@ def from_tensor_proto(proto: tensor_pb2.TensorProto, max_bytes: int | None = Non
         size *= d
     if max_bytes is not None and size * max(np_type.itemsize, 8 if dt == types_pb2.DT_STRING else 1) > max_bytes:
         raise ValueError(f"tensor shape {list(shape)} holds {size} elements, more than the "
-                         f"{max_bytes}-byte request limit (--max_request_bytes) allows")
+                         f"{max_bytes}-byte request limit (--max-request-bytes) allows")
     if dt == types_pb2.DT_STRING:
         values = np.empty(len(proto.string_val), dtype=object)
         values[:] = list(proto.string_val)

@@ -216,7 +216,7 @@ def test_json_decoding_peak_memory_is_a_small_multiple_of_the_body(layout, shape
 
 
 def test_bodies_decoded_at_once_stay_within_the_server_budget():
-    """Many large bodies at once: all answered, never more than 4 x --max_request_bytes of
+    """Many large bodies at once: all answered, never more than 4 x --max-request-bytes of
     them decoded together (the per-request bound would otherwise multiply by the threads)."""
     from concurrent.futures import ThreadPoolExecutor
 

@@ -32,6 +32,8 @@ import sys
 import tempfile
 from collections.abc import Callable
 
+from tfbn.serving import _flags as _serving_flags  # the flag table only: no TensorFlow
+
 # --- argument types (TensorFlow-free) -----------------------------------------
 
 
@@ -352,12 +354,6 @@ def _run_serve(args) -> int:
         return 1
 
 
-def _serve_flags(parser: argparse.ArgumentParser) -> None:
-    from tfbn.serving import _flags  # TensorFlow-free: the flag table only
-
-    _flags.add_arguments(parser)
-
-
 ENABLE_BATCHING = opt("--enable_batching", type=_flag_bool, nargs="?", const=True, default=False,
                       metavar="BOOL", help="emulate TF Serving's server-side batching")
 BATCHING_PARAMETERS_FILE = opt("--batching_parameters_file", metavar="FILE",
@@ -371,8 +367,9 @@ SERVE = Command(
                 "defaults); flags with no meaning here are accepted and logged once. For local "
                 "checks and tests, not production. Binds 127.0.0.1 unless --host says "
                 "otherwise. Needs the 'serving' extra.",
-    options=(),
-    add_options=_serve_flags,
+    # tensorflow_model_server's flags, from the one table in tfbn.serving._flags (TensorFlow-free)
+    options=tuple(opt(option, deprecated=old, **kwargs)
+                  for option, kwargs, old in _serving_flags.argument_specs()),
     run=_run_serve,
     validate=_validate_serve,
 )
