@@ -710,7 +710,7 @@ DRIFT = Command(
         opt("--keras", dest="keras_model", metavar="MODEL.keras",
             help="compute the statistics from this .keras model in process when the "
                  "SavedModel / served model has no statistics signature"),
-        opt("--batch-size", type=_positive_int, deprecated=("--batch_size",),
+        opt("--batch-size", type=int, deprecated=("--batch_size",),
             help="examples per request (default tfbn.serving.drift.DEFAULT_BATCH_SIZE, 32)"),
         opt("--threshold", type=float,
             help="a layer drifts when its score exceeds this "
