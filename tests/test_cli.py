@@ -15,6 +15,7 @@ from _serving_helpers import HALF_PLUS_TWO_TF2
 
 import tfbn
 from tfbn import cli
+from tfbn.serving import _flags as _serving_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,10 +118,12 @@ def test_every_option_has_help_text():
     assert not missing, missing
 
 
-# tensorflow_model_server's own flag names (kept as TF Serving spells them)
-TF_SERVING_FLAGS = {"--port", "--rest_api_port", "--model_name", "--model_base_path",
-                    "--model_config_file", "--enable_batching", "--batching_parameters_file",
-                    "--file_system_poll_wait_seconds"}
+# tensorflow_model_server's own flag names (kept as TF Serving spells them): every flag
+# of the server's table (tfbn.serving._flags.FLAGS lists tensorflow_model_server 2.21's).
+TF_SERVING_FLAGS = {f"--{flag.name}" for flag in _serving_flags.FLAGS}
+assert {"--port", "--rest_api_port", "--model_name", "--model_base_path", "--model_config_file",
+        "--enable_batching", "--batching_parameters_file",
+        "--file_system_poll_wait_seconds"} <= TF_SERVING_FLAGS
 
 
 def test_tfbn_options_are_kebab_case_and_tf_serving_flags_keep_their_spelling():

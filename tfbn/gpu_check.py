@@ -443,7 +443,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bench-repeats", type=int, default=10,
                         help="timed calls per implementation in the bench check (0: skip it)")
     parser.add_argument("--only", action="append", help="run only this check (repeatable)")
-    parser.add_argument("--device", help=argparse.SUPPRESS)  # e.g. /CPU:0: test the script
+    parser.add_argument("--device", metavar="DEVICE",
+                        help="run the checks on this device instead of the GPUs, e.g. /CPU:0 "
+                             "(to test the script itself on a machine without a GPU)")
 
 
 def run_from_args(args) -> int:
