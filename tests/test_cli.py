@@ -12,10 +12,10 @@ from importlib import metadata
 import keras
 import pytest
 from _serving_helpers import HALF_PLUS_TWO_TF2
+from tfbn.serving import _flags as _serving_flags
 
 import tfbn
 from tfbn import cli
-from tfbn.serving import _flags as _serving_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
