@@ -44,10 +44,10 @@ demo: $(STAMP)
 
 test: test-newest test-oldest
 
-# `ruff format --check` joins this line (use `$(MAKE) lint`) once the tree has been formatted.
 test-newest: $(STAMP)
 	$(PY) $(VERSIONS) newest
 	$(PY) -m ruff check $(SOURCES)
+	$(PY) -m ruff format --check $(SOURCES)
 	$(PY) -m pytest
 
 # The tests that build their own virtual environments (marker `venv`) run once, above.

@@ -160,7 +160,9 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=200, help="timed rounds at batch 1 (batch 64: half)")
+    parser.add_argument(
+        "--repeats", type=int, default=200, help="timed rounds at batch 1 (batch 64: half)"
+    )
     parser.add_argument("--size", type=int, default=32, help="input height and width")
     parser.add_argument("--width", type=int, default=32, help="filters of the first block")
     parser.add_argument("--steps", type=int, default=20, help="training steps before export")
@@ -168,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = run(args.repeats, args.size, args.width, args.steps)
     print(format_table(rows))
-    print(f"folded vs keras export outputs: max rel. difference {rows[0]['folded_vs_keras_max_rel_diff']:.1e}")
+    print(
+        f"folded vs keras export outputs: max rel. difference {rows[0]['folded_vs_keras_max_rel_diff']:.1e}"
+    )
     if args.json_path:
         with open(args.json_path, "w") as f:
             meta = {"tf": tf.__version__, "keras": keras.__version__, "cpus": os.cpu_count()}

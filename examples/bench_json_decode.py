@@ -65,7 +65,9 @@ def decoders() -> dict:
         doc = json.loads(body)
         value = doc.get("inputs", doc.get("instances"))
         if "instances" in doc:
-            return np.stack([_json_tensor.json_tensor(v, types_pb2.DT_FLOAT, fast=False) for v in value])
+            return np.stack(
+                [_json_tensor.json_tensor(v, types_pb2.DT_FLOAT, fast=False) for v in value]
+            )
         return _json_tensor.json_tensor(value, types_pb2.DT_FLOAT, fast=False)
 
     out = {"stdlib+numpy (server)": server}
@@ -113,8 +115,15 @@ def main(argv=None) -> int:
             if expected is None:
                 expected = result
             np.testing.assert_array_equal(result, expected)  # every decoder agrees
-            rows.append({"layout": layout, "body_bytes": len(body), "decoder": name,
-                         "seconds": seconds, "peak_over_body": ratio})
+            rows.append(
+                {
+                    "layout": layout,
+                    "body_bytes": len(body),
+                    "decoder": name,
+                    "seconds": seconds,
+                    "peak_over_body": ratio,
+                }
+            )
             print(f"| {layout} | {len(body) / 1e6:.1f} | {name} | {seconds:.2f} | {ratio:.1f}x |")
     if args.json_path:
         with open(args.json_path, "w") as f:

@@ -28,7 +28,6 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-
 def rss_mib(pid: int | str = "self") -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -59,11 +58,23 @@ def free_port() -> int:
 def start_server(base: str) -> tuple[subprocess.Popen, str, str]:
     rest_port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tfbn.cli", "serve", "--port=0", f"--rest_api_port={rest_port}",
-         "--model_name=bench", f"--model_base_path={base}", "--file_system_poll_wait_seconds=0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tfbn.cli",
+            "serve",
+            "--port=0",
+            f"--rest_api_port={rest_port}",
+            "--model_name=bench",
+            f"--model_base_path={base}",
+            "--file_system_poll_wait_seconds=0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -103,27 +114,51 @@ def main(argv=None) -> int:
         sig = local.servable.signature_defs["serving_default"]
         from tfbn.serving import _tensor
 
-        spec = {k: (_tensor.numpy_dtype(v.dtype), [d.size for d in v.tensor_shape.dim])
-                for k, v in sig.inputs.items()}
+        spec = {
+            k: (_tensor.numpy_dtype(v.dtype), [d.size for d in v.tensor_shape.dim])
+            for k, v in sig.inputs.items()
+        }
         inputs = synthetic_inputs(spec, args.examples, seed=0)
         reference = local(inputs)
 
         proc, grpc_target, rest_url = start_server(base)
-        results = {"examples": args.examples, "requests": args.requests, "throughput": [],
-                   "memory": []}
+        results = {
+            "examples": args.examples,
+            "requests": args.requests,
+            "throughput": [],
+            "memory": [],
+        }
         try:
-            clients = {"rest": RestClient(rest_url, "bench", timeout=30),
-                       "grpc": GrpcClient(grpc_target, "bench", timeout=30)}
+            clients = {
+                "rest": RestClient(rest_url, "bench", timeout=30),
+                "grpc": GrpcClient(grpc_target, "bench", timeout=30),
+            }
             for batch in (1, 64):
                 base_rate = timed_check(local, inputs, reference, batch)
-                results["throughput"].append({"backend": "in-process", "batch": batch,
-                                              "examples_per_s": base_rate, "ratio": 1.0})
+                results["throughput"].append(
+                    {
+                        "backend": "in-process",
+                        "batch": batch,
+                        "examples_per_s": base_rate,
+                        "ratio": 1.0,
+                    }
+                )
                 for name, client in clients.items():
-                    timed_check(client.predict_fn(), {k: v[:64] for k, v in inputs.items()},
-                                {k: v[:64] for k, v in reference.items()}, batch)  # warm-up
+                    timed_check(
+                        client.predict_fn(),
+                        {k: v[:64] for k, v in inputs.items()},
+                        {k: v[:64] for k, v in reference.items()},
+                        batch,
+                    )  # warm-up
                     rate = timed_check(client.predict_fn(), inputs, reference, batch)
-                    results["throughput"].append({"backend": name, "batch": batch,
-                                                  "examples_per_s": rate, "ratio": rate / base_rate})
+                    results["throughput"].append(
+                        {
+                            "backend": name,
+                            "batch": batch,
+                            "examples_per_s": rate,
+                            "ratio": rate / base_rate,
+                        }
+                    )
 
             row = {k: v[:1] for k, v in inputs.items()}
             for name, client in clients.items():
@@ -136,10 +171,15 @@ def main(argv=None) -> int:
                     if i % 1000 == 0 or i == args.requests:
                         samples.append((i, rss_mib(proc.pid), rss_mib()))
                 elapsed = time.perf_counter() - t0
-                results["memory"].append({
-                    "transport": name, "requests_per_s": args.requests / elapsed,
-                    "server_rss_mib": [s[1] for s in samples], "client_rss_mib": [s[2] for s in samples],
-                    "at": [s[0] for s in samples]})
+                results["memory"].append(
+                    {
+                        "transport": name,
+                        "requests_per_s": args.requests / elapsed,
+                        "server_rss_mib": [s[1] for s in samples],
+                        "client_rss_mib": [s[2] for s in samples],
+                        "at": [s[0] for s in samples],
+                    }
+                )
             for c in clients.values():
                 c.close()
         finally:
@@ -152,13 +192,17 @@ def main(argv=None) -> int:
     for r in results["throughput"]:
         print(f"| {r['backend']} | {r['batch']} | {r['examples_per_s']:.0f} | {r['ratio']:.2f} |")
     print(f"\nMemory over {args.requests} single-row requests per transport (RSS, MiB):\n")
-    print("| transport | requests/s | server RSS after warm-up | server RSS at end | growth "
-          "| client RSS growth |")
+    print(
+        "| transport | requests/s | server RSS after warm-up | server RSS at end | growth "
+        "| client RSS growth |"
+    )
     print("|---|---|---|---|---|---|")
     for m in results["memory"]:
         s, c = m["server_rss_mib"], m["client_rss_mib"]
-        print(f"| {m['transport']} | {m['requests_per_s']:.0f} | {s[0]:.1f} | {s[-1]:.1f} "
-              f"| {s[-1] - s[0]:+.1f} | {c[-1] - c[0]:+.1f} |")
+        print(
+            f"| {m['transport']} | {m['requests_per_s']:.0f} | {s[0]:.1f} | {s[-1]:.1f} "
+            f"| {s[-1] - s[0]:+.1f} | {c[-1] - c[0]:+.1f} |"
+        )
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(results, f, indent=1)

@@ -68,11 +68,23 @@ def free_port() -> int:
 def start_server(base: str) -> tuple[subprocess.Popen, str, str]:
     rest_port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tfbn.cli", "serve", "--port=0", f"--rest_api_port={rest_port}",
-         f"--model_name={NAME}", f"--model_base_path={base}", "--file_system_poll_wait_seconds=0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tfbn.cli",
+            "serve",
+            "--port=0",
+            f"--rest_api_port={rest_port}",
+            f"--model_name={NAME}",
+            f"--model_base_path={base}",
+            "--file_system_poll_wait_seconds=0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -89,14 +101,19 @@ def start_server(base: str) -> tuple[subprocess.Popen, str, str]:
 
 def percentiles(latencies: list[float]) -> dict:
     arr = np.asarray(latencies) * 1000
-    return {"p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99)),
-            "max_ms": float(arr.max())}
+    return {
+        "p50_ms": float(np.percentile(arr, 50)),
+        "p99_ms": float(np.percentile(arr, 99)),
+        "max_ms": float(arr.max()),
+    }
 
 
 # --- REST: one aiohttp client session, N simultaneous connections ------------------------
 
-async def _rest_burst(url: str, rows: np.ndarray, expected: np.ndarray, in_flight: int,
-                      timeout: float) -> list[float]:
+
+async def _rest_burst(
+    url: str, rows: np.ndarray, expected: np.ndarray, in_flight: int, timeout: float
+) -> list[float]:
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=in_flight, force_close=False)
@@ -109,15 +126,19 @@ async def _rest_burst(url: str, rows: np.ndarray, expected: np.ndarray, in_fligh
             body = json.dumps({"instances": [{"features": rows[i].tolist()}]})
             async with sem:
                 t0 = time.perf_counter()
-                async with session.post(f"{url}/v1/models/{NAME}:predict", data=body,
-                                        headers={"Content-Type": "application/json"}) as resp:
+                async with session.post(
+                    f"{url}/v1/models/{NAME}:predict",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                ) as resp:
                     text = await resp.text()
                 latencies[i] = time.perf_counter() - t0
             if resp.status != 200:
                 raise AssertionError(f"REST request {i}: HTTP {resp.status}: {text[:200]}")
             got = np.asarray(json.loads(text)["predictions"][0], np.float32)
-            np.testing.assert_allclose(got, expected[i], rtol=1e-5, atol=1e-5,
-                                       err_msg=f"REST request {i}")
+            np.testing.assert_allclose(
+                got, expected[i], rtol=1e-5, atol=1e-5, err_msg=f"REST request {i}"
+            )
 
         await asyncio.gather(*(one(i) for i in range(len(rows))))
     return latencies
@@ -129,8 +150,10 @@ def rest_burst(url, rows, expected, in_flight, timeout=300.0) -> list[float]:
 
 # --- gRPC: one channel, all requests in flight together -----------------------------------
 
-def grpc_burst(target: str, rows: np.ndarray, expected: np.ndarray, in_flight: int,
-               timeout: float = 300.0) -> list[float]:
+
+def grpc_burst(
+    target: str, rows: np.ndarray, expected: np.ndarray, in_flight: int, timeout: float = 300.0
+) -> list[float]:
     import grpc
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
     from tfbn.serving import _tensor
@@ -144,7 +167,7 @@ def grpc_burst(target: str, rows: np.ndarray, expected: np.ndarray, in_flight: i
         for i in range(len(rows)):
             req = predict_pb2.PredictRequest()
             req.model_spec.name = NAME
-            req.inputs["features"].CopyFrom(_tensor.to_tensor_proto(rows[i:i + 1]))
+            req.inputs["features"].CopyFrom(_tensor.to_tensor_proto(rows[i : i + 1]))
             sem.acquire()
             t0 = time.perf_counter()
             fut = stub.Predict.future(req, timeout=timeout)
@@ -172,10 +195,17 @@ def grpc_burst(target: str, rows: np.ndarray, expected: np.ndarray, in_flight: i
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="a SavedModel base path with a `features` [None,16] input "
-                                   "(default: export a small BN model)")
-    p.add_argument("--concurrent", type=int, default=1000, help="simultaneous requests per transport")
-    p.add_argument("--soak", type=int, default=10_000, help="requests per transport for the RSS soak")
+    p.add_argument(
+        "--model",
+        help="a SavedModel base path with a `features` [None,16] input "
+        "(default: export a small BN model)",
+    )
+    p.add_argument(
+        "--concurrent", type=int, default=1000, help="simultaneous requests per transport"
+    )
+    p.add_argument(
+        "--soak", type=int, default=10_000, help="requests per transport for the RSS soak"
+    )
     p.add_argument("--soak_concurrency", type=int, default=50)
     p.add_argument("--json", dest="json_path")
     args = p.parse_args(argv)
@@ -189,8 +219,9 @@ def main(argv=None) -> int:
         rng = np.random.default_rng(0)
         n = max(args.concurrent, args.soak)
         rows = rng.standard_normal((n, 16)).astype(np.float32)
-        expected = np.concatenate([local({"features": rows[i:i + 256]})["output_0"]
-                                   for i in range(0, n, 256)])
+        expected = np.concatenate(
+            [local({"features": rows[i : i + 256]})["output_0"] for i in range(0, n, 256)]
+        )
 
         proc, grpc_target, rest_url = start_server(base)
         try:
@@ -198,27 +229,49 @@ def main(argv=None) -> int:
             grpc_burst(grpc_target, rows[:50], expected[:50], 50)
             results["server_rss_after_warmup_mib"] = proc_status(proc.pid, "VmRSS")
             print(f"server RSS after warm-up: {results['server_rss_after_warmup_mib']:.0f} MiB")
-            print(f"\n{args.concurrent} simultaneous single-row requests per transport, all checked:\n")
-            print("| transport | wall s | requests/s | p50 ms | p99 ms | max ms | server peak RSS MiB |")
+            print(
+                f"\n{args.concurrent} simultaneous single-row requests per transport, all checked:\n"
+            )
+            print(
+                "| transport | wall s | requests/s | p50 ms | p99 ms | max ms | server peak RSS MiB |"
+            )
             print("|---|---:|---:|---:|---:|---:|---:|")
-            for transport, burst, target in (("rest", rest_burst, rest_url),
-                                             ("grpc", grpc_burst, grpc_target)):
+            for transport, burst, target in (
+                ("rest", rest_burst, rest_url),
+                ("grpc", grpc_burst, grpc_target),
+            ):
                 t0 = time.perf_counter()
-                lat = burst(target, rows[:args.concurrent], expected[:args.concurrent], args.concurrent)
+                lat = burst(
+                    target, rows[: args.concurrent], expected[: args.concurrent], args.concurrent
+                )
                 wall = time.perf_counter() - t0
-                row = {"transport": transport, "wall_s": wall, "requests_per_s": args.concurrent / wall,
-                       **percentiles(lat), "server_peak_rss_mib": proc_status(proc.pid, "VmHWM")}
+                row = {
+                    "transport": transport,
+                    "wall_s": wall,
+                    "requests_per_s": args.concurrent / wall,
+                    **percentiles(lat),
+                    "server_peak_rss_mib": proc_status(proc.pid, "VmHWM"),
+                }
                 results["bursts"].append(row)
-                print(f"| {transport} | {wall:.1f} | {row['requests_per_s']:.0f} | {row['p50_ms']:.0f} | "
-                      f"{row['p99_ms']:.0f} | {row['max_ms']:.0f} | {row['server_peak_rss_mib']:.0f} |")
+                print(
+                    f"| {transport} | {wall:.1f} | {row['requests_per_s']:.0f} | {row['p50_ms']:.0f} | "
+                    f"{row['p99_ms']:.0f} | {row['max_ms']:.0f} | {row['server_peak_rss_mib']:.0f} |"
+                )
 
-            print(f"\nserver RSS (MiB) over {args.soak} requests per transport, "
-                  f"{args.soak_concurrency} in flight:\n")
-            print("| transport | " + " | ".join(f"after {k}" for k in range(0, args.soak + 1, 1000)
-                                                if k) + " |")
+            print(
+                f"\nserver RSS (MiB) over {args.soak} requests per transport, "
+                f"{args.soak_concurrency} in flight:\n"
+            )
+            print(
+                "| transport | "
+                + " | ".join(f"after {k}" for k in range(0, args.soak + 1, 1000) if k)
+                + " |"
+            )
             print("|---|" + "---:|" * len(range(0, args.soak, 1000)))
-            for transport, burst, target in (("rest", rest_burst, rest_url),
-                                             ("grpc", grpc_burst, grpc_target)):
+            for transport, burst, target in (
+                ("rest", rest_burst, rest_url),
+                ("grpc", grpc_burst, grpc_target),
+            ):
                 samples = []
                 for start in range(0, args.soak, 1000):
                     stop = min(start + 1000, args.soak)

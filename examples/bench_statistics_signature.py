@@ -53,13 +53,15 @@ def run(repeats: int = 200, size: int = 32, width: int = 32, steps: int = 20) ->
     bench_export.train(model, steps, size)
     with tempfile.TemporaryDirectory() as tmp:
         with_probe = export_saved_model(model, os.path.join(tmp, "with"), version=1)
-        without = export_saved_model(model, os.path.join(tmp, "without"), version=1,
-                                     statistics_signature=False)
+        without = export_saved_model(
+            model, os.path.join(tmp, "without"), version=1, statistics_signature=False
+        )
         fns = {
             "serving_default (export with probe)": bench_export.serving_fn(with_probe.path),
             "serving_default (export without probe)": bench_export.serving_fn(without.path),
             "control: the same export without probe, loaded again": bench_export.serving_fn(
-                without.path),
+                without.path
+            ),
             STATISTICS_SIGNATURE: statistics_fn(with_probe.path),
         }
         x = np.random.default_rng(1).normal(1.0, 2.0, (64, size, size, 3)).astype("float32")
@@ -76,8 +78,8 @@ def run(repeats: int = 200, size: int = 32, width: int = 32, steps: int = 20) ->
             times = bench_export.interleaved_times(serving, xb, reps)
             baseline = "serving_default (export without probe)"
             probe = bench_export.interleaved_times(
-                {baseline: fns[baseline], STATISTICS_SIGNATURE: fns[STATISTICS_SIGNATURE]}, xb,
-                reps)
+                {baseline: fns[baseline], STATISTICS_SIGNATURE: fns[STATISTICS_SIGNATURE]}, xb, reps
+            )
             times[STATISTICS_SIGNATURE] = probe[STATISTICS_SIGNATURE]
             paired = {**times, "baseline for the probe": probe[baseline]}
             for name, seconds in times.items():

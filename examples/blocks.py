@@ -74,13 +74,18 @@ def main(argv=None) -> int:
     keras.utils.set_random_seed(0)
 
     model = tiny_resnet()
-    model.compile(optimizer=keras.optimizers.Adam(1e-2),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     before = float(model.evaluate(x, y, verbose=0)[0])
     model.fit(x, y, batch_size=64, epochs=args.epochs, verbose=0)
     loss, accuracy = (float(v) for v in model.evaluate(x, y, verbose=0))
-    print(f"{model.name}: {model.count_params()} parameters, {args.epochs} epochs: "
-          f"loss {before:.3f} -> {loss:.3f}, accuracy {accuracy:.3f}")
+    print(
+        f"{model.name}: {model.count_params()} parameters, {args.epochs} epochs: "
+        f"loss {before:.3f} -> {loss:.3f}, accuracy {accuracy:.3f}"
+    )
     assert loss < before and accuracy > 0.5, (before, loss, accuracy)
 
     # The lint: nothing on the bias-free network ...

@@ -75,7 +75,9 @@ def load_data(seed: int = 0):
     """Digits as (N, 8, 8, 1) float32 in [0, 1], split 80/20, stratified."""
     digits = load_digits()
     x = (digits.images / 16.0).astype("float32")[..., None]
-    return train_test_split(x, digits.target, test_size=0.2, random_state=seed, stratify=digits.target)
+    return train_test_split(
+        x, digits.target, test_size=0.2, random_state=seed, stratify=digits.target
+    )
 
 
 def build_cnn(**bn_kwargs) -> keras.Model:
@@ -113,8 +115,12 @@ def train(strategy, data, epochs: int, per_replica_batch: int, seed: int, verbos
         )
     global_batch = per_replica_batch * strategy.num_replicas_in_sync
     history = model.fit(
-        x_train, y_train, epochs=epochs, batch_size=global_batch,
-        validation_data=(x_test, y_test), verbose=verbose,
+        x_train,
+        y_train,
+        epochs=epochs,
+        batch_size=global_batch,
+        validation_data=(x_test, y_test),
+        verbose=verbose,
     )
     return model, history.history
 
@@ -138,8 +144,11 @@ def check_all(server: DevServer, golden_dir: Path) -> dict:
         for transport in ("rest", "grpc"):
             address = server.rest_url if transport == "rest" else server.grpc_target
             reports[f"{model_name} {transport}"] = run_check(
-                **{transport: address}, model_name=model_name, golden=str(golden_dir),
-                concurrent=True, timeout=30.0,
+                **{transport: address},
+                model_name=model_name,
+                golden=str(golden_dir),
+                concurrent=True,
+                timeout=30.0,
             )
     return reports
 
@@ -161,22 +170,28 @@ def drift_loop(server: DevServer, keras_path: str, base_path: Path, x_shifted, y
 
     def served(version=None) -> dict:
         result = {}
-        for kind, client in (("rest", RestClient(server.rest_url, "digits", version=version)),
-                             ("grpc", GrpcClient(server.grpc_target, "digits", version=version))):
+        for kind, client in (
+            ("rest", RestClient(server.rest_url, "digits", version=version)),
+            ("grpc", GrpcClient(server.grpc_target, "digits", version=version)),
+        ):
             with client:
                 report = measure_drift(ClientProbe(client), traffic)
                 result[kind] = {"drift": bool(report.drift), "score": float(report.score)}
                 if kind == "grpc":
-                    probs = np.concatenate([  # requests within the batching limit
-                        next(iter(client.predict({"image": x_shifted[i:i + 64]}).values()))
-                        for i in range(0, len(x_shifted), 64)])
+                    probs = np.concatenate(
+                        [  # requests within the batching limit
+                            next(iter(client.predict({"image": x_shifted[i : i + 64]}).values()))
+                            for i in range(0, len(x_shifted), 64)
+                        ]
+                    )
                     result["accuracy"] = float(np.mean(np.argmax(probs, -1) == y))
                     result["version"] = client.metadata().version
         return result
 
     before = served()
-    redeployed = redeploy_if_drifted(keras_path, str(base_path), traffic,
-                                     address=server.rest_url, model_name="digits")
+    redeployed = redeploy_if_drifted(
+        keras_path, str(base_path), traffic, address=server.rest_url, model_name="digits"
+    )
     after = served(redeployed.new_version)
     return {"before": before, "after": after, "recalibrated_model": redeployed.recalibrated_model}
 
@@ -190,8 +205,10 @@ def plot(history: dict, reports: dict, out: Path) -> list[Path]:
 
     paths = []
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, ax, ylabel in (("loss", ax1, "cross-entropy loss (nats per example)"),
-                            ("accuracy", ax2, "accuracy (fraction of examples correct)")):
+    for key, ax, ylabel in (
+        ("loss", ax1, "cross-entropy loss (nats per example)"),
+        ("accuracy", ax2, "accuracy (fraction of examples correct)"),
+    ):
         epochs = range(1, len(history[key]) + 1)
         ax.plot(epochs, history[key], "o-", label=f"training {key}")
         ax.plot(epochs, history[f"val_{key}"], "s--", label=f"test {key}")
@@ -216,17 +233,31 @@ def plot(history: dict, reports: dict, out: Path) -> list[Path]:
         model_name, transport = name.rsplit(" ", 1)
         marker, line, shift = styles[transport]
         color = "tab:green" if model_name == "digits" else "tab:red"
-        label = ("frozen + folded export" if model_name == "digits" else "BN in training mode")
-        ax.plot([i + shift for i in range(len(report.rows))],
-                [max(r.max_rel, FLOOR) for r in report.rows], marker=marker, linestyle=line,
-                color=color, label=f"{label}, {dict(rest='REST', grpc='gRPC')[transport]}")
-    ax.axhline(rtol, color="black", linewidth=1, linestyle="--",
-               label=f"tolerance (rtol {rtol:.0e})")
-    ticks = [("concurrent\n1-row" if r.mode == "concurrent" else
-              f"batch {r.batch_size}" + (f"\norder {r.order}" if r.order else "")) for r in rows]
+        label = "frozen + folded export" if model_name == "digits" else "BN in training mode"
+        ax.plot(
+            [i + shift for i in range(len(report.rows))],
+            [max(r.max_rel, FLOOR) for r in report.rows],
+            marker=marker,
+            linestyle=line,
+            color=color,
+            label=f"{label}, {dict(rest='REST', grpc='gRPC')[transport]}",
+        )
+    ax.axhline(
+        rtol, color="black", linewidth=1, linestyle="--", label=f"tolerance (rtol {rtol:.0e})"
+    )
+    ticks = [
+        (
+            "concurrent\n1-row"
+            if r.mode == "concurrent"
+            else f"batch {r.batch_size}" + (f"\norder {r.order}" if r.order else "")
+        )
+        for r in rows
+    ]
     ax.set_xticks(range(len(ticks)), ticks, fontsize=7)
-    ax.set_xlabel("run of the check: rows per request, and the order (0 = natural, "
-                  "k = k-th shuffle) or concurrent single-row requests")
+    ax.set_xlabel(
+        "run of the check: rows per request, and the order (0 = natural, "
+        "k = k-th shuffle) or concurrent single-row requests"
+    )
     ax.set_yscale("log")
     ax.set_ylim(FLOOR / 3, 10)
     ax.set_ylabel("max |prediction - golden| / max |golden|\n(exact match drawn at 1e-9)")
@@ -256,10 +287,18 @@ def main(argv=None) -> int:
     devices = use_replicas()
     strategy = tf.distribute.MirroredStrategy(devices)
     data = load_data(args.seed)
-    print(f"[1/5] training on {strategy.num_replicas_in_sync} replicas ({', '.join(devices)}), "
-          f"synchronised BN, global batch {args.per_replica_batch * strategy.num_replicas_in_sync}")
-    model, history = train(strategy, data, args.epochs, args.per_replica_batch, args.seed,
-                           verbose=0 if args.quiet else 1)
+    print(
+        f"[1/5] training on {strategy.num_replicas_in_sync} replicas ({', '.join(devices)}), "
+        f"synchronised BN, global batch {args.per_replica_batch * strategy.num_replicas_in_sync}"
+    )
+    model, history = train(
+        strategy,
+        data,
+        args.epochs,
+        args.per_replica_batch,
+        args.seed,
+        verbose=0 if args.quiet else 1,
+    )
     x_test, y_test = data[1], data[3]
     accuracy = float(np.mean(np.argmax(model.predict(x_test, verbose=0), -1) == y_test))
 
@@ -272,51 +311,91 @@ def main(argv=None) -> int:
     lint_frozen = tfbn.lint_saved_model(str(frozen.path))
     lint_leaky = tfbn.lint_saved_model(str(leaky_dir))
 
-    print("[3/5] serving both on 127.0.0.1 with server-side batching "
-          f"(max_batch_size={BATCHING.max_batch_size}, allowed {list(BATCHING.allowed_batch_sizes)})")
-    models = [ModelConfig(name, str(out / "models" / name)) for name in ("digits", "digits_training_mode")]
+    print(
+        "[3/5] serving both on 127.0.0.1 with server-side batching "
+        f"(max_batch_size={BATCHING.max_batch_size}, allowed {list(BATCHING.allowed_batch_sizes)})"
+    )
+    models = [
+        ModelConfig(name, str(out / "models" / name)) for name in ("digits", "digits_training_mode")
+    ]
     # Polled every 0.5 s, so the recalibrated version of step 5 is picked up as TF Serving would.
     with DevServer(models, batching=BATCHING, file_system_poll_wait_seconds=0.5) as server:
         print(f"      REST {server.rest_url}   gRPC {server.grpc_target}")
-        print("[4/5] batch-size invariance check (batches of 1, 2, 3, 7, all; concurrent single rows)")
+        print(
+            "[4/5] batch-size invariance check (batches of 1, 2, 3, 7, all; concurrent single rows)"
+        )
         reports = check_all(server, frozen.path)
-        print(f"[5/5] drift: traffic shifts (contrast x{SHIFT_CONTRAST}); tfbn drift over REST and "
-              "gRPC -> recalibrate -> new version -> drift again")
-        drift = drift_loop(server, str(keras_path), out / "models" / "digits",
-                           x_test * SHIFT_CONTRAST, y_test)
+        print(
+            f"[5/5] drift: traffic shifts (contrast x{SHIFT_CONTRAST}); tfbn drift over REST and "
+            "gRPC -> recalibrate -> new version -> drift again"
+        )
+        drift = drift_loop(
+            server, str(keras_path), out / "models" / "digits", x_test * SHIFT_CONTRAST, y_test
+        )
 
     seconds = time.perf_counter() - started
     plots = plot(history, reports, out)
     frozen_ok = all(r.passed for k, r in reports.items() if k.startswith("digits "))
     leaky_caught = not any(r.passed for k, r in reports.items() if "training_mode" in k)
-    drift_ok = (drift["before"]["rest"]["drift"] and drift["before"]["grpc"]["drift"]
-                and not drift["after"]["rest"]["drift"] and not drift["after"]["grpc"]["drift"]
-                and drift["after"]["accuracy"] > drift["before"]["accuracy"])
-    ok = (frozen_ok and leaky_caught and lint_frozen.ok and not lint_leaky.ok and accuracy > 0.9
-          and drift_ok)
+    drift_ok = (
+        drift["before"]["rest"]["drift"]
+        and drift["before"]["grpc"]["drift"]
+        and not drift["after"]["rest"]["drift"]
+        and not drift["after"]["grpc"]["drift"]
+        and drift["after"]["accuracy"] > drift["before"]["accuracy"]
+    )
+    ok = (
+        frozen_ok
+        and leaky_caught
+        and lint_frozen.ok
+        and not lint_leaky.ok
+        and accuracy > 0.9
+        and drift_ok
+    )
 
-    rows = [("replicas in sync", strategy.num_replicas_in_sync), ("test accuracy", f"{accuracy:.4f}"),
-            ("export", str(frozen.path)), ("lint, frozen export", f"{len(lint_frozen.findings)} findings"),
-            ("lint, training-mode export", f"{len(lint_leaky.findings)} findings")]
+    rows = [
+        ("replicas in sync", strategy.num_replicas_in_sync),
+        ("test accuracy", f"{accuracy:.4f}"),
+        ("export", str(frozen.path)),
+        ("lint, frozen export", f"{len(lint_frozen.findings)} findings"),
+        ("lint, training-mode export", f"{len(lint_leaky.findings)} findings"),
+    ]
     for name, report in reports.items():
         worst = max(r.max_abs for r in report.rows)
-        rows.append((f"check {name}", f"{'PASS' if report.passed else 'FAIL'} (max dev {worst:.2g})"))
+        rows.append(
+            (f"check {name}", f"{'PASS' if report.passed else 'FAIL'} (max dev {worst:.2g})")
+        )
     for when in ("before", "after"):
         d = drift[when]
-        rows.append((f"shifted traffic, {when} recalibration",
-                     f"version {d['version']}: accuracy {d['accuracy']:.4f}, drift "
-                     f"{'DRIFT' if d['rest']['drift'] else 'OK'} (REST score {d['rest']['score']:.2f}), "
-                     f"{'DRIFT' if d['grpc']['drift'] else 'OK'} (gRPC score {d['grpc']['score']:.2f})"))
-    rows += [("plots", ", ".join(str(p) for p in plots)), ("total time", f"{seconds:.0f} s"),
-             ("demo verdict", "OK" if ok else "UNEXPECTED")]
+        rows.append(
+            (
+                f"shifted traffic, {when} recalibration",
+                f"version {d['version']}: accuracy {d['accuracy']:.4f}, drift "
+                f"{'DRIFT' if d['rest']['drift'] else 'OK'} (REST score {d['rest']['score']:.2f}), "
+                f"{'DRIFT' if d['grpc']['drift'] else 'OK'} (gRPC score {d['grpc']['score']:.2f})",
+            )
+        )
+    rows += [
+        ("plots", ", ".join(str(p) for p in plots)),
+        ("total time", f"{seconds:.0f} s"),
+        ("demo verdict", "OK" if ok else "UNEXPECTED"),
+    ]
     width = max(len(k) for k, _ in rows) + 2
     print()
     print("\n".join(f"{k:<{width}}{v}" for k, v in rows))
-    (out / "demo.json").write_text(json.dumps(
-        {"accuracy": accuracy, "ok": ok, "seconds": seconds,
-         "checks": {k: r.to_dict() for k, r in reports.items()}, "drift": drift,
-         "lint": {"frozen": lint_frozen.to_dict(), "training_mode": lint_leaky.to_dict()}},
-        indent=2))
+    (out / "demo.json").write_text(
+        json.dumps(
+            {
+                "accuracy": accuracy,
+                "ok": ok,
+                "seconds": seconds,
+                "checks": {k: r.to_dict() for k, r in reports.items()},
+                "drift": drift,
+                "lint": {"frozen": lint_frozen.to_dict(), "training_mode": lint_leaky.to_dict()},
+            },
+            indent=2,
+        )
+    )
     return 0 if ok else 1
 
 

@@ -47,8 +47,13 @@ max_enqueued_batches { value: 100 }
 num_batch_threads { value: 2 }
 allowed_batch_sizes: [8, 16, 32, 64]
 """
-BATCHING = BatchingParameters(max_batch_size=64, batch_timeout_micros=20_000, max_enqueued_batches=100,
-                              num_batch_threads=2, allowed_batch_sizes=(8, 16, 32, 64))
+BATCHING = BatchingParameters(
+    max_batch_size=64,
+    batch_timeout_micros=20_000,
+    max_enqueued_batches=100,
+    num_batch_threads=2,
+    allowed_batch_sizes=(8, 16, 32, 64),
+)
 
 
 def build_cnn() -> keras.Model:
@@ -111,14 +116,29 @@ def main(argv=None) -> int:
     assert load_batching_parameters(out / "batching.config") == BATCHING
 
     # 3. Serve, 4. check over both transports; the server stops when the block ends.
-    with DevServer([ModelConfig("digits", str(out / "models" / "digits"))], port=0, rest_api_port=0,
-                   batching=BATCHING, file_system_poll_wait_seconds=0) as server:
+    with DevServer(
+        [ModelConfig("digits", str(out / "models" / "digits"))],
+        port=0,
+        rest_api_port=0,
+        batching=BATCHING,
+        file_system_poll_wait_seconds=0,
+    ) as server:
         print(f"serving on REST {server.rest_url} and gRPC {server.grpc_target}, batching on")
         reports = {
-            "REST": run_check(rest=server.rest_url, model_name="digits", golden=result.path,
-                              concurrent=True, timeout=30.0),
-            "gRPC": run_check(grpc=server.grpc_target, model_name="digits", golden=result.path,
-                              concurrent=True, timeout=30.0),
+            "REST": run_check(
+                rest=server.rest_url,
+                model_name="digits",
+                golden=result.path,
+                concurrent=True,
+                timeout=30.0,
+            ),
+            "gRPC": run_check(
+                grpc=server.grpc_target,
+                model_name="digits",
+                golden=result.path,
+                concurrent=True,
+                timeout=30.0,
+            ),
         }
     for transport, report in reports.items():
         print(f"\nbatch-size invariance over {transport}: {'PASS' if report.passed else 'FAIL'}")

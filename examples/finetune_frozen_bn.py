@@ -54,8 +54,9 @@ def accuracy(model: keras.Model, x, y) -> float:
 
 
 def compile_(model: keras.Model, learning_rate: float) -> keras.Model:
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss="sparse_categorical_crossentropy")
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy"
+    )
     return model
 
 
@@ -74,17 +75,28 @@ def main(argv=None) -> int:
     # 1. Pretrain on digits 0-4 (batches of 64: good batch statistics).
     model = compile_(build_cnn(), 1e-2)
     model.fit(x[first], y[first], batch_size=64, epochs=args.pretrain_epochs, verbose=0)
-    print(f"pretrained on 0-4: accuracy {accuracy(model, x[first], y[first]):.3f} on 0-4, "
-          f"{accuracy(model, x[second], y[second]):.3f} on 5-9")
+    print(
+        f"pretrained on 0-4: accuracy {accuracy(model, x[first], y[first]):.3f} on 0-4, "
+        f"{accuracy(model, x[second], y[second]):.3f} on 5-9"
+    )
     pretrained = bn_statistics(model)
 
     # 2. Freeze BN and fine-tune everything else on 5-9 with batches of 8.
     frozen = tfbn.freeze_batch_norm(model)
-    print("frozen:", ", ".join(f"{layer.name} -> {type(layer).__name__}"
-                               for layer in frozen.layers if layer.name.startswith("bn")))
-    assert all(isinstance(frozen.get_layer(f"bn{i}"), tfbn.FrozenBatchNormalization) for i in (1, 2))
-    compile_(frozen, 3e-3).fit(x[second], y[second], batch_size=8, epochs=args.finetune_epochs,
-                               verbose=0)
+    print(
+        "frozen:",
+        ", ".join(
+            f"{layer.name} -> {type(layer).__name__}"
+            for layer in frozen.layers
+            if layer.name.startswith("bn")
+        ),
+    )
+    assert all(
+        isinstance(frozen.get_layer(f"bn{i}"), tfbn.FrozenBatchNormalization) for i in (1, 2)
+    )
+    compile_(frozen, 3e-3).fit(
+        x[second], y[second], batch_size=8, epochs=args.finetune_epochs, verbose=0
+    )
     acc = accuracy(frozen, x[second], y[second])
     print(f"fine-tuned on 5-9 with frozen BN: accuracy {acc:.3f} on 5-9")
     assert acc > 0.8, acc
@@ -100,12 +112,17 @@ def main(argv=None) -> int:
     for key, value in bn_statistics(unfrozen).items():
         np.testing.assert_array_equal(value, after[key], err_msg=key)
     probe = x[second][:32]
-    np.testing.assert_allclose(unfrozen.predict(probe, verbose=0), frozen.predict(probe, verbose=0),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        unfrozen.predict(probe, verbose=0), frozen.predict(probe, verbose=0), rtol=1e-5, atol=1e-6
+    )
     unfrozen(probe, training=True)  # an unfrozen layer updates its statistics again
-    moved = not np.array_equal(keras.ops.convert_to_numpy(bn1.moving_mean), after["bn1/moving_mean"])
-    print(f"unfrozen: {type(bn1).__name__}(momentum={bn1.momentum}), same outputs, "
-          f"statistics update again: {moved}")
+    moved = not np.array_equal(
+        keras.ops.convert_to_numpy(bn1.moving_mean), after["bn1/moving_mean"]
+    )
+    print(
+        f"unfrozen: {type(bn1).__name__}(momentum={bn1.momentum}), same outputs, "
+        f"statistics update again: {moved}"
+    )
     assert moved
     return 0
 

@@ -35,13 +35,17 @@ def cpu_replicas(n: int = REPLICAS) -> list[str]:
     """Splits the CPU into `n` logical devices; must run before TensorFlow initialises."""
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * n
+        )
     except RuntimeError:  # already initialised (e.g. under pytest, whose conftest split it)
         pass
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     if len(devices) < n:
-        raise RuntimeError(f"need {n} logical CPUs, found {devices}: split the CPU before "
-                           "anything initialises TensorFlow")
+        raise RuntimeError(
+            f"need {n} logical CPUs, found {devices}: split the CPU before "
+            "anything initialises TensorFlow"
+        )
     return devices[:n]
 
 
@@ -82,13 +86,18 @@ def main(argv=None) -> int:
     with strategy.scope():  # variables created here are mirrored on the 4 replicas
         local = build_cnn()
         model = tfbn.convert_sync_batch_norm(local)
-        model.compile(optimizer=keras.optimizers.Adam(1e-2),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-2),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
     bns = [layer for layer in model.layers if layer.name.startswith("bn")]
     assert all(isinstance(bn, tfbn.BatchNormalization) and bn.synchronized for bn in bns)
 
-    print(f"{strategy.num_replicas_in_sync} replicas, {args.per_replica_batch} examples each "
-          f"(global batch {global_batch})")
+    print(
+        f"{strategy.num_replicas_in_sync} replicas, {args.per_replica_batch} examples each "
+        f"(global batch {global_batch})"
+    )
     before = tfbn.lint_model(local, batch_size=global_batch, strategy=strategy)
     after = tfbn.lint_model(model, batch_size=global_batch, strategy=strategy)
     print(f"lint, Keras BN:        {[f'{f.rule} at {f.layer}' for f in before.findings]}")
@@ -100,19 +109,24 @@ def main(argv=None) -> int:
     # empty shard, and TensorFlow's CPU Conv2D returns a wrongly shaped empty output for
     # it (Keras's own BN fails on it the same way).
     train = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=0)
-    history = model.fit(train.batch(global_batch, drop_remainder=True), epochs=args.epochs,
-                        verbose=0, shuffle=False)
+    history = model.fit(
+        train.batch(global_batch, drop_remainder=True), epochs=args.epochs, verbose=0, shuffle=False
+    )
     test = tf.data.Dataset.from_tensor_slices((x, y)).batch(256, drop_remainder=True)
     loss, accuracy = (float(v) for v in model.evaluate(test, verbose=0))
-    print(f"trained {args.epochs} epochs: loss {history.history['loss'][0]:.3f} -> {loss:.3f}, "
-          f"accuracy {accuracy:.3f}")
+    print(
+        f"trained {args.epochs} epochs: loss {history.history['loss'][0]:.3f} -> {loss:.3f}, "
+        f"accuracy {accuracy:.3f}"
+    )
     assert accuracy > 0.8, accuracy
 
     # The moving statistics are mirrored: all 4 replicas hold the same values. (`.value`
     # is the tf.Variable behind the Keras variable: a MirroredVariable, one copy per replica.)
     for bn in bns:
         for name in ("moving_mean", "moving_variance"):
-            copies = [np.asarray(c) for c in strategy.experimental_local_results(getattr(bn, name).value)]
+            copies = [
+                np.asarray(c) for c in strategy.experimental_local_results(getattr(bn, name).value)
+            ]
             assert len(copies) == REPLICAS and all(np.array_equal(c, copies[0]) for c in copies)
     print(f"moving statistics identical on all {REPLICAS} replicas for {[bn.name for bn in bns]}")
     return 0

@@ -75,8 +75,12 @@ def worker(result_path: str) -> None:
     global_batch = PER_REPLICA_BATCH * strategy.num_replicas_in_sync
     # Every worker builds the same dataset of global batches; the strategy gives each
     # worker its share of every batch (auto-sharding by data).
-    dataset = (tf.data.Dataset.from_tensor_slices((x, digits.target))
-               .shuffle(len(x), seed=0).batch(global_batch, drop_remainder=True).take(STEPS))
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((x, digits.target))
+        .shuffle(len(x), seed=0)
+        .batch(global_batch, drop_remainder=True)
+        .take(STEPS)
+    )
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     dataset = dataset.with_options(options)
@@ -117,10 +121,15 @@ def worker(result_path: str) -> None:
         "losses": losses,
         "batches_tracked": int(model.get_layer("bn1").num_batches_tracked.numpy()),
         "stats": {
-            f"bn{i}/{name}": keras.ops.convert_to_numpy(getattr(model.get_layer(f"bn{i}"), name)).tolist()
-            for i in (1, 2) for name in ("moving_mean", "moving_variance")
+            f"bn{i}/{name}": keras.ops.convert_to_numpy(
+                getattr(model.get_layer(f"bn{i}"), name)
+            ).tolist()
+            for i in (1, 2)
+            for name in ("moving_mean", "moving_variance")
         },  # fmt: skip
-        "weights": {v.path: keras.ops.convert_to_numpy(v).tolist() for v in model.trainable_variables},
+        "weights": {
+            v.path: keras.ops.convert_to_numpy(v).tolist() for v in model.trainable_variables
+        },
     }
     Path(result_path + ".tmp").write_text(json.dumps(result))
     os.replace(result_path + ".tmp", result_path)  # the launcher never reads half a file
@@ -155,8 +164,12 @@ def launch(
     try:
         for index in range(WORKERS):
             tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
-            env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "CUDA_VISIBLE_DEVICES": "",
-                   "TFBN_CONNECT_TIMEOUT": str(connect_timeout)}
+            env = {
+                **os.environ,
+                "TF_CONFIG": json.dumps(tf_config),
+                "CUDA_VISIBLE_DEVICES": "",
+                "TFBN_CONNECT_TIMEOUT": str(connect_timeout),
+            }
             if index == crash_worker:
                 env["TFBN_EXAMPLE_CRASH"] = "before-connect"
             logs.append(open(out / f"worker{index}.log", "w"))  # noqa: SIM115
@@ -200,10 +213,18 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", metavar="RESULT_JSON", help=argparse.SUPPRESS)
     parser.add_argument("--out", help="folder for worker logs and results (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for both workers")
-    parser.add_argument("--connect-timeout", type=float, default=60.0,
-                        help="seconds a worker waits for its peers before naming the missing ones")
-    parser.add_argument("--crash-worker", type=int, choices=range(WORKERS),
-                        help="simulate a failure: this worker dies before the cluster forms")
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a worker waits for its peers before naming the missing ones",
+    )
+    parser.add_argument(
+        "--crash-worker",
+        type=int,
+        choices=range(WORKERS),
+        help="simulate a failure: this worker dies before the cluster forms",
+    )
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker)
@@ -213,8 +234,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = launch(out, args.timeout, args.connect_timeout, args.crash_worker)
     for r in results:
-        print(f"worker {r['task']}: {r['replicas']} replicas in sync, {r['batches_tracked']} "
-              f"batches tracked, loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}")
+        print(
+            f"worker {r['task']}: {r['replicas']} replicas in sync, {r['batches_tracked']} "
+            f"batches tracked, loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}"
+        )
         assert r["replicas"] == WORKERS and r["batches_tracked"] == STEPS, r
     first, second = (r["stats"] for r in results)
     for key in first:
@@ -222,8 +245,10 @@ def main(argv=None) -> int:
         print(f"  {key:<20} max |worker0 - worker1| = {diff:.1e}")
         assert diff <= 1e-6, (key, diff)
     # The gradients were all-reduced too: the trained weights agree.
-    diff = max(float(np.max(np.abs(np.subtract(results[0]["weights"][k], results[1]["weights"][k]))))
-               for k in results[0]["weights"])
+    diff = max(
+        float(np.max(np.abs(np.subtract(results[0]["weights"][k], results[1]["weights"][k]))))
+        for k in results[0]["weights"]
+    )
     print(f"  {'trainable weights':<20} max |worker0 - worker1| = {diff:.1e}")
     assert diff <= 1e-6, diff
     moved = any(np.any(np.asarray(first[k]) != 0) for k in first if k.endswith("moving_mean"))

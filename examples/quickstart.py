@@ -49,15 +49,19 @@ def main(argv=None) -> int:
     model = build_model(tfbn.BatchNormalization)
     model.set_weights(reference.get_weights())
     names = lambda layer: [w.name for w in layer.weights]  # noqa: E731
-    assert names(model.get_layer("bn")) == names(reference.get_layer("bn")) == [
-        "gamma", "beta", "moving_mean", "moving_variance"
-    ]
+    assert (
+        names(model.get_layer("bn"))
+        == names(reference.get_layer("bn"))
+        == ["gamma", "beta", "moving_mean", "moving_variance"]
+    )
 
     # Or, for a model you already have, in one call (arguments, names, weights and
     # dtype policy kept; the result is a new model with its own variables).
     converted = tfbn.convert_batch_norm(reference)
     assert isinstance(converted.get_layer("bn"), tfbn.BatchNormalization)
-    diff = float(np.max(np.abs(keras.ops.convert_to_numpy(converted(x[:128]) - reference(x[:128])))))
+    diff = float(
+        np.max(np.abs(keras.ops.convert_to_numpy(converted(x[:128]) - reference(x[:128]))))
+    )
     print(f"tfbn.convert_batch_norm(reference): max |tfbn - keras| = {diff:.1e}")
     assert diff < 1e-5, diff
 
@@ -70,19 +74,25 @@ def main(argv=None) -> int:
         print(f"training={training!s:<5}  max |tfbn - keras| = {diff:.1e}")
         assert diff < 1e-5, diff
     # Training mode updated both layers' moving statistics the same way.
-    for ours, theirs in zip(model.get_layer("bn").get_weights(),
-                            reference.get_layer("bn").get_weights(), strict=True):
+    for ours, theirs in zip(
+        model.get_layer("bn").get_weights(), reference.get_layer("bn").get_weights(), strict=True
+    ):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
 
     # 3. Train the tfbn model a few steps; it learns and its statistics track the data.
-    model.compile(optimizer=keras.optimizers.Adam(1e-2),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     history = model.fit(x, y, epochs=args.epochs, batch_size=64, verbose=0)
     accuracy = float(model.evaluate(x, y, verbose=0)[1])
     bn = model.get_layer("bn")
-    print(f"trained {args.epochs} epochs: loss {history.history['loss'][0]:.3f} -> "
-          f"{history.history['loss'][-1]:.3f}, accuracy {accuracy:.3f}, "
-          f"{int(bn.num_batches_tracked.numpy())} batches tracked by '{bn.name}'")
+    print(
+        f"trained {args.epochs} epochs: loss {history.history['loss'][0]:.3f} -> "
+        f"{history.history['loss'][-1]:.3f}, accuracy {accuracy:.3f}, "
+        f"{int(bn.num_batches_tracked.numpy())} batches tracked by '{bn.name}'"
+    )
     assert history.history["loss"][-1] < history.history["loss"][0]
     assert accuracy > 0.9, accuracy
     return 0

@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     trainable = [w.numpy().copy() for w in model.trainable_weights]
     print("\n" + str(tfbn.recalibrate(model, unlabelled, progress=False)))
     unchanged = all(
-        np.array_equal(a, w.numpy()) for a, w in zip(trainable, model.trainable_weights, strict=True)
+        np.array_equal(a, w.numpy())
+        for a, w in zip(trainable, model.trainable_weights, strict=True)
     )
     recalibrated_acc = accuracy(model, shift(x_test), y_test)
     print(f"test accuracy: source domain {source_acc:.3f} | new domain {shifted_acc:.3f} | "

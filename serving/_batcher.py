@@ -40,37 +40,56 @@ class Batcher:
         self._cv = threading.Condition()
         self._closing = False
         self.batch_sizes: collections.Counter = collections.Counter()
-        self._threads = [threading.Thread(target=self._loop, name=f"tfbn-batch-{i}", daemon=True)
-                         for i in range(min(params.num_batch_threads, 8))]
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"tfbn-batch-{i}", daemon=True)
+            for i in range(min(params.num_batch_threads, 8))
+        ]
         for t in self._threads:
             t.start()
 
-    def submit(self, servable: Servable, key: str, inputs: dict[str, np.ndarray],
-               outputs: list[str], timeout: float | None) -> dict[str, np.ndarray]:
+    def submit(
+        self,
+        servable: Servable,
+        key: str,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str],
+        timeout: float | None,
+    ) -> dict[str, np.ndarray]:
         sizes = {a.shape[0] if a.ndim else None for a in inputs.values()}
         if len(sizes) != 1 or None in sizes:
-            raise error("INVALID_ARGUMENT",
-                       "Batching Run() input tensors must have equal 0th-dimension size")
+            raise error(
+                "INVALID_ARGUMENT",
+                "Batching Run() input tensors must have equal 0th-dimension size",
+            )
         size = sizes.pop()
         max_b = self.params.max_batch_size
         if size > max_b and not self.params.enable_large_batch_splitting:
-            raise error("INVALID_ARGUMENT",
-                       f"Task size {size} is larger than maximum input batch size {max_b}")
+            raise error(
+                "INVALID_ARGUMENT",
+                f"Task size {size} is larger than maximum input batch size {max_b}",
+            )
         if size == 0:
             return servable.call(key, inputs, outputs)
         chunks = [(s, min(s + max_b, size)) for s in range(0, size, max_b)]
-        qkey = (servable.version, key, tuple(sorted((n, a.dtype.str, a.shape[1:])
-                                                    for n, a in inputs.items())), tuple(outputs))
-        tasks = [_Task(qkey, {n: a[s:e] for n, a in inputs.items()}, outputs, e - s)
-                 for s, e in chunks]
+        qkey = (
+            servable.version,
+            key,
+            tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items())),
+            tuple(outputs),
+        )
+        tasks = [
+            _Task(qkey, {n: a[s:e] for n, a in inputs.items()}, outputs, e - s) for s, e in chunks
+        ]
         with self._cv:
             if self._closing:
                 raise error("UNAVAILABLE", "the servable is being unloaded")
             queue = self._queues.setdefault(qkey, collections.deque())
             queued = sum(t.size for t in queue)
             if -(-(queued + size) // max_b) > self.params.max_enqueued_batches:
-                raise error("UNAVAILABLE",
-                           "The batch scheduling queue to which this task was submitted is full")
+                raise error(
+                    "UNAVAILABLE",
+                    "The batch scheduling queue to which this task was submitted is full",
+                )
             queue.extend(tasks)
             self._servable = servable
             self._cv.notify_all()
@@ -134,12 +153,15 @@ class Batcher:
             out = servable.call(first.key[1], merged, first.outputs)
             for name, arr in out.items():
                 if arr.ndim == 0 or arr.shape[0] != padded:
-                    raise error("INTERNAL", "Batched output tensor's 0th dimension does not equal "
-                               "the sum of the 0th dimension sizes of the input tensors "
-                               f"(output {name!r} has shape {list(arr.shape)}, batch {padded})")
+                    raise error(
+                        "INTERNAL",
+                        "Batched output tensor's 0th dimension does not equal "
+                        "the sum of the 0th dimension sizes of the input tensors "
+                        f"(output {name!r} has shape {list(arr.shape)}, batch {padded})",
+                    )
             start = 0
             for t in batch:
-                t.result = {k: v[start:start + t.size] for k, v in out.items()}
+                t.result = {k: v[start : start + t.size] for k, v in out.items()}
                 start += t.size
         except ServingError as err:
             for t in batch:
@@ -158,4 +180,3 @@ class Batcher:
             self._cv.notify_all()
         for t in self._threads:
             t.join(timeout=30)
-

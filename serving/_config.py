@@ -54,7 +54,9 @@ class ModelConfig:
         if not self.base_path:
             raise ValueError(f"model {self.name!r} needs a base_path; Received: base_path=''")
         if self.policy not in ("latest", "all", "specific"):
-            raise ValueError(f"policy must be 'latest', 'all' or 'specific'; Received: {self.policy!r}")
+            raise ValueError(
+                f"policy must be 'latest', 'all' or 'specific'; Received: {self.policy!r}"
+            )
         if self.policy == "latest" and self.num_versions < 1:
             raise ValueError(f"latest.num_versions must be >= 1; Received: {self.num_versions}")
         if self.policy == "specific" and not self.versions:
@@ -67,7 +69,7 @@ class ModelConfig:
             return available
         if self.policy == "specific":
             return sorted(set(self.versions))
-        return available[-self.num_versions:]
+        return available[-self.num_versions :]
 
 
 def parse_model_config(text: str, source: str = "<string>") -> list[ModelConfig]:
@@ -83,13 +85,17 @@ def parse_model_config(text: str, source: str = "<string>") -> list[ModelConfig]
             f"Invalid protobuf file: '{source}': {err}"
         ) from None
     if proto.WhichOneof("config") != "model_config_list":
-        raise ValueError(f"{source}: only model_config_list is supported; Received: "
-                         f"{proto.WhichOneof('config') or 'an empty config'}")
+        raise ValueError(
+            f"{source}: only model_config_list is supported; Received: "
+            f"{proto.WhichOneof('config') or 'an empty config'}"
+        )
     models = []
     for cfg in proto.model_config_list.config:
         if cfg.model_platform not in ("", "tensorflow"):
-            raise ValueError(f"{source}: model {cfg.name!r}: model_platform must be 'tensorflow'; "
-                             f"Received: {cfg.model_platform!r}")
+            raise ValueError(
+                f"{source}: model {cfg.name!r}: model_platform must be 'tensorflow'; "
+                f"Received: {cfg.model_platform!r}"
+            )
         which = cfg.model_version_policy.WhichOneof("policy_choice")
         kwargs: dict = {}
         if which == "all":
@@ -99,9 +105,14 @@ def parse_model_config(text: str, source: str = "<string>") -> list[ModelConfig]
             kwargs["versions"] = tuple(int(v) for v in cfg.model_version_policy.specific.versions)
         elif which == "latest":
             kwargs["num_versions"] = cfg.model_version_policy.latest.num_versions or 1
-        models.append(ModelConfig(name=cfg.name, base_path=cfg.base_path,
-                                  labels={k: int(v) for k, v in cfg.version_labels.items()},
-                                  **kwargs))
+        models.append(
+            ModelConfig(
+                name=cfg.name,
+                base_path=cfg.base_path,
+                labels={k: int(v) for k, v in cfg.version_labels.items()},
+                **kwargs,
+            )
+        )
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"{source}: model names must be unique; Received: {names}")
@@ -140,13 +151,17 @@ def _batching_message_class():
     except KeyError:
         pass
     fd = descriptor_pb2.FileDescriptorProto(
-        name="tfbn/serving/batching_parameters.proto", package="tfbn.serving",
-        syntax="proto3", dependency=["google/protobuf/wrappers.proto"])
+        name="tfbn/serving/batching_parameters.proto",
+        package="tfbn.serving",
+        syntax="proto3",
+        dependency=["google/protobuf/wrappers.proto"],
+    )
     msg = fd.message_type.add(name="BatchingParameters")
     F = descriptor_pb2.FieldDescriptorProto
     for name, number, kind, repeated in _BATCHING_FIELDS:
-        field = msg.field.add(name=name, number=number,
-                              label=F.LABEL_REPEATED if repeated else F.LABEL_OPTIONAL)
+        field = msg.field.add(
+            name=name, number=number, label=F.LABEL_REPEATED if repeated else F.LABEL_OPTIONAL
+        )
         if isinstance(kind, str):
             field.type, field.type_name = F.TYPE_MESSAGE, kind
         else:
@@ -171,18 +186,26 @@ class BatchingParameters:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1; Received: {self.max_batch_size}")
         if self.batch_timeout_micros < 0:
-            raise ValueError(f"batch_timeout_micros must be >= 0; Received: {self.batch_timeout_micros}")
+            raise ValueError(
+                f"batch_timeout_micros must be >= 0; Received: {self.batch_timeout_micros}"
+            )
         if self.num_batch_threads < 1 or self.max_enqueued_batches < 1:
-            raise ValueError("num_batch_threads and max_enqueued_batches must be >= 1; Received: "
-                             f"{self.num_batch_threads}, {self.max_enqueued_batches}")
+            raise ValueError(
+                "num_batch_threads and max_enqueued_batches must be >= 1; Received: "
+                f"{self.num_batch_threads}, {self.max_enqueued_batches}"
+            )
         sizes = self.allowed_batch_sizes
         if sizes:
             if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)) or sizes[0] < 1:
-                raise ValueError("allowed_batch_sizes must be positive and increase monotonically; "
-                                 f"Received: {list(sizes)}")
+                raise ValueError(
+                    "allowed_batch_sizes must be positive and increase monotonically; "
+                    f"Received: {list(sizes)}"
+                )
             if sizes[-1] != self.max_batch_size:
-                raise ValueError("the last entry in allowed_batch_sizes must equal max_batch_size; "
-                                 f"Received: {list(sizes)} with max_batch_size={self.max_batch_size}")
+                raise ValueError(
+                    "the last entry in allowed_batch_sizes must equal max_batch_size; "
+                    f"Received: {list(sizes)} with max_batch_size={self.max_batch_size}"
+                )
 
     def padded_size(self, n: int) -> int:
         """The batch size a batch of `n` rows is padded to."""
@@ -198,11 +221,17 @@ def parse_batching_parameters(text: str, source: str = "<string>") -> BatchingPa
     try:
         text_format.Parse(text, proto)
     except text_format.ParseError as err:
-        raise ValueError(f"Error parsing text-format tensorflow.serving.BatchingParameters "
-                         f"in '{source}': {err}") from None
+        raise ValueError(
+            f"Error parsing text-format tensorflow.serving.BatchingParameters in '{source}': {err}"
+        ) from None
     kwargs: dict = {}
-    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches",
-                 "num_batch_threads", "enable_large_batch_splitting"):
+    for name in (
+        "max_batch_size",
+        "batch_timeout_micros",
+        "max_enqueued_batches",
+        "num_batch_threads",
+        "enable_large_batch_splitting",
+    ):
         if proto.HasField(name):
             kwargs[name] = getattr(proto, name).value
     kwargs["allowed_batch_sizes"] = tuple(int(v) for v in proto.allowed_batch_sizes)

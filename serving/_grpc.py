@@ -56,8 +56,10 @@ def servicers(dev: DevServer):  # noqa: C901 - over the complexity limit, to be 
             finally:
                 dev._exit()
                 if dev.metrics is not None and fn.__name__ in _METERED:
-                    dev.metrics.record_request(_model_name(request), fn.__name__, "GRPC", status,
-                                               time.monotonic() - start)
+                    dev.metrics.record_request(
+                        _model_name(request), fn.__name__, "GRPC", status, time.monotonic() - start
+                    )
+
         wrapper.__name__ = fn.__name__
         return wrapper
 
@@ -81,13 +83,20 @@ def servicers(dev: DevServer):  # noqa: C901 - over the complexity limit, to be 
             inputs = {}
             for alias, proto in request.inputs.items():
                 try:
-                    inputs[alias] = _tensor.from_tensor_proto(proto, max_bytes=dev.max_request_bytes)
+                    inputs[alias] = _tensor.from_tensor_proto(
+                        proto, max_bytes=dev.max_request_bytes
+                    )
                 except ValueError as err:
-                    raise error("INVALID_ARGUMENT", f"tensor parsing error: {alias}: {err}") from None
+                    raise error(
+                        "INVALID_ARGUMENT", f"tensor parsing error: {alias}: {err}"
+                    ) from None
             with dev.manager.use(name, version, label) as servable:
-                key, outputs = servable.run(request.model_spec.signature_name, inputs,
-                                            list(request.output_filter),
-                                            timeout=context.time_remaining())
+                key, outputs = servable.run(
+                    request.model_spec.signature_name,
+                    inputs,
+                    list(request.output_filter),
+                    timeout=context.time_remaining(),
+                )
             resp = predict_pb2.PredictResponse()
             resp.model_spec.name = servable.name
             resp.model_spec.version.value = servable.version
@@ -144,11 +153,15 @@ def servicers(dev: DevServer):  # noqa: C901 - over the complexity limit, to be 
             from tfbn.serving._config import parse_model_config
 
             if request.config.WhichOneof("config") != "model_config_list":
-                raise error("INVALID_ARGUMENT", "ServerModelConfig type not supported by "
-                            "HandleReloadConfigRequest. Only ModelConfigList is currently supported")
+                raise error(
+                    "INVALID_ARGUMENT",
+                    "ServerModelConfig type not supported by "
+                    "HandleReloadConfigRequest. Only ModelConfigList is currently supported",
+                )
             try:
-                models = parse_model_config(text_format.MessageToString(request.config),
-                                            source="ReloadConfigRequest")
+                models = parse_model_config(
+                    text_format.MessageToString(request.config), source="ReloadConfigRequest"
+                )
             except ValueError as err:
                 raise error("INVALID_ARGUMENT", str(err)) from None
             dev.manager.reload_config(models)
@@ -156,6 +169,9 @@ def servicers(dev: DevServer):  # noqa: C901 - over the complexity limit, to be 
             resp.status.error_code = 0
             return resp
 
-    return (Prediction(), prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server,
-            Models(), model_service_pb2_grpc.add_ModelServiceServicer_to_server)
-
+    return (
+        Prediction(),
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server,
+        Models(),
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server,
+    )

@@ -56,6 +56,7 @@ def _debug_string(proto) -> str:
 
 # --- Input proto -> serialised examples --------------------------------------------
 
+
 def examples_from_input(input_proto) -> np.ndarray:
     """A `tensorflow.serving.Input` as a 1-D object array of serialised tf.Examples."""
     kind = input_proto.WhichOneof("kind")
@@ -76,21 +77,25 @@ def examples_from_input(input_proto) -> np.ndarray:
 
 # --- signatures ------------------------------------------------------------------------
 
+
 def _find_signature(servable, model_spec, kind: str, method: str, method_check: bool):
     name = model_spec.signature_name or DEFAULT_SIGNATURE
     sig = servable.signature_defs.get(name)
     if sig is None:
         raise _invalid(f"No signature was found with the name: {name}")
     if method_check and sig.method_name != method:
-        raise _invalid(f"Expected {kind} signature method_name to be {method}. "
-                       f"Was: {sig.method_name}")
+        raise _invalid(
+            f"Expected {kind} signature method_name to be {method}. Was: {sig.method_name}"
+        )
     return name, sig
 
 
 def _classification_io(sig, method_check: bool) -> tuple[str, list[str]]:
     if method_check and sig.method_name != CLASSIFY_METHOD:
-        raise _invalid(f"Expected classification signature method_name to be {CLASSIFY_METHOD}. "
-                       f"Was: {sig.method_name}")
+        raise _invalid(
+            f"Expected classification signature method_name to be {CLASSIFY_METHOD}. "
+            f"Was: {sig.method_name}"
+        )
     if len(sig.inputs) != 1:
         raise _invalid("Expected one input Tensor.")
     if len(sig.outputs) not in (1, 2):
@@ -99,15 +104,19 @@ def _classification_io(sig, method_check: bool) -> tuple[str, list[str]]:
         raise _invalid(f"No classification inputs found in SignatureDef: {_debug_string(sig)}")
     outputs = [a for a in ("classes", "scores") if a in sig.outputs]
     if not outputs:
-        raise _invalid('Expected classification signature outputs to contain at least one of '
-                       f'"classes" or "scores". Signature was: {_debug_string(sig)}')
+        raise _invalid(
+            "Expected classification signature outputs to contain at least one of "
+            f'"classes" or "scores". Signature was: {_debug_string(sig)}'
+        )
     return "inputs", outputs
 
 
 def _regression_io(sig, method_check: bool) -> tuple[str, list[str]]:
     if method_check and sig.method_name != REGRESS_METHOD:
-        raise _invalid(f"Expected regression signature method_name to be {REGRESS_METHOD}. "
-                       f"Was: {sig.method_name}")
+        raise _invalid(
+            f"Expected regression signature method_name to be {REGRESS_METHOD}. "
+            f"Was: {sig.method_name}"
+        )
     if len(sig.inputs) != 1:
         raise _invalid("Expected one input Tensor.")
     if len(sig.outputs) != 1:
@@ -140,14 +149,20 @@ def _fill_classification(num_examples: int, outputs: dict[str, np.ndarray], resu
         if arr is None:
             continue
         if arr.ndim != 2:
-            raise _invalid(f"Expected Tensor shape: [batch_size num_classes] but got {_shape_string(arr)}")
+            raise _invalid(
+                f"Expected Tensor shape: [batch_size num_classes] but got {_shape_string(arr)}"
+            )
         if _dtype_name(arr) != want:
             raise _invalid(f"Expected {name} Tensor of {want}. Got: {_dtype_name(arr)}")
         if arr.shape[0] != num_examples:
-            raise _invalid(f"Expected {name} output batch size of {num_examples}. Got: {arr.shape[0]}")
+            raise _invalid(
+                f"Expected {name} output batch size of {num_examples}. Got: {arr.shape[0]}"
+            )
     if classes is not None and scores is not None and classes.shape[1] != scores.shape[1]:
-        raise _invalid("Tensors class and score should match in dim_size(1). Got "
-                       f"{classes.shape[1]} vs. {scores.shape[1]}")
+        raise _invalid(
+            "Tensors class and score should match in dim_size(1). Got "
+            f"{classes.shape[1]} vs. {scores.shape[1]}"
+        )
     num_classes = (classes if classes is not None else scores).shape[1]
     for i in range(num_examples):
         row = result.classifications.add()
@@ -155,7 +170,9 @@ def _fill_classification(num_examples: int, outputs: dict[str, np.ndarray], resu
             cls = row.classes.add()
             if classes is not None:
                 label = classes[i, c]
-                cls.label = label.decode("utf-8", "replace") if isinstance(label, bytes) else str(label)
+                cls.label = (
+                    label.decode("utf-8", "replace") if isinstance(label, bytes) else str(label)
+                )
             if scores is not None:
                 cls.score = float(scores[i, c])
 
@@ -163,11 +180,14 @@ def _fill_classification(num_examples: int, outputs: dict[str, np.ndarray], resu
 def _fill_regression(num_examples: int, outputs: dict[str, np.ndarray], result) -> None:
     arr = outputs["outputs"]
     if not (arr.ndim == 1 or (arr.ndim == 2 and arr.shape[1] == 1)):
-        raise _invalid("Expected output Tensor shape to be either [batch_size] or [batch_size, 1] "
-                       f"but got {_shape_string(arr)}")
+        raise _invalid(
+            "Expected output Tensor shape to be either [batch_size] or [batch_size, 1] "
+            f"but got {_shape_string(arr)}"
+        )
     if arr.shape[0] != num_examples:
-        raise _invalid(f"Input batch size did not match output batch size: {num_examples} vs. "
-                       f"{arr.shape[0]}")
+        raise _invalid(
+            f"Input batch size did not match output batch size: {num_examples} vs. {arr.shape[0]}"
+        )
     if _dtype_name(arr) != "DT_FLOAT":
         raise _invalid(f"Expected output Tensor of DT_FLOAT.  Got: {_dtype_name(arr)}")
     for value in arr.reshape(-1):
@@ -184,12 +204,14 @@ def _model_spec(dst, src_spec, version: int) -> None:
 
 # --- the three RPCs ------------------------------------------------------------------
 
+
 def classify(servable, request, method_check: bool = False):
     """ClassificationRequest -> ClassificationResponse on one loaded version."""
     from tensorflow_serving.apis import classification_pb2
 
-    key, sig = _find_signature(servable, request.model_spec, "classification", CLASSIFY_METHOD,
-                               method_check)
+    key, sig = _find_signature(
+        servable, request.model_spec, "classification", CLASSIFY_METHOD, method_check
+    )
     in_alias, out_aliases = _classification_io(sig, method_check)
     examples = examples_from_input(request.input)
     outputs = servable.call(key, {in_alias: examples}, out_aliases)
@@ -203,8 +225,9 @@ def regress(servable, request, method_check: bool = False):
     """RegressionRequest -> RegressionResponse on one loaded version."""
     from tensorflow_serving.apis import regression_pb2
 
-    key, sig = _find_signature(servable, request.model_spec, "regression", REGRESS_METHOD,
-                               method_check)
+    key, sig = _find_signature(
+        servable, request.model_spec, "regression", REGRESS_METHOD, method_check
+    )
     in_alias, out_aliases = _regression_io(sig, method_check)
     examples = examples_from_input(request.input)
     outputs = servable.call(key, {in_alias: examples}, out_aliases)
@@ -241,7 +264,9 @@ def multi_inference(servable, request, method_check: bool = False):
         if not model_name:
             model_name = task.model_spec.name
         elif model_name != task.model_spec.name:
-            raise _invalid("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+            raise _invalid(
+                "All ModelSpecs in a MultiInferenceRequest must access the same model name."
+            )
         key = task.model_spec.signature_name or DEFAULT_SIGNATURE
         if key in seen:
             raise _invalid(f"Duplicate evaluation of signature: {key}")
@@ -271,6 +296,7 @@ def multi_inference(servable, request, method_check: bool = False):
 
 # --- REST JSON ---------------------------------------------------------------------------
 
+
 def _json_type(v) -> str:
     if v is None:
         return "Null"
@@ -289,8 +315,10 @@ def _add_feature_value(val, name: str, feature) -> None:
 
     def incompatible():
         names = {"bytes_list": "bytes", "float_list": "float", "int64_list": "int64"}
-        return _invalid(f"Unexpected element type in feature: {name} expecting type: "
-                        f"{names.get(kind, 'UNKNOWN')}")
+        return _invalid(
+            f"Unexpected element type in feature: {name} expecting type: "
+            f"{names.get(kind, 'UNKNOWN')}"
+        )
 
     def check(want: str):
         if kind not in (None, want):
@@ -303,7 +331,9 @@ def _add_feature_value(val, name: str, feature) -> None:
         feature.int64_list.value.append(1 if val else 0)
     elif isinstance(val, dict):
         if set(val) != {"b64"} or not isinstance(val["b64"], str):
-            raise _invalid(f"Feature: {name} has element with unexpected JSON type: {_json_type(val)}")
+            raise _invalid(
+                f"Feature: {name} has element with unexpected JSON type: {_json_type(val)}"
+            )
         check("bytes_list")
         try:
             feature.bytes_list.value.append(base64.b64decode(val["b64"], validate=True))
@@ -347,23 +377,30 @@ def input_from_json(doc: Any):
         raise _invalid(f"JSON Value: {_json_debug(doc)} Is not object")
     sig = doc.get("signature_name", "")
     if not isinstance(sig, str):
-        raise _invalid(f"JSON Value: {_json_debug(doc)} not formatted correctly. 'signature_name' "
-                       "key must be a string value.")
+        raise _invalid(
+            f"JSON Value: {_json_debug(doc)} not formatted correctly. 'signature_name' "
+            "key must be a string value."
+        )
     proto = input_pb2.Input()
     has_context = "context" in doc
     if has_context:
         _example_from_json(doc["context"], proto.example_list_with_context.context)
     if "examples" not in doc:
         # TF Serving says "classify" for :regress too (json_tensor.cc).
-        raise _invalid(f"JSON Value: {_json_debug(doc)} When method is classify, key 'examples' "
-                       "is expected and was not found")
+        raise _invalid(
+            f"JSON Value: {_json_debug(doc)} When method is classify, key 'examples' "
+            "is expected and was not found"
+        )
     examples = doc["examples"]
     if not isinstance(examples, list):
-        raise _invalid(f"JSON Value: {_json_debug(doc)} Expecting 'examples' value to be an list/array")
+        raise _invalid(
+            f"JSON Value: {_json_debug(doc)} Expecting 'examples' value to be an list/array"
+        )
     if not examples:
         raise _invalid(f"JSON Value: {_json_debug(doc)} 'examples' value is an empty array")
-    target = (proto.example_list_with_context.examples if has_context
-              else proto.example_list.examples)
+    target = (
+        proto.example_list_with_context.examples if has_context else proto.example_list.examples
+    )
     for val in examples:
         _example_from_json(val, target.add())
     return sig, proto
@@ -381,8 +418,11 @@ def classification_json(result) -> str:
         raise _invalid("Cannot convert empty ClassificationResults to JSON")
     rows = []
     for row in result.classifications:
-        rows.append("[" + ", ".join(f"[{json.dumps(c.label)}, {_float_json(c.score)}]"
-                                    for c in row.classes) + "]")
+        rows.append(
+            "["
+            + ", ".join(f"[{json.dumps(c.label)}, {_float_json(c.score)}]" for c in row.classes)
+            + "]"
+        )
     return '{\n    "results": [\n        ' + ",\n        ".join(rows) + "\n    ]\n}"
 
 
@@ -394,8 +434,9 @@ def regression_json(result) -> str:
     return '{\n    "results": [' + values + "]\n}"
 
 
-def rest_classify_regress(manager, verb: str, name: str, version: int | None,
-                          label: str | None, body: bytes) -> str:
+def rest_classify_regress(
+    manager, verb: str, name: str, version: int | None, label: str | None, body: bytes
+) -> str:
     """REST `:classify` / `:regress` (TF Serving's ProcessClassifyRequest and
     ProcessRegressRequest): JSON body -> request proto -> the same code as gRPC -> JSON."""
     from tensorflow_serving.apis import classification_pb2, regression_pb2
@@ -403,8 +444,11 @@ def rest_classify_regress(manager, verb: str, name: str, version: int | None,
 
     doc = loads(body)  # the server's JSON decoding, with TF Serving's parse messages
     signature_name, input_proto = input_from_json(doc)
-    request = (classification_pb2.ClassificationRequest() if verb == "classify"
-               else regression_pb2.RegressionRequest())
+    request = (
+        classification_pb2.ClassificationRequest()
+        if verb == "classify"
+        else regression_pb2.RegressionRequest()
+    )
     request.model_spec.name = name
     if version is not None:
         request.model_spec.version.value = version

@@ -30,16 +30,19 @@ def metadata_json(resp) -> str:
     opts = dict(preserving_proto_field_name=True, print_default_fields=True)
     sig_map = get_model_metadata_pb2.SignatureDefMap()
     resp.metadata["signature_def"].Unpack(sig_map)
-    return json.dumps({"model_spec": message_to_dict(resp.model_spec, **opts),
-                       "metadata": {"signature_def": message_to_dict(sig_map, **opts)}},
-                      indent=1)
+    return json.dumps(
+        {
+            "model_spec": message_to_dict(resp.model_spec, **opts),
+            "metadata": {"signature_def": message_to_dict(sig_map, **opts)},
+        },
+        indent=1,
+    )
 
 
 def status_json(resp) -> str:
     from tfbn._compat import message_to_dict
 
     return json.dumps(message_to_dict(resp, print_default_fields=True), indent=1)
-
 
 
 MAX_RANK = 64  # NumPy's limit (TensorFlow's own, TensorShape::MaxDimensions(), is 254)
@@ -79,9 +82,14 @@ def _open_container(text: str, pos: int) -> str:
 def _parse_error(text: str, err: json.JSONDecodeError) -> ServingError:
     msg = next((rj for py, rj in _RAPIDJSON_MESSAGES if err.msg.startswith(py)), None)
     if msg is None and err.msg.startswith("Expecting ',' delimiter"):
-        msg = ("Missing a comma or '}' after an object member." if _open_container(text, err.pos) == "{"
-               else "Missing a comma or ']' after an array element.")
-    return error("INVALID_ARGUMENT", f"JSON Parse error: {msg or err.msg + '.'} at offset: {err.pos}")
+        msg = (
+            "Missing a comma or '}' after an object member."
+            if _open_container(text, err.pos) == "{"
+            else "Missing a comma or ']' after an array element."
+        )
+    return error(
+        "INVALID_ARGUMENT", f"JSON Parse error: {msg or err.msg + '.'} at offset: {err.pos}"
+    )
 
 
 def loads(body: bytes):
@@ -92,24 +100,41 @@ def loads(body: bytes):
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise error("INVALID_ARGUMENT", "JSON Parse error: Invalid encoding in string. at offset: "
-                                        f"{err.start}") from None
+        raise error(
+            "INVALID_ARGUMENT",
+            f"JSON Parse error: Invalid encoding in string. at offset: {err.start}",
+        ) from None
     start = len(text) - len(text.lstrip(" \t\r\n"))
     try:
         return json.JSONDecoder().raw_decode(text, start)[0]
     except json.JSONDecodeError as err:
         raise _parse_error(text, err) from None
     except RecursionError:
-        raise error("INVALID_ARGUMENT", "JSON Parse error: the document nests arrays/objects too "
-                                        "deeply for this server") from None
+        raise error(
+            "INVALID_ARGUMENT",
+            "JSON Parse error: the document nests arrays/objects too deeply for this server",
+        ) from None
 
 
-_JSON_TYPES = {type(None): "Null", bool: "Boolean", dict: "Object", list: "Array", str: "String",
-               int: "Number", float: "Number"}
-_INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int16": (-(2**31), 2**31 - 1),
-               "int8": (-(2**31), 2**31 - 1), "uint8": (-(2**31), 2**31 - 1),
-               "uint16": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1),
-               "uint32": (0, 2**32 - 1), "uint64": (0, 2**64 - 1)}
+_JSON_TYPES = {
+    type(None): "Null",
+    bool: "Boolean",
+    dict: "Object",
+    list: "Array",
+    str: "String",
+    int: "Number",
+    float: "Number",
+}
+_INT_RANGES = {
+    "int32": (-(2**31), 2**31 - 1),
+    "int16": (-(2**31), 2**31 - 1),
+    "int8": (-(2**31), 2**31 - 1),
+    "uint8": (-(2**31), 2**31 - 1),
+    "uint16": (-(2**31), 2**31 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+    "uint32": (0, 2**32 - 1),
+    "uint64": (0, 2**64 - 1),
+}
 
 
 def _json_text(v) -> str:
@@ -160,8 +185,11 @@ def _check_leaf(v, dt: int):
     from tensorflow.core.framework import types_pb2 as T
 
     def type_error():
-        return error("INVALID_ARGUMENT", f"JSON Value: {_json_text(v)} Type: {_type_name(v)} is not "
-                                        f"of expected type: {_tensor.dtype_name(dt)}")
+        return error(
+            "INVALID_ARGUMENT",
+            f"JSON Value: {_json_text(v)} Type: {_type_name(v)} is not "
+            f"of expected type: {_tensor.dtype_name(dt)}",
+        )
 
     if dt in (T.DT_FLOAT, T.DT_DOUBLE, T.DT_HALF, T.DT_BFLOAT16):
         if isinstance(v, bool) or not isinstance(v, int | float):
@@ -169,8 +197,10 @@ def _check_leaf(v, dt: int):
         try:
             return float(v)  # cast, as TF Serving since 2.5 (GetFloat): no precision check
         except OverflowError:  # an integer beyond double's range: rapidjson cannot parse it
-            raise error("INVALID_ARGUMENT", f"JSON Value: {_json_text(v)} Number too big to be "
-                                            "stored in double.") from None
+            raise error(
+                "INVALID_ARGUMENT",
+                f"JSON Value: {_json_text(v)} Number too big to be stored in double.",
+            ) from None
     if dt == T.DT_STRING:
         if isinstance(v, str):
             return v.encode("utf-8")
@@ -183,8 +213,10 @@ def _check_leaf(v, dt: int):
                     return base64.b64decode(v["b64"], validate=True)
                 except (binascii.Error, ValueError):
                     raise error("INVALID_ARGUMENT", "Unable to base64 decode") from None
-            raise error("INVALID_ARGUMENT", f"JSON Value: {_json_text(v)} not formatted correctly for "
-                                           "base64 data")
+            raise error(
+                "INVALID_ARGUMENT",
+                f"JSON Value: {_json_text(v)} not formatted correctly for base64 data",
+            )
         raise type_error()
     if dt == T.DT_BOOL:
         if not isinstance(v, bool):
@@ -212,16 +244,24 @@ def _dense_shape(val) -> list[int]:
 def _flatten(val, level: int, shape: list[int], dt: int, out: list):
     if not isinstance(val, list):
         if level != len(shape):
-            raise error("INVALID_ARGUMENT", f"JSON Value: {_json_text(val)} found at incorrect level: "
-                                           f"{level + 1} in the JSON DOM. Expected at level: {len(shape)}")
+            raise error(
+                "INVALID_ARGUMENT",
+                f"JSON Value: {_json_text(val)} found at incorrect level: "
+                f"{level + 1} in the JSON DOM. Expected at level: {len(shape)}",
+            )
         out.append(_check_leaf(val, dt))
         return
     if level >= len(shape):
-        raise error("INVALID_ARGUMENT",
-                   f"Encountered list at unexpected level: {level} expected < {len(shape)}")
+        raise error(
+            "INVALID_ARGUMENT",
+            f"Encountered list at unexpected level: {level} expected < {len(shape)}",
+        )
     if len(val) != shape[level]:
-        raise error("INVALID_ARGUMENT", f"Encountered list at unexpected size: {len(val)} at level: "
-                                       f"{level} expected size: {shape[level]}")
+        raise error(
+            "INVALID_ARGUMENT",
+            f"Encountered list at unexpected size: {len(val)} at level: "
+            f"{level} expected size: {shape[level]}",
+        )
     for v in val:
         _flatten(v, level + 1, shape, dt, out)
 
@@ -261,8 +301,11 @@ def json_tensor(val, dt: int, fast: bool = True) -> np.ndarray:
             return arr
     shape = _dense_shape(val)
     if len(shape) > MAX_RANK:
-        raise error("INVALID_ARGUMENT", f"JSON array nested {len(shape)} deep: more than the "
-                                        f"{MAX_RANK} dimensions a tensor can have in this server")
+        raise error(
+            "INVALID_ARGUMENT",
+            f"JSON array nested {len(shape)} deep: more than the "
+            f"{MAX_RANK} dimensions a tensor can have in this server",
+        )
     flat: list = []
     _flatten(val, 0, shape, dt, flat)
     np_type = _tensor.numpy_dtype(dt)
@@ -291,45 +334,69 @@ def parse_predict_json(body: bytes, sig_inputs_of) -> tuple[str, dict[str, np.nd
         raise error("INVALID_ARGUMENT", f"JSON Value: {_preview(doc)} Is not object")
     sig = doc.get("signature_name", "")
     if not isinstance(sig, str):
-        raise error("INVALID_ARGUMENT", f"JSON Value: {_preview(doc)} not formatted correctly. "
-                                       "'signature_name' key must be a string value.")
+        raise error(
+            "INVALID_ARGUMENT",
+            f"JSON Value: {_preview(doc)} not formatted correctly. "
+            "'signature_name' key must be a string value.",
+        )
     infos = sig_inputs_of(sig)
     if not infos:
-        raise error("INVALID_ARGUMENT", f"Failed to get input map for signature: {sig or 'DEFAULT'}")
+        raise error(
+            "INVALID_ARGUMENT", f"Failed to get input map for signature: {sig or 'DEFAULT'}"
+        )
     names = sorted(infos)
     if "instances" in doc and "inputs" in doc:
-        raise error("INVALID_ARGUMENT", "JSON Value: {...} Not formatted correctly expecting only one "
-                                       "of 'inputs' or 'instances' keys to exist ")
+        raise error(
+            "INVALID_ARGUMENT",
+            "JSON Value: {...} Not formatted correctly expecting only one "
+            "of 'inputs' or 'instances' keys to exist ",
+        )
     if "instances" in doc:
         inst = doc["instances"]
         if not isinstance(inst, list):
-            raise error("INVALID_ARGUMENT", "JSON Value: {...} Excepting 'instances' to be an list/array")
+            raise error(
+                "INVALID_ARGUMENT", "JSON Value: {...} Excepting 'instances' to be an list/array"
+            )
         if not inst:
             raise error("INVALID_ARGUMENT", "JSON Value: {...} No values in 'instances' array")
         objects = _is_element_object(inst[0])
         if not isinstance(inst[0], dict) and len(names) > 1:
-            raise error("INVALID_ARGUMENT", "instances is a plain list, but expecting list of objects "
-                                           "as multiple input tensors required as per tensorinfo_map")
+            raise error(
+                "INVALID_ARGUMENT",
+                "instances is a plain list, but expecting list of objects "
+                "as multiple input tensors required as per tensorinfo_map",
+            )
         columns: dict[str, list] = {n: [] for n in names}
         for i, elem in enumerate(inst):
             if objects:
                 if not _is_element_object(elem):
-                    raise error("INVALID_ARGUMENT", f"Expecting object but got list at item {i} of input list")
+                    raise error(
+                        "INVALID_ARGUMENT",
+                        f"Expecting object but got list at item {i} of input list",
+                    )
                 for key in elem:
                     if key not in infos:
-                        raise error("INVALID_ARGUMENT", f"Failed to process element: {i} key: {key} of "
-                                   f"'instances' list. Error: INVALID_ARGUMENT: JSON object: does not "
-                                   f"have named input: {key}")
+                        raise error(
+                            "INVALID_ARGUMENT",
+                            f"Failed to process element: {i} key: {key} of "
+                            f"'instances' list. Error: INVALID_ARGUMENT: JSON object: does not "
+                            f"have named input: {key}",
+                        )
                 if set(elem) != set(names):
-                    raise error("INVALID_ARGUMENT", f"Failed to process element: {i} of 'instances' list. "
-                               f"JSON object: {_preview(elem)} keys must be equal to: "
-                               f"{','.join(names)}")
+                    raise error(
+                        "INVALID_ARGUMENT",
+                        f"Failed to process element: {i} of 'instances' list. "
+                        f"JSON object: {_preview(elem)} keys must be equal to: "
+                        f"{','.join(names)}",
+                    )
                 for key in names:
                     columns[key].append(elem[key])
             else:
                 if _is_element_object(elem):
-                    raise error("INVALID_ARGUMENT",
-                               f"Expecting value/list but got object at item {i} of input list")
+                    raise error(
+                        "INVALID_ARGUMENT",
+                        f"Expecting value/list but got object at item {i} of input list",
+                    )
                 columns[names[0]].append(elem)
         arrays = {}
         for key, items in columns.items():
@@ -344,23 +411,31 @@ def parse_predict_json(body: bytes, sig_inputs_of) -> tuple[str, dict[str, np.nd
                     rows.append(json_tensor(item, dt))
                 except ServingError as err:
                     where = f"{i} key: {key}" if objects else f"{i}"
-                    raise error("INVALID_ARGUMENT", f"Failed to process element: {where} of "
-                               f"'instances' list. Error: {err}") from None
+                    raise error(
+                        "INVALID_ARGUMENT",
+                        f"Failed to process element: {where} of 'instances' list. Error: {err}",
+                    ) from None
             shapes = {r.shape for r in rows}
             if len(shapes) > 1:
                 first = rows[0].shape
                 bad = next(r.shape for r in rows if r.shape != first)
-                raise error("INVALID_ARGUMENT", f"Failed to process element: 1 of 'instances' list. "
-                           f"Error: INVALID_ARGUMENT: Expecting shape [{','.join(map(str, first))}] but "
-                           f"got: [{','.join(map(str, bad))}]")
+                raise error(
+                    "INVALID_ARGUMENT",
+                    f"Failed to process element: 1 of 'instances' list. "
+                    f"Error: INVALID_ARGUMENT: Expecting shape [{','.join(map(str, first))}] but "
+                    f"got: [{','.join(map(str, bad))}]",
+                )
             arrays[key] = np.stack(rows) if rows else np.zeros((0,))
         return sig, arrays, "row"
     if "inputs" in doc:
         val = doc["inputs"]
         if not isinstance(val, dict) or not _is_element_object(val):
             if len(names) > 1:
-                raise error("INVALID_ARGUMENT", "inputs is a plain value/list, but expecting an object as "
-                                               "multiple input tensors required as per tensorinfo_map")
+                raise error(
+                    "INVALID_ARGUMENT",
+                    "inputs is a plain value/list, but expecting an object as "
+                    "multiple input tensors required as per tensorinfo_map",
+                )
             return sig, {names[0]: json_tensor(val, infos[names[0]].dtype, fast)}, "columnar"
         arrays = {}
         for key in names:
@@ -369,8 +444,11 @@ def parse_predict_json(body: bytes, sig_inputs_of) -> tuple[str, dict[str, np.nd
             arrays[key] = json_tensor(val[key], infos[key].dtype, fast)
         for key in val:
             if key not in infos:
-                raise error("INVALID_ARGUMENT", f"input tensor alias not found in signature: {key}. "
-                           f"Inputs expected to be in the set {{{','.join(names)}}}.")
+                raise error(
+                    "INVALID_ARGUMENT",
+                    f"input tensor alias not found in signature: {key}. "
+                    f"Inputs expected to be in the set {{{','.join(names)}}}.",
+                )
         return sig, arrays, "columnar"
     raise error("INVALID_ARGUMENT", "Missing 'inputs' or 'instances' key")
 
@@ -385,12 +463,16 @@ def predict_json(outputs: dict[str, np.ndarray], fmt: str) -> str:
             if batch is None:
                 batch = arr.shape[0]
             elif arr.shape[0] != batch:
-                raise error("INVALID_ARGUMENT", f"Tensor name: {name} has inconsistent batch size: "
-                                               f"{arr.shape[0]} expecting: {batch}")
+                raise error(
+                    "INVALID_ARGUMENT",
+                    f"Tensor name: {name} has inconsistent batch size: "
+                    f"{arr.shape[0]} expecting: {batch}",
+                )
         return '{"predictions": ' + _tensor.rows_to_json(outputs, binary) + "}"
     if len(outputs) == 1:
-        (name, arr), = outputs.items()
+        ((name, arr),) = outputs.items()
         return '{"outputs": ' + _tensor.array_to_json(arr, name in binary) + "}"
-    parts = [f"{json.dumps(n)}: {_tensor.array_to_json(a, n in binary)}" for n, a in outputs.items()]
+    parts = [
+        f"{json.dumps(n)}: {_tensor.array_to_json(a, n in binary)}" for n, a in outputs.items()
+    ]
     return '{"outputs": {' + ", ".join(parts) + "}}"
-

@@ -31,11 +31,15 @@ class LoadOptions:
 
     def __post_init__(self):
         if not self.saved_model_tags or not all(self.saved_model_tags):
-            raise ValueError(f"saved_model_tags needs at least one non-empty tag; Received: "
-                             f"{self.saved_model_tags!r}")
+            raise ValueError(
+                f"saved_model_tags needs at least one non-empty tag; Received: "
+                f"{self.saved_model_tags!r}"
+            )
         if self.num_request_iterations_for_warmup < 0:
-            raise ValueError("num_request_iterations_for_warmup must be >= 0; Received: "
-                             f"{self.num_request_iterations_for_warmup}")
+            raise ValueError(
+                "num_request_iterations_for_warmup must be >= 0; Received: "
+                f"{self.num_request_iterations_for_warmup}"
+            )
 
 
 def configure_threads(intra_op: int = 0, inter_op: int = 0, session: int = 0) -> tuple[int, int]:
@@ -46,16 +50,20 @@ def configure_threads(intra_op: int = 0, inter_op: int = 0, session: int = 0) ->
     returns the (intra, inter) pair for TF1 Sessions."""
     import tensorflow as tf
 
-    for name, value in (("tensorflow_intra_op_parallelism", intra_op),
-                        ("tensorflow_inter_op_parallelism", inter_op),
-                        ("tensorflow_session_parallelism", session)):
+    for name, value in (
+        ("tensorflow_intra_op_parallelism", intra_op),
+        ("tensorflow_inter_op_parallelism", inter_op),
+        ("tensorflow_session_parallelism", session),
+    ):
         if value < 0:
             raise ValueError(f"--{name} must be >= 0; Received: {value}")
     if intra_op > 0 and inter_op > 0 and session > 0:
-        raise ValueError("Either configure server_options.tensorflow_session_parallelism or "
-                         "(server_options.tensorflow_intra_op_parallelism, "
-                         "server_options.tensorflow_inter_op_parallelism) separately. You cannot "
-                         "configure all.")
+        raise ValueError(
+            "Either configure server_options.tensorflow_session_parallelism or "
+            "(server_options.tensorflow_intra_op_parallelism, "
+            "server_options.tensorflow_inter_op_parallelism) separately. You cannot "
+            "configure all."
+        )
     if intra_op > 0 or inter_op > 0:
         intra, inter = intra_op, inter_op
     else:
@@ -66,13 +74,21 @@ def configure_threads(intra_op: int = 0, inter_op: int = 0, session: int = 0) ->
         if inter:
             tf.config.threading.set_inter_op_parallelism_threads(inter)
     except RuntimeError as err:
-        raise RuntimeError(f"the TensorFlow thread pools are already initialised in this process, "
-                           f"so intra={intra}, inter={inter} cannot apply: {err}") from None
+        raise RuntimeError(
+            f"the TensorFlow thread pools are already initialised in this process, "
+            f"so intra={intra}, inter={inter} cannot apply: {err}"
+        ) from None
     return intra, inter
 
 
-def load_servable(name: str, version: int, path: str, options: LoadOptions | None = None,
-                  metrics=None, factory=None):
+def load_servable(
+    name: str,
+    version: int,
+    path: str,
+    options: LoadOptions | None = None,
+    metrics=None,
+    factory=None,
+):
     """Load one version (SavedModel, or TF Lite with `prefer_tflite_model`) and warm it up.
     A failing warm-up fails the load: the version never becomes AVAILABLE. `factory`
     builds the servable (default: `Servable`)."""
@@ -80,17 +96,25 @@ def load_servable(name: str, version: int, path: str, options: LoadOptions | Non
     from tfbn.serving._servable import Servable
 
     options = options or LoadOptions()
-    servable = (factory or Servable)(name, version, path, tags=options.saved_model_tags,
-                        prefer_tflite=options.prefer_tflite_model,
-                        session_threads=(options.session_intra_op_threads,
-                                         options.session_inter_op_threads))
+    servable = (factory or Servable)(
+        name,
+        version,
+        path,
+        tags=options.saved_model_tags,
+        prefer_tflite=options.prefer_tflite_model,
+        session_threads=(options.session_intra_op_threads, options.session_inter_op_threads),
+    )
     if not options.enable_model_warmup:
         return servable
     start = time.monotonic()
     status = "OK"
     try:
-        _warmup.run_warmup(servable, path, options.num_request_iterations_for_warmup,
-                           options.enable_signature_method_name_check)
+        _warmup.run_warmup(
+            servable,
+            path,
+            options.num_request_iterations_for_warmup,
+            options.enable_signature_method_name_check,
+        )
     except ServingError as err:
         status = err.code.name
         servable.close()
@@ -98,7 +122,9 @@ def load_servable(name: str, version: int, path: str, options: LoadOptions | Non
     except Exception as err:  # noqa: BLE001 - any replay failure fails the load
         status = "INTERNAL"
         servable.close()
-        raise error("INTERNAL", f"Model warm-up failed for {path}: {type(err).__name__}: {err}") from None
+        raise error(
+            "INTERNAL", f"Model warm-up failed for {path}: {type(err).__name__}: {err}"
+        ) from None
     finally:
         if metrics is not None and _warmup.os.path.isfile(_warmup.warmup_path(path)):
             metrics.record_warmup(path, status, time.monotonic() - start)

@@ -49,8 +49,12 @@ class _Ignored:
             if (base_path, name) in self._seen:
                 return
             self._seen.add((base_path, name))
-        log.warning("Ignoring %r under base path %s: a version directory name must be an int64 "
-                    "version number", name, base_path)
+        log.warning(
+            "Ignoring %r under base path %s: a version directory name must be an int64 "
+            "version number",
+            name,
+            base_path,
+        )
 
 
 def _version_dirs(base_path: str, ignored: _Ignored | None = None) -> dict[int, str] | None:
@@ -102,19 +106,26 @@ class ModelManager:
     leaves the served versions alone.
     """
 
-    def __init__(self, models: list[ModelConfig], batching: BatchingParameters | None = None, *,
-                 max_num_load_retries: int = DEFAULT_MAX_NUM_LOAD_RETRIES,
-                 load_retry_interval_micros: int = DEFAULT_LOAD_RETRY_INTERVAL_MICROS,
-                 load_options: LoadOptions | None = None, metrics=None,
-                 allow_version_labels_for_unavailable_models: bool = False):
+    def __init__(
+        self,
+        models: list[ModelConfig],
+        batching: BatchingParameters | None = None,
+        *,
+        max_num_load_retries: int = DEFAULT_MAX_NUM_LOAD_RETRIES,
+        load_retry_interval_micros: int = DEFAULT_LOAD_RETRY_INTERVAL_MICROS,
+        load_options: LoadOptions | None = None,
+        metrics=None,
+        allow_version_labels_for_unavailable_models: bool = False,
+    ):
         names = [m.name for m in models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique; Received: {names}")
         if max_num_load_retries < 0:
             raise ValueError(f"max_num_load_retries must be >= 0; Received: {max_num_load_retries}")
         if load_retry_interval_micros < 0:
-            raise ValueError("load_retry_interval_micros must be >= 0; Received: "
-                             f"{load_retry_interval_micros}")
+            raise ValueError(
+                f"load_retry_interval_micros must be >= 0; Received: {load_retry_interval_micros}"
+            )
         self.configs = {m.name: m for m in models}
         self.batching = batching
         self.load_options = load_options or LoadOptions()
@@ -167,8 +178,9 @@ class ModelManager:
             with self._lock:
                 states[v] = _VersionState("LOADING", fingerprint=fp, attempts=attempts)
             try:
-                servable = load_servable(name, v, on_disk[v], self.load_options, self.metrics,
-                                         factory=Servable)
+                servable = load_servable(
+                    name, v, on_disk[v], self.load_options, self.metrics, factory=Servable
+                )
                 if self.batching is not None:
                     servable.batcher = Batcher(self.batching)
             except Exception as err:  # noqa: BLE001 - a broken version must not stop the server
@@ -176,12 +188,22 @@ class ModelManager:
                     err = error("INTERNAL", f"{type(err).__name__}: {err}")
                 attempts += 1
                 retry = attempts <= self.max_num_load_retries
-                log.warning("Loading servable: {name: %s version: %d} failed (attempt %d of %d): %s",
-                            name, v, attempts, self.max_num_load_retries + 1, err)
+                log.warning(
+                    "Loading servable: {name: %s version: %d} failed (attempt %d of %d): %s",
+                    name,
+                    v,
+                    attempts,
+                    self.max_num_load_retries + 1,
+                    err,
+                )
                 with self._lock:
                     states[v] = _VersionState(
-                        "END", error=err, fingerprint=fp, attempts=attempts,
-                        retry_at=time.monotonic() + self.load_retry_interval if retry else None)
+                        "END",
+                        error=err,
+                        fingerprint=fp,
+                        attempts=attempts,
+                        retry_at=time.monotonic() + self.load_retry_interval if retry else None,
+                    )
                 continue
             log.info("Successfully loaded servable version {name: %s version: %d}", name, v)
             with self._lock:
@@ -192,28 +214,43 @@ class ModelManager:
                 # (servable_versions_always_present = false).
                 retire = [v for v, st in states.items() if st.state == "AVAILABLE"]
                 if retire:
-                    log.warning("No versions of servable %s found under base path %s: unloading "
-                                "versions %s", name, cfg.base_path, retire)
+                    log.warning(
+                        "No versions of servable %s found under base path %s: unloading "
+                        "versions %s",
+                        name,
+                        cfg.base_path,
+                        retire,
+                    )
             else:
                 # Retire versions no longer aspired, but never the last available one while
                 # no aspired version is available (a broken new version leaves the old one
                 # serving: TF Serving's availability-preserving policy).
-                available_aspired = any(states.get(v) and states[v].state == "AVAILABLE"
-                                        for v in aspired)
-                retire = [v for v, st in states.items()
-                          if st.state == "AVAILABLE" and v not in aspired and available_aspired]
+                available_aspired = any(
+                    states.get(v) and states[v].state == "AVAILABLE" for v in aspired
+                )
+                retire = [
+                    v
+                    for v, st in states.items()
+                    if st.state == "AVAILABLE" and v not in aspired and available_aspired
+                ]
             for v in retire:
                 servable = states[v].servable
                 states[v] = _VersionState("END", fingerprint=states[v].fingerprint)
                 if servable is not None:
                     servable.retire()
-            for v in [v for v, st in states.items() if v not in on_disk and st.retry_at is not None]:
+            for v in [
+                v for v, st in states.items() if v not in on_disk and st.retry_at is not None
+            ]:
                 states[v].retry_at = None  # its directory is gone: nothing to retry
 
     def _next_retry(self) -> float | None:
         with self._lock:
-            due = [st.retry_at for s in self._states.values() for st in s.values()
-                   if st.retry_at is not None]
+            due = [
+                st.retry_at
+                for s in self._states.values()
+                for st in s.values()
+                if st.retry_at is not None
+            ]
         return min(due) if due else None
 
     def start_polling(self, interval: float) -> None:
@@ -230,7 +267,9 @@ class ModelManager:
                 if self._stop.wait(max(0.0, wake - time.monotonic())):
                     return
                 now = time.monotonic()
-                if (next_poll is not None and now >= next_poll) or (retry is not None and now >= retry):
+                if (next_poll is not None and now >= next_poll) or (
+                    retry is not None and now >= retry
+                ):
                     self.poll_once()
                     if next_poll is not None and now >= next_poll:
                         next_poll = time.monotonic() + interval
@@ -243,7 +282,9 @@ class ModelManager:
         if self._thread is not None:
             self._thread.join(timeout=60)
         with self._lock:
-            servables = [st.servable for s in self._states.values() for st in s.values() if st.servable]
+            servables = [
+                st.servable for s in self._states.values() for st in s.values() if st.servable
+            ]
         for s in servables:
             s.close()
 
@@ -274,9 +315,12 @@ class ModelManager:
                     allow = self.allow_unavailable_labels and existing in (None, version)
                     st = states.get(version)
                     if not allow and (st is None or st.state != "AVAILABLE"):
-                        raise error("FAILED_PRECONDITION", f"Request to assign label to version "
-                                    f"{version} of model {name}, which is not currently available "
-                                    "for inference")
+                        raise error(
+                            "FAILED_PRECONDITION",
+                            f"Request to assign label to version "
+                            f"{version} of model {name}, which is not currently available "
+                            "for inference",
+                        )
                     new.setdefault(name, {})[label] = version
             self._labels = new
 
@@ -285,8 +329,11 @@ class ModelManager:
         if not name:
             raise error("INVALID_ARGUMENT", "ModelSpec has no name specified.")
         if version is not None and label:
-            raise error("INVALID_ARGUMENT", f"Both model version ({version}) and model version label "
-                                           f"({label}) cannot be supplied.")
+            raise error(
+                "INVALID_ARGUMENT",
+                f"Both model version ({version}) and model version label "
+                f"({label}) cannot be supplied.",
+            )
         with self._lock:
             states = self._model(name)
             if label:
@@ -294,7 +341,9 @@ class ModelManager:
             if version is not None:
                 st = states.get(int(version)) if states is not None else None
                 if st is None or st.state != "AVAILABLE":
-                    raise error("NOT_FOUND", f"Servable not found for request: Specific({name}, {version})")
+                    raise error(
+                        "NOT_FOUND", f"Servable not found for request: Specific({name}, {version})"
+                    )
                 return st.servable
             if states is None:
                 raise error("NOT_FOUND", f"Servable not found for request: Latest({name})")
@@ -304,8 +353,11 @@ class ModelManager:
             failed = sorted((v, st) for v, st in states.items() if st.error is not None)
             if failed:
                 v, st = failed[-1]
-                raise error("FAILED_PRECONDITION", f"Servable not available for request: Latest({name}): "
-                           f"version {v} failed to load: {st.error.message}")
+                raise error(
+                    "FAILED_PRECONDITION",
+                    f"Servable not available for request: Latest({name}): "
+                    f"version {v} failed to load: {st.error.message}",
+                )
             raise error("NOT_FOUND", f"Servable not found for request: Latest({name})")
 
     @contextlib.contextmanager
@@ -379,13 +431,20 @@ def _model_spec(spec_cls, servable: Servable, signature: str):
     return spec
 
 
-def metadata_response(manager: ModelManager, name: str, version: int | None, label: str | None,
-                      fields=("signature_def",)):
+def metadata_response(
+    manager: ModelManager,
+    name: str,
+    version: int | None,
+    label: str | None,
+    fields=("signature_def",),
+):
     from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2
 
     fields = list(fields)
     if not fields:
-        raise error("INVALID_ARGUMENT", "GetModelMetadataRequest must specify at least one metadata_field")
+        raise error(
+            "INVALID_ARGUMENT", "GetModelMetadataRequest must specify at least one metadata_field"
+        )
     for field in fields:
         if field != "signature_def":
             raise error("INVALID_ARGUMENT", f"Metadata field {field} is not supported")
@@ -397,4 +456,3 @@ def metadata_response(manager: ModelManager, name: str, version: int | None, lab
         sig_map.signature_def[key].CopyFrom(sig)
     resp.metadata["signature_def"].Pack(sig_map)
     return resp
-

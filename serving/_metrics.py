@@ -32,8 +32,13 @@ import dataclasses
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
-__all__ = ["DEFAULT_PATH", "Metrics", "MonitoringConfig", "load_monitoring_config",
-           "parse_monitoring_config"]
+__all__ = [
+    "DEFAULT_PATH",
+    "Metrics",
+    "MonitoringConfig",
+    "load_monitoring_config",
+    "parse_monitoring_config",
+]
 
 DEFAULT_PATH = "/monitoring/prometheus/metrics"  # PrometheusExporter::kPrometheusPath
 _LATENCY_BUCKETS = tuple(10 * 1.8**i for i in range(32))  # Exponential(10, 1.8, 33), last +Inf
@@ -54,14 +59,20 @@ def _message_class():
     except KeyError:
         pass
     F = descriptor_pb2.FieldDescriptorProto
-    fd = descriptor_pb2.FileDescriptorProto(name="tfbn/serving/monitoring_config.proto",
-                                            package="tfbn.serving", syntax="proto3")
+    fd = descriptor_pb2.FileDescriptorProto(
+        name="tfbn/serving/monitoring_config.proto", package="tfbn.serving", syntax="proto3"
+    )
     prom = fd.message_type.add(name="PrometheusConfig")
     prom.field.add(name="enable", number=1, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL)
     prom.field.add(name="path", number=2, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
     mon = fd.message_type.add(name="MonitoringConfig")
-    mon.field.add(name="prometheus_config", number=1, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
-                  type_name=".tfbn.serving.PrometheusConfig")
+    mon.field.add(
+        name="prometheus_config",
+        number=1,
+        type=F.TYPE_MESSAGE,
+        label=F.LABEL_OPTIONAL,
+        type_name=".tfbn.serving.PrometheusConfig",
+    )
     pool.Add(fd)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName(full_name))
 
@@ -72,12 +83,16 @@ def parse_monitoring_config(text: str, source: str = "<string>") -> MonitoringCo
     try:
         text_format.Parse(text, proto)
     except text_format.ParseError as err:
-        raise ValueError(f"Error parsing text-format tensorflow.serving.MonitoringConfig: "
-                         f"Invalid protobuf file: '{source}': {err}") from None
+        raise ValueError(
+            f"Error parsing text-format tensorflow.serving.MonitoringConfig: "
+            f"Invalid protobuf file: '{source}': {err}"
+        ) from None
     prom = proto.prometheus_config
     path = prom.path or DEFAULT_PATH
     if not path.startswith("/"):
-        raise ValueError(f"{source}: prometheus_config.path must start with '/'; Received: {path!r}")
+        raise ValueError(
+            f"{source}: prometheus_config.path must start with '/'; Received: {path!r}"
+        )
     return MonitoringConfig(enable=bool(prom.enable), path=path)
 
 
@@ -99,31 +114,47 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.request_count = Counter(
-            ":tensorflow:serving:request_count", "The total number of requests.",
-            ["model_name", "status"], registry=r)
+            ":tensorflow:serving:request_count",
+            "The total number of requests.",
+            ["model_name", "status"],
+            registry=r,
+        )
         self.request_latency = Histogram(
             ":tensorflow:serving:request_latency",
             "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
-            ["model_name", "API", "entrypoint"], buckets=_LATENCY_BUCKETS, registry=r)
+            ["model_name", "API", "entrypoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.example_counts = Histogram(
             ":tensorflow:serving:request_example_counts",
-            "The number of tensorflow.Examples per request.", ["model"],
-            buckets=_EXAMPLE_BUCKETS, registry=r)
+            "The number of tensorflow.Examples per request.",
+            ["model"],
+            buckets=_EXAMPLE_BUCKETS,
+            registry=r,
+        )
         self.example_count_total = Counter(
             ":tensorflow:serving:request_example_count_total",
-            "The total number of tensorflow.Examples.", ["model"], registry=r)
+            "The total number of tensorflow.Examples.",
+            ["model"],
+            registry=r,
+        )
         self.warmup_latency = Histogram(
             ":tensorflow:serving:model_warmup_latency",
             "Distribution of wall time (in microseconds) for warming up the model.",
-            ["model_path", "status"], buckets=_LATENCY_BUCKETS, registry=r)
+            ["model_path", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
 
     @property
     def path(self) -> str | None:
         """The URL path the Prometheus page is served on, or None when disabled."""
         return self.config.path if self.config.enable else None
 
-    def record_request(self, model_name: str, api: str, entrypoint: str, status: str,
-                       seconds: float) -> None:
+    def record_request(
+        self, model_name: str, api: str, entrypoint: str, status: str, seconds: float
+    ) -> None:
         """One finished request: its status code name ("OK", "NOT_FOUND", ...) and time."""
         self.request_count.labels(model_name, status).inc()
         if status == "OK":

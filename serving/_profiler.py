@@ -40,11 +40,16 @@ def _messages():
     except KeyError:
         pass
     F = descriptor_pb2.FieldDescriptorProto
-    fd = descriptor_pb2.FileDescriptorProto(name="tfbn/serving/profiler_service.proto",
-                                            package="tfbn.serving", syntax="proto3")
+    fd = descriptor_pb2.FileDescriptorProto(
+        name="tfbn/serving/profiler_service.proto", package="tfbn.serving", syntax="proto3"
+    )
     req = fd.message_type.add(name="ProfileRequest")
-    for name, number, kind in (("duration_ms", 1, F.TYPE_UINT64), ("repository_root", 5, F.TYPE_STRING),
-                               ("session_id", 6, F.TYPE_STRING), ("host_name", 7, F.TYPE_STRING)):
+    for name, number, kind in (
+        ("duration_ms", 1, F.TYPE_UINT64),
+        ("repository_root", 5, F.TYPE_STRING),
+        ("session_id", 6, F.TYPE_STRING),
+        ("host_name", 7, F.TYPE_STRING),
+    ):
         req.field.add(name=name, number=number, type=kind, label=F.LABEL_OPTIONAL)
     resp = fd.message_type.add(name="ProfileResponse")
     resp.field.add(name="empty_trace", number=7, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL)
@@ -65,8 +70,10 @@ def profile(request, context):
     _, response_cls = _messages()
     duration = int(request.duration_ms)
     if not 0 < duration <= _MAX_DURATION_MS:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"duration_ms must be in (0, {_MAX_DURATION_MS}]; Received: {duration}")
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"duration_ms must be in (0, {_MAX_DURATION_MS}]; Received: {duration}",
+        )
     if not request.repository_root:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ProfileRequest.repository_root is empty")
     try:
@@ -93,8 +100,13 @@ def profile(request, context):
 
 def handler() -> grpc.GenericRpcHandler:
     request_cls, _ = _messages()
-    return grpc.method_handlers_generic_handler(SERVICE, {
-        "Profile": grpc.unary_unary_rpc_method_handler(
-            profile, request_deserializer=request_cls.FromString,
-            response_serializer=lambda m: m.SerializeToString()),
-    })
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Profile": grpc.unary_unary_rpc_method_handler(
+                profile,
+                request_deserializer=request_cls.FromString,
+                response_serializer=lambda m: m.SerializeToString(),
+            ),
+        },
+    )

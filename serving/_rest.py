@@ -84,7 +84,9 @@ def _predict(manager: ModelManager, m: re.Match, body: bytes) -> tuple[int, str]
 
 def _classify_or_regress(manager: ModelManager, m: re.Match, body: bytes) -> tuple[int, str]:
     name, version, label = _spec(m)
-    return 200, _inference.rest_classify_regress(manager, m.group("verb"), name, version, label, body)
+    return 200, _inference.rest_classify_regress(
+        manager, m.group("verb"), name, version, label, body
+    )
 
 
 # The POST verbs after "model[/versions/N|/labels/L]:" (lower case only, as TF Serving
@@ -115,9 +117,15 @@ def _model_get(manager: ModelManager, m: re.Match, body: bytes) -> tuple[int, st
 
 ROUTES: list[Route] = [
     Route("POST", re.compile(_MODEL + r":(?P<verb>[a-zA-Z]+)", re.IGNORECASE), _post_verb),
-    Route("GET", re.compile(r"/v1/models(?:/(?P<name>[^/:]+))?(?:/versions/(?P<version>\d+)"
-                            r"|/labels/(?P<label>[^/:]+))?(?:/(?P<sub>metadata))?", re.IGNORECASE),
-          _model_get),
+    Route(
+        "GET",
+        re.compile(
+            r"/v1/models(?:/(?P<name>[^/:]+))?(?:/versions/(?P<version>\d+)"
+            r"|/labels/(?P<label>[^/:]+))?(?:/(?P<sub>metadata))?",
+            re.IGNORECASE,
+        ),
+        _model_get,
+    ),
 ]
 
 
@@ -125,8 +133,9 @@ def _malformed(method: str, path: str) -> ServingError:
     return error("INVALID_ARGUMENT", f"Malformed request: {method} {path}")
 
 
-def handle(manager: ModelManager, method: str, path: str, body: bytes,
-           routes: list[Route] | None = None) -> tuple[int, str]:
+def handle(
+    manager: ModelManager, method: str, path: str, body: bytes, routes: list[Route] | None = None
+) -> tuple[int, str]:
     """Answer one REST request: (HTTP status, JSON text). Raises ServingError."""
     for route in routes if routes is not None else ROUTES:
         if route.method == method:
@@ -158,6 +167,7 @@ def error_json(err: ServingError) -> str:
 
 # --- the HTTP server -------------------------------------------------------------------
 
+
 class _TooLarge(Exception):
     pass
 
@@ -166,15 +176,26 @@ class RestServer:
     """aiohttp's low-level HTTP/1.1 server on its own event-loop thread, dispatching to
     `handle` on a thread pool."""
 
-    def __init__(self, dev: DevServer, host: str, port: int, *, max_request_bytes: int,
-                 num_threads: int, idle_timeout: float, body_timeout: float):
+    def __init__(
+        self,
+        dev: DevServer,
+        host: str,
+        port: int,
+        *,
+        max_request_bytes: int,
+        num_threads: int,
+        idle_timeout: float,
+        body_timeout: float,
+    ):
         self.dev = dev
         self.host, self.requested_port = host, port
         self.max_request_bytes = max_request_bytes
         self.idle_timeout, self.body_timeout = idle_timeout, body_timeout
         self.port: int | None = None
         self.routes = list(ROUTES)
-        self._pool = concurrent.futures.ThreadPoolExecutor(num_threads, thread_name_prefix="tfbn-rest")
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            num_threads, thread_name_prefix="tfbn-rest"
+        )
         self.body_budget = BODY_BUDGET_FACTOR * max_request_bytes
         self.bodies_in_flight = 0  # bytes of bodies being decoded or run (event-loop thread only)
         self.peak_bodies_in_flight = 0
@@ -186,8 +207,9 @@ class RestServer:
     # lifecycle
     def start(self) -> None:
         ready = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._run_loop, args=(ready,), name="tfbn-rest-loop",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run_loop, args=(ready,), name="tfbn-rest-loop", daemon=True
+        )
         self._thread.start()
         ready.result(timeout=60)  # re-raises a bind error
 
@@ -211,13 +233,25 @@ class RestServer:
         from aiohttp import web
 
         self._room = asyncio.Condition()
-        server = web.Server(self._handle, keepalive_timeout=self.idle_timeout, auto_decompress=False,
-                            max_line_size=8190, max_field_size=8190, max_headers=128,
-                            lingering_time=0)
+        server = web.Server(
+            self._handle,
+            keepalive_timeout=self.idle_timeout,
+            auto_decompress=False,
+            max_line_size=8190,
+            max_field_size=8190,
+            max_headers=128,
+            lingering_time=0,
+        )
         self._runner = web.ServerRunner(server, handle_signals=False, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.requested_port, backlog=1024,
-                           reuse_address=True, shutdown_timeout=5.0)
+        site = web.TCPSite(
+            self._runner,
+            self.host,
+            self.requested_port,
+            backlog=1024,
+            reuse_address=True,
+            shutdown_timeout=5.0,
+        )
         await site.start()
         self.port = self._runner.addresses[0][1]
 
@@ -240,10 +274,12 @@ class RestServer:
     async def _handle(self, request):
         from aiohttp import web
 
-        def reply(status: int, text: str, close: bool = False,
-                  content_type: str = "application/json"):
-            resp = web.Response(status=status, body=text.encode("utf-8"),
-                                headers={"Content-Type": content_type})
+        def reply(
+            status: int, text: str, close: bool = False, content_type: str = "application/json"
+        ):
+            resp = web.Response(
+                status=status, body=text.encode("utf-8"), headers={"Content-Type": content_type}
+            )
             if close:
                 resp.force_close()
             return resp
@@ -264,30 +300,41 @@ class RestServer:
                 return reply(408, error_json(error("DEADLINE_EXCEEDED", msg)), close=True)
             metrics = self.dev.metrics
             if metrics is not None and method == "GET" and path == metrics.path:
-                return reply(200, metrics.page().decode("utf-8"),
-                             content_type="text/plain; version=0.0.4; charset=utf-8")
+                return reply(
+                    200,
+                    metrics.page().decode("utf-8"),
+                    content_type="text/plain; version=0.0.4; charset=utf-8",
+                )
             loop = asyncio.get_running_loop()
             n = len(body)
             async with self._room:
                 await self._room.wait_for(
-                    lambda: self.bodies_in_flight == 0 or self.bodies_in_flight + n <= self.body_budget)
+                    lambda: (
+                        self.bodies_in_flight == 0 or self.bodies_in_flight + n <= self.body_budget
+                    )
+                )
                 self.bodies_in_flight += n
                 self.peak_bodies_in_flight = max(self.peak_bodies_in_flight, self.bodies_in_flight)
             start, code = loop.time(), "UNKNOWN"
             try:
                 # --rest_api_timeout_in_ms: the answer is a 504 at the deadline; the model
                 # call already running finishes on its thread and its result is dropped.
-                status, text = await asyncio.wait_for(loop.run_in_executor(
-                    self._pool, handle, self.dev.manager, method, path, body, self.routes),
-                    self.dev.rest_timeout)
+                status, text = await asyncio.wait_for(
+                    loop.run_in_executor(
+                        self._pool, handle, self.dev.manager, method, path, body, self.routes
+                    ),
+                    self.dev.rest_timeout,
+                )
                 code = "OK"
             except ServingError as err:
                 code = err.code.name
                 return reply(http_status(err.code), error_json(err))
             except TimeoutError:
                 code = "DEADLINE_EXCEEDED"
-                msg = (f"Deadline exceeded: no answer within --rest_api_timeout_in_ms="
-                       f"{round(self.dev.rest_timeout * 1000)}")
+                msg = (
+                    f"Deadline exceeded: no answer within --rest_api_timeout_in_ms="
+                    f"{round(self.dev.rest_timeout * 1000)}"
+                )
                 return reply(504, error_json(error(code, msg)))
             except Exception as err:  # noqa: BLE001 - the server keeps serving
                 code = "INTERNAL"
@@ -308,8 +355,10 @@ class RestServer:
         limit = self.max_request_bytes
         length = request.content_length
         if length is not None and length > limit:
-            raise _TooLarge(f"Request body of {length} bytes exceeds the limit of {limit} bytes "
-                            "(--max-request-bytes)")
+            raise _TooLarge(
+                f"Request body of {length} bytes exceeds the limit of {limit} bytes "
+                "(--max-request-bytes)"
+            )
         if not request.body_exists:
             return b""
         chunks, total = [], 0
@@ -319,6 +368,8 @@ class RestServer:
                 break
             total += len(chunk)
             if total > limit:
-                raise _TooLarge(f"Request body exceeds the limit of {limit} bytes (--max-request-bytes)")
+                raise _TooLarge(
+                    f"Request body exceeds the limit of {limit} bytes (--max-request-bytes)"
+                )
             chunks.append(chunk)
         return b"".join(chunks)

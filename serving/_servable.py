@@ -15,8 +15,11 @@ if TYPE_CHECKING:
     from tfbn.serving._batcher import Batcher
 
 DEFAULT_SIGNATURE = "serving_default"
-PREDICT_METHODS = ("tensorflow/serving/predict", "tensorflow/serving/classify",
-                   "tensorflow/serving/regress")
+PREDICT_METHODS = (
+    "tensorflow/serving/predict",
+    "tensorflow/serving/classify",
+    "tensorflow/serving/regress",
+)
 
 
 def _read_meta_graph(path: str, tags=("serve",)):
@@ -25,14 +28,20 @@ def _read_meta_graph(path: str, tags=("serve",)):
     if layout.is_saved_model_dir(path):
         proto = layout.read_saved_model(path)
     else:
-        raise error("NOT_FOUND", "Could not find SavedModel .pb or .pbtxt at supplied export "
-                                f"directory path: {path}")
+        raise error(
+            "NOT_FOUND",
+            f"Could not find SavedModel .pb or .pbtxt at supplied export directory path: {path}",
+        )
     for mg in proto.meta_graphs:
         if set(mg.meta_info_def.tags) == set(tags):
             return mg
-    raise error("NOT_FOUND", "Could not find meta graph def matching supplied tags: { "
-                            + " ".join(tags) + " }. To inspect available tag-sets in the "
-                            "SavedModel, please use the SavedModel CLI: `saved_model_cli`")
+    raise error(
+        "NOT_FOUND",
+        "Could not find meta graph def matching supplied tags: { "
+        + " ".join(tags)
+        + " }. To inspect available tag-sets in the "
+        "SavedModel, please use the SavedModel CLI: `saved_model_cli`",
+    )
 
 
 class _SessionRunner:
@@ -45,8 +54,9 @@ class _SessionRunner:
         import tensorflow as tf
 
         self.graph = tf.Graph()
-        config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=threads[0],
-                                          inter_op_parallelism_threads=threads[1])
+        config = tf.compat.v1.ConfigProto(
+            intra_op_parallelism_threads=threads[0], inter_op_parallelism_threads=threads[1]
+        )
         self.session = tf.compat.v1.Session(graph=self.graph, config=config)
         with self.graph.as_default():
             tf.compat.v1.saved_model.loader.load(self.session, list(tags), path)
@@ -72,8 +82,11 @@ class _SessionRunner:
         where they contradict the SignatureDef (TF Serving's fixtures rely on that)."""
         import tensorflow as tf
 
-        shapes = tuple(sorted((alias, (None, *arr.shape[1:]) if arr.ndim else ())
-                              for alias, arr in inputs.items()))
+        shapes = tuple(
+            sorted(
+                (alias, (None, *arr.shape[1:]) if arr.ndim else ()) for alias, arr in inputs.items()
+            )
+        )
         cache_key = (key, shapes)
         with self._shape_lock:
             if cache_key in self._shape_checks:
@@ -92,10 +105,14 @@ class _SessionRunner:
             try:
                 tf.graph_util.import_graph_def(self._graph_def, input_map=input_map, name="model")
             except ValueError as err:
-                fed = ", ".join(f"{a}: [{','.join('-1' if d is None else str(d) for d in shp)}]"
-                                for a, shp in shapes)
-                message = (f"input tensor shape mismatch: the model cannot take inputs of shape "
-                           f"{fed}: {str(err).splitlines()[0]}")
+                fed = ", ".join(
+                    f"{a}: [{','.join('-1' if d is None else str(d) for d in shp)}]"
+                    for a, shp in shapes
+                )
+                message = (
+                    f"input tensor shape mismatch: the model cannot take inputs of shape "
+                    f"{fed}: {str(err).splitlines()[0]}"
+                )
         with self._shape_lock:
             if len(self._shape_checks) >= 256:
                 self._shape_checks.clear()
@@ -114,8 +131,15 @@ class Servable:
     Serving's predict_util does, then calls the signature's function on the raw tensors.
     """
 
-    def __init__(self, name: str, version: int, path: str, tags=("serve",),
-                 prefer_tflite: bool = False, session_threads: tuple[int, int] = (0, 0)):
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        path: str,
+        tags=("serve",),
+        prefer_tflite: bool = False,
+        session_threads: tuple[int, int] = (0, 0),
+    ):
         import tensorflow as tf
         from tfbn.serving import _tflite
 
@@ -132,8 +156,11 @@ class Servable:
             try:
                 self._session = _tflite.TfLiteRunner(path)
             except (OSError, ValueError) as err:
-                raise error("INVALID_ARGUMENT", f"Failed to load TF Lite model "
-                                                f"{os.path.join(path, _tflite.TFLITE_FILENAME)}: {err}") from None
+                raise error(
+                    "INVALID_ARGUMENT",
+                    f"Failed to load TF Lite model "
+                    f"{os.path.join(path, _tflite.TFLITE_FILENAME)}: {err}",
+                ) from None
             self.signature_defs = dict(self._session.signature_defs)
             return
         self.meta_graph = _read_meta_graph(path, tuple(tags))
@@ -147,55 +174,83 @@ class Servable:
         except ServingError:
             raise
         except Exception as err:  # noqa: BLE001 - any load failure is reported, not raised through
-            raise tf_error(err) if isinstance(err, tf.errors.OpError) else error(
-                "INTERNAL", f"Failed to load SavedModel {path}: {type(err).__name__}: {err}") from None
+            raise (
+                tf_error(err)
+                if isinstance(err, tf.errors.OpError)
+                else error(
+                    "INTERNAL", f"Failed to load SavedModel {path}: {type(err).__name__}: {err}"
+                )
+            ) from None
         for key, fn in self._functions.items():
             specs = tf.nest.flatten(fn.structured_input_signature)
             kwargs = fn.structured_input_signature[1]
-            self._flat_names[key] = [k for k in sorted(kwargs)] if len(specs) == len(kwargs) else None
+            self._flat_names[key] = (
+                [k for k in sorted(kwargs)] if len(specs) == len(kwargs) else None
+            )
             self._input_shapes[key] = {
                 alias: (tuple(spec.shape.as_list()) if spec.shape.rank is not None else None)
-                for alias, spec in kwargs.items() if hasattr(spec, "shape")}
+                for alias, spec in kwargs.items()
+                if hasattr(spec, "shape")
+            }
 
     def signature(self, name: str | None):
         key = name or DEFAULT_SIGNATURE
         sig = self.signature_defs.get(key)
         if sig is None:
-            raise error("INVALID_ARGUMENT", f'Serving signature name: "{key}" not found in signature def')
+            raise error(
+                "INVALID_ARGUMENT", f'Serving signature name: "{key}" not found in signature def'
+            )
         return key, sig
 
-    def validate(self, signature_name: str | None, inputs: dict[str, np.ndarray],
-                 output_filter=()) -> tuple[str, list[str]]:
+    def validate(
+        self, signature_name: str | None, inputs: dict[str, np.ndarray], output_filter=()
+    ) -> tuple[str, list[str]]:
         """TF Serving's PreProcessPrediction: signature, input aliases, dtypes, outputs."""
         key, sig = self.signature(signature_name)
         if sig.method_name not in PREDICT_METHODS:
-            raise error("INVALID_ARGUMENT", "Expected prediction signature method_name to be one of {"
-                       + ", ".join(PREDICT_METHODS) + "}. Was: " + sig.method_name)
+            raise error(
+                "INVALID_ARGUMENT",
+                "Expected prediction signature method_name to be one of {"
+                + ", ".join(PREDICT_METHODS)
+                + "}. Was: "
+                + sig.method_name,
+            )
         expected = set(sig.inputs)
         sent = set(inputs)
         if sent != expected:
             if len(sent) != len(expected):
-                raise error("INVALID_ARGUMENT",
-                           f"input size does not match signature: {len(sent)}!={len(expected)} "
-                           f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
-                           f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
-                           f"Missing but required: {{{','.join(sorted(expected - sent))}}}.")
+                raise error(
+                    "INVALID_ARGUMENT",
+                    f"input size does not match signature: {len(sent)}!={len(expected)} "
+                    f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
+                    f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
+                    f"Missing but required: {{{','.join(sorted(expected - sent))}}}.",
+                )
             alias = sorted(sent - expected)[0]
-            raise error("INVALID_ARGUMENT", f"input tensor alias not found in signature: {alias}. "
-                       f"Inputs expected to be in the set {{{','.join(sorted(expected))}}}.")
+            raise error(
+                "INVALID_ARGUMENT",
+                f"input tensor alias not found in signature: {alias}. "
+                f"Inputs expected to be in the set {{{','.join(sorted(expected))}}}.",
+            )
         for i, alias in enumerate(sorted(sig.inputs)):
             want = sig.inputs[alias].dtype
             got = _tensor.datatype_of(inputs[alias])
             if want != got:
-                raise error("INVALID_ARGUMENT", f"Expects arg[{i}] to be {_tensor.dtype_name(want)} "
-                           f"but {_tensor.dtype_name(got)} is provided")
+                raise error(
+                    "INVALID_ARGUMENT",
+                    f"Expects arg[{i}] to be {_tensor.dtype_name(want)} "
+                    f"but {_tensor.dtype_name(got)} is provided",
+                )
         self._check_shapes(key, inputs)
         outputs = list(output_filter) or sorted(sig.outputs)
         seen = set()
         for alias in outputs:
             if alias not in sig.outputs:
-                raise error("INVALID_ARGUMENT", f"output tensor alias not found in signature: {alias} "
-                           f"Outputs expected to be in the set {{{','.join(sorted(sig.outputs))}}}.")
+                raise error(
+                    "INVALID_ARGUMENT",
+                    f"output tensor alias not found in signature: {alias} "
+                    f"Outputs expected to be in the set {{{','.join(sorted(sig.outputs))}}}.",
+                )
             if alias in seen:
                 raise error("INVALID_ARGUMENT", f"duplicate output tensor alias: {alias}")
             seen.add(alias)
@@ -224,15 +279,20 @@ class Servable:
                 continue
             got = inputs[alias].shape
             bad = len(got) != len(want) or any(
-                w is not None and w != g for w, g in list(zip(want, got, strict=True))[1:])
+                w is not None and w != g for w, g in list(zip(want, got, strict=True))[1:]
+            )
             if bad:
                 shown = ",".join("-1" if d is None else str(d) for d in want)
-                raise error("INVALID_ARGUMENT",
-                            f"input tensor shape mismatch: {alias} has shape "
-                            f"[{','.join(map(str, got))}] but signature {key!r} expects [{shown}] "
-                            f"(rank {len(want)}; dimension 0 may be any size, -1 is any size)")
+                raise error(
+                    "INVALID_ARGUMENT",
+                    f"input tensor shape mismatch: {alias} has shape "
+                    f"[{','.join(map(str, got))}] but signature {key!r} expects [{shown}] "
+                    f"(rank {len(want)}; dimension 0 may be any size, -1 is any size)",
+                )
 
-    def call(self, key: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+    def call(
+        self, key: str, inputs: dict[str, np.ndarray], outputs: list[str]
+    ) -> dict[str, np.ndarray]:
         """Run a validated request (no batching)."""
         import tensorflow as tf
 
@@ -251,8 +311,11 @@ class Servable:
             tensors = []
             for alias in names or sorted(inputs):
                 arr = inputs[alias]
-                tensors.append(tf.constant(arr, dtype=tf.string) if arr.dtype.kind in "OSU"
-                               else tf.constant(arr))
+                tensors.append(
+                    tf.constant(arr, dtype=tf.string)
+                    if arr.dtype.kind in "OSU"
+                    else tf.constant(arr)
+                )
             if names is not None and hasattr(fn, "_call_flat"):
                 result = fn._call_flat(tensors, fn.captured_inputs)
             else:
@@ -263,8 +326,13 @@ class Servable:
             raise error("INVALID_ARGUMENT", str(err)) from None
         return {alias: np.asarray(result[alias]) for alias in outputs}
 
-    def run(self, signature_name: str | None, inputs: dict[str, np.ndarray], output_filter=(),
-            timeout: float | None = None) -> tuple[str, dict[str, np.ndarray]]:
+    def run(
+        self,
+        signature_name: str | None,
+        inputs: dict[str, np.ndarray],
+        output_filter=(),
+        timeout: float | None = None,
+    ) -> tuple[str, dict[str, np.ndarray]]:
         key, outputs = self.validate(signature_name, inputs, output_filter)
         if self.batcher is not None:
             return key, self.batcher.submit(self, key, inputs, outputs, timeout)
@@ -295,4 +363,3 @@ class Servable:
             self.batcher.close()
         if self._session is not None:
             self._session.close()
-

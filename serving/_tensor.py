@@ -35,7 +35,9 @@ _DTYPES = {
     types_pb2.DT_BFLOAT16: (ml_dtypes.bfloat16, "half_val"),
     types_pb2.DT_STRING: (np.object_, "string_val"),
 }
-_NP_TO_DT = {np.dtype(np_type): dt for dt, (np_type, _) in _DTYPES.items() if np_type is not np.object_}
+_NP_TO_DT = {
+    np.dtype(np_type): dt for dt, (np_type, _) in _DTYPES.items() if np_type is not np.object_
+}
 
 
 def dtype_name(dt: int) -> str:
@@ -57,17 +59,21 @@ def datatype_of(array: np.ndarray) -> int:
     try:
         return _NP_TO_DT[array.dtype]
     except KeyError:
-        raise ValueError(f"unsupported NumPy dtype {array.dtype}; use one of "
-                         f"{sorted(str(d) for d in _NP_TO_DT)} or bytes") from None
+        raise ValueError(
+            f"unsupported NumPy dtype {array.dtype}; use one of "
+            f"{sorted(str(d) for d in _NP_TO_DT)} or bytes"
+        ) from None
 
 
 def shape_proto(shape) -> tensor_shape_pb2.TensorShapeProto:
     return tensor_shape_pb2.TensorShapeProto(
-        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=int(d)) for d in shape])
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=int(d)) for d in shape]
+    )
 
 
-def to_tensor_proto(array: Any, dtype: int | None = None, typed_fields: bool = False
-                    ) -> tensor_pb2.TensorProto:
+def to_tensor_proto(
+    array: Any, dtype: int | None = None, typed_fields: bool = False
+) -> tensor_pb2.TensorProto:
     """A NumPy array as a TensorProto. Numbers go into `tensor_content` (compact, exact)
     unless `typed_fields`, which fills `float_val` etc. as TF Serving's responses do."""
     arr = np.asarray(array)
@@ -75,7 +81,8 @@ def to_tensor_proto(array: Any, dtype: int | None = None, typed_fields: bool = F
     proto = tensor_pb2.TensorProto(dtype=dt, tensor_shape=shape_proto(arr.shape))
     if dt == types_pb2.DT_STRING:
         proto.string_val.extend(
-            v if isinstance(v, bytes) else str(v).encode("utf-8") for v in arr.reshape(-1))
+            v if isinstance(v, bytes) else str(v).encode("utf-8") for v in arr.reshape(-1)
+        )
         return proto
     arr = arr.astype(numpy_dtype(dt), copy=False)
     if not typed_fields:
@@ -102,9 +109,14 @@ def from_tensor_proto(proto: tensor_pb2.TensorProto, max_bytes: int | None = Non
     size = 1
     for d in shape:  # Python ints: no int64 overflow on absurd shapes
         size *= d
-    if max_bytes is not None and size * max(np_type.itemsize, 8 if dt == types_pb2.DT_STRING else 1) > max_bytes:
-        raise ValueError(f"tensor shape {list(shape)} holds {size} elements, more than the "
-                         f"{max_bytes}-byte request limit (--max-request-bytes) allows")
+    if (
+        max_bytes is not None
+        and size * max(np_type.itemsize, 8 if dt == types_pb2.DT_STRING else 1) > max_bytes
+    ):
+        raise ValueError(
+            f"tensor shape {list(shape)} holds {size} elements, more than the "
+            f"{max_bytes}-byte request limit (--max-request-bytes) allows"
+        )
     if dt == types_pb2.DT_STRING:
         values = np.empty(len(proto.string_val), dtype=object)
         values[:] = list(proto.string_val)
@@ -192,6 +204,7 @@ def rows_to_json(arrays: dict[str, np.ndarray], binary_names=(), named: bool = F
 def json_to_array(value: Any, dtype: np.dtype) -> np.ndarray:
     """Client-side decoding of one JSON tensor into `dtype` (floats exact for float32)."""
     if dtype == np.object_:
+
         def dec(v):
             if isinstance(v, dict) and set(v) == {"b64"}:
                 return base64.b64decode(v["b64"])

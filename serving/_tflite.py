@@ -87,7 +87,9 @@ class TfLiteRunner:
         try:
             with warnings.catch_warnings():  # its deprecation notice, once per load
                 warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-                self.interpreter = tf.lite.Interpreter(model_content=buffer, num_threads=num_threads)
+                self.interpreter = tf.lite.Interpreter(
+                    model_content=buffer, num_threads=num_threads
+                )
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as err:
             raise ValueError(f"Cannot build Interpreter from {self.path}: {err}") from None
@@ -101,13 +103,17 @@ class TfLiteRunner:
             raise ValueError(f"Invalid SignatureDefs found in TfLite model: {err}") from None
         if sigs:
             for key, sig in sigs.items():
-                for kind, table, infos in (("input", self._inputs, sig.inputs),
-                                           ("output", self._outputs, sig.outputs)):
+                for kind, table, infos in (
+                    ("input", self._inputs, sig.inputs),
+                    ("output", self._outputs, sig.outputs),
+                ):
                     for alias, info in infos.items():
                         name = info.name if info.name in table else _legacy_name(info.name)
                         if name not in table:
-                            raise ValueError(f"Signature {kind} {alias} references an unknown tensor: "
-                                             f"Unknown tensor '{info.name}'. (signature {key!r})")
+                            raise ValueError(
+                                f"Signature {kind} {alias} references an unknown tensor: "
+                                f"Unknown tensor '{info.name}'. (signature {key!r})"
+                            )
                         info.name = name
         else:
             from tensorflow.core.protobuf import meta_graph_pb2
@@ -128,8 +134,10 @@ class TfLiteRunner:
             for alias, arr in inputs.items():
                 detail = self._inputs[sig.inputs[alias].name]
                 if arr.dtype == object:
-                    arr = np.asarray([v if isinstance(v, bytes) else str(v).encode() for v in
-                                      arr.reshape(-1)], dtype=object).reshape(arr.shape)
+                    arr = np.asarray(
+                        [v if isinstance(v, bytes) else str(v).encode() for v in arr.reshape(-1)],
+                        dtype=object,
+                    ).reshape(arr.shape)
                 else:
                     arr = arr.astype(detail["dtype"], copy=False)
                 if self._shapes[detail["name"]] != arr.shape:
@@ -142,8 +150,10 @@ class TfLiteRunner:
             for alias, arr in feeds.items():
                 it.set_tensor(self._inputs[sig.inputs[alias].name]["index"], arr)
             it.invoke()
-            return {a: np.array(it.get_tensor(self._outputs[sig.outputs[a].name]["index"]))
-                    for a in outputs}
+            return {
+                a: np.array(it.get_tensor(self._outputs[sig.outputs[a].name]["index"]))
+                for a in outputs
+            }
 
     def close(self) -> None:
         self.interpreter = None

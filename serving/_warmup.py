@@ -39,8 +39,10 @@ def _records(path: str):
     try:
         yield from tf.compat.v1.io.tf_record_iterator(path)
     except tf.errors.OpError as err:
-        raise error("DATA_LOSS", f"{err.message.strip()}. Please verify your warmup data is in "
-                                 "TFRecord format.") from None
+        raise error(
+            "DATA_LOSS",
+            f"{err.message.strip()}. Please verify your warmup data is in TFRecord format.",
+        ) from None
 
 
 def _replay(servable, record, method_check: bool) -> None:
@@ -48,7 +50,9 @@ def _replay(servable, record, method_check: bool) -> None:
     if kind == "predict_log":
         req = record.predict_log.request
         inputs = {alias: _tensor.from_tensor_proto(t) for alias, t in req.inputs.items()}
-        key, outputs = servable.validate(req.model_spec.signature_name, inputs, list(req.output_filter))
+        key, outputs = servable.validate(
+            req.model_spec.signature_name, inputs, list(req.output_filter)
+        )
         servable.call(key, inputs, outputs)
     elif kind == "classify_log":
         _inference.classify(servable, record.classify_log.request, method_check)
@@ -77,8 +81,9 @@ def run_warmup(servable, version_dir: str, iterations: int = 1, method_check: bo
         try:
             record.ParseFromString(raw)
         except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
-            raise error("INVALID_ARGUMENT", f"Failed to parse warmup record: {raw[:64]!r} from "
-                                            f"{path}") from None
+            raise error(
+                "INVALID_ARGUMENT", f"Failed to parse warmup record: {raw[:64]!r} from {path}"
+            ) from None
         for _ in range(iterations):
             try:
                 _replay(servable, record, method_check)
@@ -88,8 +93,15 @@ def run_warmup(servable, version_dir: str, iterations: int = 1, method_check: bo
                 raise error("INVALID_ARGUMENT", str(err)) from None
         count += 1
         if count > MAX_RECORDS:
-            raise error("INVALID_ARGUMENT", f"Number of warmup records exceeds the maximum "
-                                            f"({MAX_RECORDS}) at {path}")
-    log.info("Finished reading warmup data for model at %s. Number of warmup records read: %d. "
-             "Elapsed time (microseconds): %d.", path, count, int((time.monotonic() - start) * 1e6))
+            raise error(
+                "INVALID_ARGUMENT",
+                f"Number of warmup records exceeds the maximum ({MAX_RECORDS}) at {path}",
+            )
+    log.info(
+        "Finished reading warmup data for model at %s. Number of warmup records read: %d. "
+        "Elapsed time (microseconds): %d.",
+        path,
+        count,
+        int((time.monotonic() - start) * 1e6),
+    )
     return count

@@ -47,11 +47,22 @@ __all__ = [
     "connect",
 ]
 
-_HTTP_TO_CODE = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
-                 404: "NOT_FOUND", 409: "ABORTED", 411: "INVALID_ARGUMENT",
-                 413: "RESOURCE_EXHAUSTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED",
-                 500: "INTERNAL", 501: "UNIMPLEMENTED", 502: "UNAVAILABLE", 503: "UNAVAILABLE",
-                 504: "DEADLINE_EXCEEDED"}
+_HTTP_TO_CODE = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ABORTED",
+    411: "INVALID_ARGUMENT",
+    413: "RESOURCE_EXHAUSTED",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    501: "UNIMPLEMENTED",
+    502: "UNAVAILABLE",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
 
 
 # --- REST deadlines ------------------------------------------------------------------------
@@ -133,20 +144,32 @@ class TFServingError(Exception):
     `http_status` (REST) or `grpc_code` (gRPC) is what the transport said; `message` is
     TF Serving's error text; `target` the server address."""
 
-    def __init__(self, code: str, message: str, *, http_status: int | None = None,
-                 grpc_code: Any = None, target: str = ""):
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        http_status: int | None = None,
+        grpc_code: Any = None,
+        target: str = "",
+    ):
         self.code, self.message = code, message
         self.http_status, self.grpc_code, self.target = http_status, grpc_code, target
         where = f" from {target}" if target else ""
-        transport = (f"HTTP {http_status}" if http_status is not None
-                     else f"gRPC {grpc_code.name}" if grpc_code is not None else code)
+        transport = (
+            f"HTTP {http_status}"
+            if http_status is not None
+            else f"gRPC {grpc_code.name}"
+            if grpc_code is not None
+            else code
+        )
         super().__init__(f"{code} ({transport}){where}: {message}")
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
-    name: str           # the alias clients use
-    dtype: str          # "DT_FLOAT", ...
+    name: str  # the alias clients use
+    dtype: str  # "DT_FLOAT", ...
     shape: tuple[int, ...] | None  # -1 for unknown dims; None for unknown rank
     tensor_name: str = ""
 
@@ -181,7 +204,7 @@ class ModelMetadata:
 @dataclasses.dataclass(frozen=True)
 class VersionStatus:
     version: int
-    state: str            # START, LOADING, AVAILABLE, UNLOADING, END
+    state: str  # START, LOADING, AVAILABLE, UNLOADING, END
     error_code: str = "OK"
     error_message: str = ""
 
@@ -189,15 +212,21 @@ class VersionStatus:
 def _metadata_from_json(model_spec: Mapping, sig_map: Mapping) -> ModelMetadata:
     def info(alias, d):
         shape = d.get("tensor_shape", {})
-        dims = None if shape.get("unknown_rank") else tuple(int(x.get("size", 0))
-                                                              for x in shape.get("dim", []))
+        dims = (
+            None
+            if shape.get("unknown_rank")
+            else tuple(int(x.get("size", 0)) for x in shape.get("dim", []))
+        )
         return TensorInfo(alias, d.get("dtype", "DT_INVALID"), dims, d.get("name", ""))
 
     sigs = {}
     for key, s in sig_map.get("signature_def", {}).items():
-        sigs[key] = SignatureInfo(key, s.get("method_name", ""),
-                                  {a: info(a, d) for a, d in s.get("inputs", {}).items()},
-                                  {a: info(a, d) for a, d in s.get("outputs", {}).items()})
+        sigs[key] = SignatureInfo(
+            key,
+            s.get("method_name", ""),
+            {a: info(a, d) for a, d in s.get("inputs", {}).items()},
+            {a: info(a, d) for a, d in s.get("outputs", {}).items()},
+        )
     return ModelMetadata(model_spec.get("name", ""), int(model_spec.get("version", 0) or 0), sigs)
 
 
@@ -206,26 +235,41 @@ def _as_inputs(inputs, signature: SignatureInfo | None) -> dict[str, np.ndarray]
         arrays = {k: np.asarray(v) for k, v in inputs.items()}
     else:
         if signature is None or len(signature.inputs) != 1:
-            raise ValueError("pass inputs as a dict of named arrays unless the signature has exactly "
-                             "one input")
+            raise ValueError(
+                "pass inputs as a dict of named arrays unless the signature has exactly one input"
+            )
         arrays = {next(iter(signature.inputs)): np.asarray(inputs)}
     if signature is not None:  # cast to the signature's dtypes (e.g. float64 data to DT_FLOAT)
         for k, arr in arrays.items():
             info = signature.inputs.get(k)
-            if info is not None and info.dtype != "DT_STRING" and (arr.dtype.kind in "fiub"
-                                                                  or arr.dtype == ml_dtypes.bfloat16):
+            if (
+                info is not None
+                and info.dtype != "DT_STRING"
+                and (arr.dtype.kind in "fiub" or arr.dtype == ml_dtypes.bfloat16)
+            ):
                 arrays[k] = arr.astype(info.numpy_dtype, copy=False)
     return arrays
 
 
 class _Base:
-    def __init__(self, target: str, model_name: str, *, version: int | None, label: str | None,
-                 signature_name: str, timeout: float, retries: int, backoff: float):
+    def __init__(
+        self,
+        target: str,
+        model_name: str,
+        *,
+        version: int | None,
+        label: str | None,
+        signature_name: str,
+        timeout: float,
+        retries: int,
+        backoff: float,
+    ):
         if not model_name:
             raise ValueError("model_name is required; Received: ''")
         if version is not None and label is not None:
-            raise ValueError(f"pass version or label, not both; Received: version={version}, "
-                             f"label={label!r}")
+            raise ValueError(
+                f"pass version or label, not both; Received: version={version}, label={label!r}"
+            )
         if timeout is None or timeout <= 0:
             raise ValueError(f"timeout must be a positive number of seconds; Received: {timeout}")
         if retries < 0 or backoff < 0:
@@ -248,8 +292,9 @@ class _Base:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TFServingError("DEADLINE_EXCEEDED", f"no answer within {budget:g} s",
-                                     target=self.target)
+                raise TFServingError(
+                    "DEADLINE_EXCEEDED", f"no answer within {budget:g} s", target=self.target
+                )
             try:
                 return attempt(remaining)
             except TFServingError as err:
@@ -264,8 +309,9 @@ class _Base:
                     raise
                 time.sleep(pause)
 
-    def metadata(self, version: int | None = None, label: str | None = None,
-                 timeout: float | None = None) -> ModelMetadata:
+    def metadata(
+        self, version: int | None = None, label: str | None = None, timeout: float | None = None
+    ) -> ModelMetadata:
         raise NotImplementedError
 
     def _signature(self, name: str | None, version, label) -> SignatureInfo:
@@ -305,19 +351,36 @@ class RestClient(_Base):
         (requests' rule), not per call.
     """
 
-    def __init__(self, url: str, model_name: str, *, version: int | None = None,
-                 label: str | None = None, signature_name: str = "serving_default",
-                 timeout: float = 10.0, retries: int = 3, backoff: float = 0.1, session=None,
-                 pool_size: int = 64):
+    def __init__(
+        self,
+        url: str,
+        model_name: str,
+        *,
+        version: int | None = None,
+        label: str | None = None,
+        signature_name: str = "serving_default",
+        timeout: float = 10.0,
+        retries: int = 3,
+        backoff: float = 0.1,
+        session=None,
+        pool_size: int = 64,
+    ):
         import requests
         import requests.adapters
 
         url = url.rstrip("/")
         if "://" not in url:
             url = "http://" + url
-        super().__init__(url, model_name, version=version, label=label,
-                         signature_name=signature_name, timeout=timeout, retries=retries,
-                         backoff=backoff)
+        super().__init__(
+            url,
+            model_name,
+            version=version,
+            label=label,
+            signature_name=signature_name,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+        )
         if session is None:  # one pool, big enough for the concurrent single-row mode
             session = requests.Session()
             adapter = _deadline_adapter()(pool_connections=4, pool_maxsize=pool_size)
@@ -344,50 +407,81 @@ class RestClient(_Base):
             with _Deadline(remaining) as deadline:
                 try:
                     r = self._session.request(
-                        method, url, data=body, timeout=remaining,
-                        headers={"Content-Type": "application/json"} if body else None)
+                        method,
+                        url,
+                        data=body,
+                        timeout=remaining,
+                        headers={"Content-Type": "application/json"} if body else None,
+                    )
                 except requests.exceptions.RequestException as err:
                     if deadline.fired.is_set() or isinstance(err, requests.exceptions.Timeout):
-                        raise TFServingError("DEADLINE_EXCEEDED",
-                                             f"no complete answer within {remaining:.3g} s",
-                                             target=self.target) from None
+                        raise TFServingError(
+                            "DEADLINE_EXCEEDED",
+                            f"no complete answer within {remaining:.3g} s",
+                            target=self.target,
+                        ) from None
                     if isinstance(err, requests.exceptions.ConnectionError):
-                        raise TFServingError("UNAVAILABLE", f"cannot connect: {err}",
-                                             target=self.target) from None
-                    raise TFServingError("UNAVAILABLE", f"the connection failed: {err}",
-                                         target=self.target) from None
+                        raise TFServingError(
+                            "UNAVAILABLE", f"cannot connect: {err}", target=self.target
+                        ) from None
+                    raise TFServingError(
+                        "UNAVAILABLE", f"the connection failed: {err}", target=self.target
+                    ) from None
             if r.status_code != 200:
                 try:
                     message = r.json().get("error", r.text)
                 except ValueError:
                     message = r.text or r.reason
-                raise TFServingError(_HTTP_TO_CODE.get(r.status_code, "UNKNOWN"), message,
-                                     http_status=r.status_code, target=self.target)
+                raise TFServingError(
+                    _HTTP_TO_CODE.get(r.status_code, "UNKNOWN"),
+                    message,
+                    http_status=r.status_code,
+                    target=self.target,
+                )
             try:
                 return r.json()
             except ValueError:
-                raise TFServingError("INTERNAL", f"the server answered invalid JSON: {r.text[:200]!r}",
-                                     http_status=r.status_code, target=self.target) from None
+                raise TFServingError(
+                    "INTERNAL",
+                    f"the server answered invalid JSON: {r.text[:200]!r}",
+                    http_status=r.status_code,
+                    target=self.target,
+                ) from None
 
         return self._call(attempt, timeout)
 
-    def status(self, version: int | None = None, label: str | None = None,
-               timeout: float | None = None) -> list[VersionStatus]:
+    def status(
+        self, version: int | None = None, label: str | None = None, timeout: float | None = None
+    ) -> list[VersionStatus]:
         doc = self._http("GET", self._path(version, label, ""), None, timeout)
-        return [VersionStatus(int(s.get("version", 0)), s.get("state", "UNKNOWN"),
-                              s.get("status", {}).get("error_code", "OK"),
-                              s.get("status", {}).get("error_message", ""))
-                for s in doc.get("model_version_status", [])]
+        return [
+            VersionStatus(
+                int(s.get("version", 0)),
+                s.get("state", "UNKNOWN"),
+                s.get("status", {}).get("error_code", "OK"),
+                s.get("status", {}).get("error_message", ""),
+            )
+            for s in doc.get("model_version_status", [])
+        ]
 
-    def metadata(self, version: int | None = None, label: str | None = None,
-                 timeout: float | None = None) -> ModelMetadata:
+    def metadata(
+        self, version: int | None = None, label: str | None = None, timeout: float | None = None
+    ) -> ModelMetadata:
         doc = self._http("GET", self._path(version, label, "/metadata"), None, timeout)
-        return _metadata_from_json(doc.get("model_spec", {}),
-                                   doc.get("metadata", {}).get("signature_def", {}))
+        return _metadata_from_json(
+            doc.get("model_spec", {}), doc.get("metadata", {}).get("signature_def", {})
+        )
 
-    def predict(self, inputs, *, signature_name: str | None = None, version: int | None = None,
-                label: str | None = None, format: str = "columnar", timeout: float | None = None
-                ) -> dict[str, np.ndarray]:
+    def predict(
+        self,
+        inputs,
+        *,
+        signature_name: str | None = None,
+        version: int | None = None,
+        label: str | None = None,
+        format: str = "columnar",
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
         """Predict. `inputs`: dict of named arrays (or one array for a one-input signature).
         `format`: "columnar" ({"inputs": ...}) or "row" ({"instances": ...})."""
         if format not in ("columnar", "row"):
@@ -398,21 +492,37 @@ class RestClient(_Base):
         binary = {k for k, a in arrays.items() if a.dtype.kind in "OS"}
         name = json.dumps(sig.name)
         if format == "columnar":
-            payload = "{" + ",".join(f"{json.dumps(k)}:{_tensor.array_to_json(a, k in binary)}"
-                                     for k, a in arrays.items()) + "}"
+            payload = (
+                "{"
+                + ",".join(
+                    f"{json.dumps(k)}:{_tensor.array_to_json(a, k in binary)}"
+                    for k, a in arrays.items()
+                )
+                + "}"
+            )
             body = '{"signature_name":' + name + ',"inputs":' + payload + "}"
         else:
             rows = {len(a) if a.ndim else -1 for a in arrays.values()}
             if len(rows) != 1 or -1 in rows:
-                raise ValueError("row format needs every input to have the same first dimension; "
-                                 f"Received shapes { {k: a.shape for k, a in arrays.items()} }")
-            body = ('{"signature_name":' + name + ',"instances":'
-                    + _tensor.rows_to_json(arrays, binary, named=True) + "}")
-        doc = self._http("POST", self._path(version, label, ":predict"), body.encode("utf-8"), timeout)
+                raise ValueError(
+                    "row format needs every input to have the same first dimension; "
+                    f"Received shapes { {k: a.shape for k, a in arrays.items()} }"
+                )
+            body = (
+                '{"signature_name":'
+                + name
+                + ',"instances":'
+                + _tensor.rows_to_json(arrays, binary, named=True)
+                + "}"
+            )
+        doc = self._http(
+            "POST", self._path(version, label, ":predict"), body.encode("utf-8"), timeout
+        )
         key = "outputs" if format == "columnar" else "predictions"
         if key not in doc:
-            raise TFServingError("INTERNAL", f"response has no {key!r} key: {str(doc)[:200]}",
-                                 target=self.target)
+            raise TFServingError(
+                "INTERNAL", f"response has no {key!r} key: {str(doc)[:200]}", target=self.target
+            )
         return self._decode(doc[key], sig, format)
 
     @staticmethod
@@ -443,19 +553,38 @@ class GrpcClient(_Base):
     raises gRPC's 4 MiB default for large batches.
     """
 
-    def __init__(self, target: str, model_name: str, *, version: int | None = None,
-                 label: str | None = None, signature_name: str = "serving_default",
-                 timeout: float = 10.0, retries: int = 3, backoff: float = 0.1,
-                 max_message_bytes: int = 64 * 1024 * 1024, channel=None):
+    def __init__(
+        self,
+        target: str,
+        model_name: str,
+        *,
+        version: int | None = None,
+        label: str | None = None,
+        signature_name: str = "serving_default",
+        timeout: float = 10.0,
+        retries: int = 3,
+        backoff: float = 0.1,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        channel=None,
+    ):
         import grpc
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-        super().__init__(target, model_name, version=version, label=label,
-                         signature_name=signature_name, timeout=timeout, retries=retries,
-                         backoff=backoff)
+        super().__init__(
+            target,
+            model_name,
+            version=version,
+            label=label,
+            signature_name=signature_name,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+        )
         self._grpc = grpc
-        opts = [("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes)]
+        opts = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
         self._channel = channel or grpc.insecure_channel(target, options=opts)
         self._predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._model_stub = model_service_pb2_grpc.ModelServiceStub(self._channel)
@@ -479,12 +608,15 @@ class GrpcClient(_Base):
             except grpc.RpcError as err:
                 code = err.code()
                 details = err.details() or ""
-                raise TFServingError(code.name, details, grpc_code=code, target=self.target) from None
+                raise TFServingError(
+                    code.name, details, grpc_code=code, target=self.target
+                ) from None
 
         return self._call(attempt, timeout)
 
-    def status(self, version: int | None = None, label: str | None = None,
-               timeout: float | None = None) -> list[VersionStatus]:
+    def status(
+        self, version: int | None = None, label: str | None = None, timeout: float | None = None
+    ) -> list[VersionStatus]:
         from tensorflow_serving.apis import get_model_status_pb2
 
         req = get_model_status_pb2.GetModelStatusRequest()
@@ -492,14 +624,21 @@ class GrpcClient(_Base):
         resp = self._rpc(self._model_stub.GetModelStatus, req, timeout)
         out = []
         for s in resp.model_version_status:
-            out.append(VersionStatus(
-                int(s.version), get_model_status_pb2.ModelVersionStatus.State.Name(s.state),
-                self._grpc.StatusCode(_code_tuple(s.status.error_code)).name
-                if s.status.error_code else "OK", s.status.error_message))
+            out.append(
+                VersionStatus(
+                    int(s.version),
+                    get_model_status_pb2.ModelVersionStatus.State.Name(s.state),
+                    self._grpc.StatusCode(_code_tuple(s.status.error_code)).name
+                    if s.status.error_code
+                    else "OK",
+                    s.status.error_message,
+                )
+            )
         return out
 
-    def metadata(self, version: int | None = None, label: str | None = None,
-                 timeout: float | None = None) -> ModelMetadata:
+    def metadata(
+        self, version: int | None = None, label: str | None = None, timeout: float | None = None
+    ) -> ModelMetadata:
         from tensorflow_serving.apis import get_model_metadata_pb2
 
         from tfbn._compat import message_to_dict
@@ -511,19 +650,29 @@ class GrpcClient(_Base):
         resp.metadata["signature_def"].Unpack(sig_map)
         return _metadata_from_json(
             message_to_dict(resp.model_spec, preserving_proto_field_name=True),
-            message_to_dict(sig_map, preserving_proto_field_name=True))
+            message_to_dict(sig_map, preserving_proto_field_name=True),
+        )
 
-    def predict(self, inputs, *, signature_name: str | None = None, version: int | None = None,
-                label: str | None = None, output_filter=(), timeout: float | None = None,
-                format: str = "columnar") -> dict[str, np.ndarray]:
+    def predict(
+        self,
+        inputs,
+        *,
+        signature_name: str | None = None,
+        version: int | None = None,
+        label: str | None = None,
+        output_filter=(),
+        timeout: float | None = None,
+        format: str = "columnar",
+    ) -> dict[str, np.ndarray]:
         """Predict with TensorProtos. `format` is accepted for symmetry with RestClient."""
         from tensorflow_serving.apis import predict_pb2
 
         version, label = self._spec(version, label)
         sig = None
-        if not isinstance(inputs, Mapping) or any(np.asarray(v).dtype.kind in "fiub" and
-                                                  np.asarray(v).dtype != np.float32
-                                                  for v in inputs.values()):
+        if not isinstance(inputs, Mapping) or any(
+            np.asarray(v).dtype.kind in "fiub" and np.asarray(v).dtype != np.float32
+            for v in inputs.values()
+        ):
             sig = self._signature(signature_name, version, label)
         arrays = _as_inputs(inputs, sig)
         req = predict_pb2.PredictRequest()

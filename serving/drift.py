@@ -187,8 +187,9 @@ def check_traffic(traffic: Mapping[str, np.ndarray], spec: Mapping[str, tuple]) 
         if shape is not None:
             want = [None if (d is None or d < 0) else int(d) for d in shape]
             got = list(array.shape)
-            if len(got) != len(want) or any(w is not None and w != g
-                                            for w, g in zip(want[1:], got[1:], strict=False)):
+            if len(got) != len(want) or any(
+                w is not None and w != g for w, g in zip(want[1:], got[1:], strict=False)
+            ):
                 raise ValueError(
                     f"traffic input {name!r} has shape {tuple(got)}; the signature expects "
                     f"{tuple(-1 if d is None else d for d in want)} (-1: any)"
@@ -323,8 +324,10 @@ class KerasProbe:
         self._names = list(specs)
         self._reference = probe.reference()
         self.model = model
-        self.spec = {n: (s.dtype.as_numpy_dtype,
-                         [-1 if d is None else d for d in s.shape]) for n, s in specs.items()}
+        self.spec = {
+            n: (s.dtype.as_numpy_dtype, [-1 if d is None else d for d in s.shape])
+            for n, s in specs.items()
+        }
         self.source = source
         self._tf = tf
 
@@ -386,16 +389,22 @@ class DriftReport:
         worst = self.worst
         drifted = [layer.name for layer in self.layers if layer.drift]
         if drifted:
-            return (f"DRIFT: {len(drifted)} of {len(self.layers)} BN layer(s) above the threshold "
-                    f"{self.threshold:g} (worst: '{worst.name}', score {worst.score:.3g}) over "
-                    f"{self.examples} examples from {self.source}: the running statistics no "
-                    "longer describe the traffic; recalibrate (`tfbn recalibrate`) and re-export")
-        return (f"OK: every BN layer below the threshold {self.threshold:g} (worst: '{worst.name}', "
-                f"score {worst.score:.3g}) over {self.examples} examples from {self.source}")
+            return (
+                f"DRIFT: {len(drifted)} of {len(self.layers)} BN layer(s) above the threshold "
+                f"{self.threshold:g} (worst: '{worst.name}', score {worst.score:.3g}) over "
+                f"{self.examples} examples from {self.source}: the running statistics no "
+                "longer describe the traffic; recalibrate (`tfbn recalibrate`) and re-export"
+            )
+        return (
+            f"OK: every BN layer below the threshold {self.threshold:g} (worst: '{worst.name}', "
+            f"score {worst.score:.3g}) over {self.examples} examples from {self.source}"
+        )
 
     def table(self) -> str:
-        head = ("| # | layer | channels | mean abs shift | largest channels (shift) "
-                "| mean log var ratio | score | drift |")
+        head = (
+            "| # | layer | channels | mean abs shift | largest channels (shift) "
+            "| mean log var ratio | score | drift |"
+        )
         lines = [head, "|" + "---|" * 8]
         for layer in self.layers:
             top = ", ".join(f"{c['channel']} ({c['shift']:+.2f})" for c in layer.top_channels)
@@ -537,7 +546,7 @@ def measure_drift(
     traffic = {k: np.asarray(v) for k, v in traffic.items()}
     totals: dict[str, np.ndarray] = {}
     for start in range(0, examples, batch_size):
-        batch = {k: v[start:start + batch_size] for k, v in traffic.items()}
+        batch = {k: v[start : start + batch_size] for k, v in traffic.items()}
         for key, rows in probe.statistics(batch).items():
             rows = np.asarray(rows, np.float64)
             if rows.ndim != 3 or rows.shape[:2] != (len(next(iter(batch.values()))), 3):
@@ -552,8 +561,12 @@ def measure_drift(
 # -------------------------------------------------------- the command line --
 
 
-def _check_same_model(served_predict: Callable[[Arrays], Mapping], keras_probe: KerasProbe,
-                      batch: Arrays, rtol: float = 1e-3) -> None:
+def _check_same_model(
+    served_predict: Callable[[Arrays], Mapping],
+    keras_probe: KerasProbe,
+    batch: Arrays,
+    rtol: float = 1e-3,
+) -> None:
     """Refuses a --keras model whose predictions are not the served model's."""
     import keras
 
@@ -629,8 +642,10 @@ def run_drift(
                     "serving_default"]  # fmt: skip
 
                 def served_predict(batch):
-                    return {k: v.numpy() for k, v in fn(**{n: tf.constant(a)
-                                                           for n, a in batch.items()}).items()}
+                    return {
+                        k: v.numpy()
+                        for k, v in fn(**{n: tf.constant(a) for n, a in batch.items()}).items()
+                    }
         else:
             if not model_name:
                 raise ValueError("--model_name is required with --rest / --grpc")
@@ -648,7 +663,9 @@ def run_drift(
             probe = KerasProbe(keras_model)
             traffic = load_traffic(inputs, list(probe.spec))
             check_traffic(traffic, probe.spec)
-            _check_same_model(served_predict, probe, {k: v[:batch_size] for k, v in traffic.items()})
+            _check_same_model(
+                served_predict, probe, {k: v[:batch_size] for k, v in traffic.items()}
+            )
             return measure_drift(probe, traffic, batch_size, threshold)
         return measure_drift(probe, load_traffic(inputs, list(probe.spec)), batch_size, threshold)
     finally:
@@ -672,7 +689,7 @@ def recalibrate_on_traffic(model, traffic: Mapping[str, np.ndarray], batch_size:
     names = list(spec)
     batches = []
     for start in range(0, n, batch_size):
-        arrays = [np.asarray(traffic[k][start:start + batch_size], spec[k][0]) for k in names]
+        arrays = [np.asarray(traffic[k][start : start + batch_size], spec[k][0]) for k in names]
         batches.append((_pack(model, specs, arrays),))
     return tfbn.recalibrate(model, batches, progress=False)
 

@@ -124,17 +124,23 @@ def read_golden(version_dir: str | os.PathLike) -> Golden | None:
             elif group == "outputs" and name:
                 outputs[name] = data[key]
             else:
-                raise ValueError(f"{path}: unexpected array {key!r}; a golden file holds only "
-                                 "'inputs/<name>', 'outputs/<name>' and 'meta' arrays")
+                raise ValueError(
+                    f"{path}: unexpected array {key!r}; a golden file holds only "
+                    "'inputs/<name>', 'outputs/<name>' and 'meta' arrays"
+                )
     if any(a.dtype.kind == "V" for a in (*inputs.values(), *outputs.values())):
-        raise ValueError(f"{path} stores raw bytes (dtype |V); bfloat16 written by an old tfbn? "
-                         "Re-export the model")
+        raise ValueError(
+            f"{path} stores raw bytes (dtype |V); bfloat16 written by an old tfbn? "
+            "Re-export the model"
+        )
     dtypes = meta.get("dtypes", {})
     inputs = {k: _restore_dtype(v, dtypes.get(f"inputs/{k}")) for k, v in inputs.items()}
     outputs = {k: _restore_dtype(v, dtypes.get(f"outputs/{k}")) for k, v in outputs.items()}
     if not inputs or not outputs:
-        raise ValueError(f"{path}: a golden file needs at least one 'inputs/<name>' and one "
-                         f"'outputs/<name>' array; Received: {sorted(inputs)}, {sorted(outputs)}")
+        raise ValueError(
+            f"{path}: a golden file needs at least one 'inputs/<name>' and one "
+            f"'outputs/<name>' array; Received: {sorted(inputs)}, {sorted(outputs)}"
+        )
     _num_rows(inputs, "golden inputs")
     n = _num_rows(outputs, "golden outputs")
     if n != _num_rows(inputs, "golden inputs"):
@@ -142,7 +148,9 @@ def read_golden(version_dir: str | os.PathLike) -> Golden | None:
     return Golden(inputs, outputs, meta, path)
 
 
-def load_golden(version_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+def load_golden(
+    version_dir: str | os.PathLike,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
     """`(inputs, outputs)` of `read_golden(version_dir)`, or None without a golden file."""
     golden = read_golden(version_dir)
     return None if golden is None else (golden.inputs, golden.outputs)
@@ -153,8 +161,10 @@ def _num_rows(arrays: Arrays, what: str) -> int:
     if not rows:
         raise ValueError(f"{what} is empty; pass at least one named array")
     if None in rows.values():
-        raise ValueError(f"{what} must have a first (example) dimension; Received scalars for "
-                         f"{[k for k, v in rows.items() if v is None]}")
+        raise ValueError(
+            f"{what} must have a first (example) dimension; Received scalars for "
+            f"{[k for k, v in rows.items() if v is None]}"
+        )
     if len(set(rows.values())) != 1:
         raise ValueError(f"{what} must all have the same number of rows; Received {rows}")
     n = next(iter(rows.values()))
@@ -167,13 +177,13 @@ def _num_rows(arrays: Arrays, what: str) -> int:
 class InvarianceRow:
     """One (batch size, order) run of the check."""
 
-    mode: str               # "sequential" or "concurrent"
-    batch_size: int         # rows per request
-    order: int              # 0 = natural order, k > 0 = k-th random permutation
+    mode: str  # "sequential" or "concurrent"
+    batch_size: int  # rows per request
+    order: int  # 0 = natural order, k > 0 = k-th random permutation
     requests: int
-    max_abs: float          # max |y - ref| over all outputs
-    max_rel: float          # max |y - ref| / max |ref|, worst output (the gate's error)
-    worst_index: int        # example (row of the inputs) with the largest tolerance ratio
+    max_abs: float  # max |y - ref| over all outputs
+    max_rel: float  # max |y - ref| / max |ref|, worst output (the gate's error)
+    worst_index: int  # example (row of the inputs) with the largest tolerance ratio
     worst_output: str
     tolerance_ratio: float  # max |y - ref| / (atol + rtol max |ref|); <= 1 passes
     passed: bool
@@ -186,7 +196,7 @@ class InvarianceReport:
     passed: bool
     rows: list[InvarianceRow]
     num_examples: int
-    reference: str          # "golden", "full-batch" or "given"
+    reference: str  # "golden", "full-batch" or "given"
     atol: float
     rtol: float
     outputs: list[str]
@@ -199,34 +209,45 @@ class InvarianceReport:
         return [r for r in self.rows if not r.passed]
 
     def summary(self) -> str:
-        tol = (f"rtol={self.rtol:.3g}" + (f", atol={self.atol:g}" if self.atol else "")
-               + f" ({self.tolerance_source})")
+        tol = (
+            f"rtol={self.rtol:.3g}"
+            + (f", atol={self.atol:g}" if self.atol else "")
+            + f" ({self.tolerance_source})"
+        )
         head = f"{self.num_examples} examples against the {self.reference} reference, {tol}"
         n, total = len(self.failures()), len(self.rows)
         if self.verdict == "invariant":
             return f"PASSED: {head}"
         if self.verdict == "batch_dependent":
-            return (f"FAILED (depends on the batch): {head}; the runs disagree with each other "
-                    f"({sum(r.spread_ratio > 1 for r in self.rows)} of {total} differ from the "
-                    f"first run beyond tolerance), {n} of {total} runs fail")
+            return (
+                f"FAILED (depends on the batch): {head}; the runs disagree with each other "
+                f"({sum(r.spread_ratio > 1 for r in self.rows)} of {total} differ from the "
+                f"first run beyond tolerance), {n} of {total} runs fail"
+            )
         if self.verdict == "reference_mismatch":
             worst = max(r.max_rel for r in self.rows)
-            return (f"FAILED (differs from the reference, not from batch to batch): {head}; every "
-                    f"run agrees with every other within tolerance but all {n} of {total} differ "
-                    f"from the {self.reference} outputs (max rel. error {worst:.3g}): the server "
-                    "computes something else than the reference (another version or precision?)")
+            return (
+                f"FAILED (differs from the reference, not from batch to batch): {head}; every "
+                f"run agrees with every other within tolerance but all {n} of {total} differ "
+                f"from the {self.reference} outputs (max rel. error {worst:.3g}): the server "
+                "computes something else than the reference (another version or precision?)"
+            )
         return f"FAILED (NaN/Inf answers): {head}; {n} of {total} runs have non-finite outputs"
 
     def table(self) -> str:
         """A markdown table, one line per run, and a verdict line."""
-        head = ("| mode | batch | order | requests | max abs dev | max rel dev | worst example "
-                "| tol ratio | vs first run | verdict |")
+        head = (
+            "| mode | batch | order | requests | max abs dev | max rel dev | worst example "
+            "| tol ratio | vs first run | verdict |"
+        )
         lines = [head, "|" + "---|" * 10]
         for r in self.rows:
-            lines.append(f"| {r.mode} | {r.batch_size} | {r.order} | {r.requests} | {r.max_abs:.3g} "
-                         f"| {r.max_rel:.3g} | {r.worst_index} ({r.worst_output}) "
-                         f"| {r.tolerance_ratio:.3g} | {r.spread_ratio:.3g} "
-                         f"| {'PASS' if r.passed else 'FAIL'} |")
+            lines.append(
+                f"| {r.mode} | {r.batch_size} | {r.order} | {r.requests} | {r.max_abs:.3g} "
+                f"| {r.max_rel:.3g} | {r.worst_index} ({r.worst_output}) "
+                f"| {r.tolerance_ratio:.3g} | {r.spread_ratio:.3g} "
+                f"| {'PASS' if r.passed else 'FAIL'} |"
+            )
         lines.append("")
         lines += self.notes
         lines.append(self.summary())
@@ -236,20 +257,33 @@ class InvarianceReport:
         def num(v):
             return v if np.isfinite(v) else str(v)
 
-        rows = [{k: (num(v) if isinstance(v, float) else v)
-                 for k, v in dataclasses.asdict(r).items()} for r in self.rows]
-        return {"passed": self.passed, "verdict": self.verdict, "summary": self.summary(),
-                "error": None, "num_examples": self.num_examples, "reference": self.reference,
-                "atol": self.atol, "rtol": self.rtol, "tolerance_source": self.tolerance_source,
-                "compute_dtype": self.compute_dtype, "outputs": self.outputs,
-                "notes": self.notes, "rows": rows}
+        rows = [
+            {k: (num(v) if isinstance(v, float) else v) for k, v in dataclasses.asdict(r).items()}
+            for r in self.rows
+        ]
+        return {
+            "passed": self.passed,
+            "verdict": self.verdict,
+            "summary": self.summary(),
+            "error": None,
+            "num_examples": self.num_examples,
+            "reference": self.reference,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "tolerance_source": self.tolerance_source,
+            "compute_dtype": self.compute_dtype,
+            "outputs": self.outputs,
+            "notes": self.notes,
+            "rows": rows,
+        }
 
     def __str__(self) -> str:
         return self.table()
 
 
-def _deviation(pred: Arrays, ref: Arrays, names: list[str], closeness: Closeness,
-               allow_nonfinite: bool):
+def _deviation(
+    pred: Arrays, ref: Arrays, names: list[str], closeness: Closeness, allow_nonfinite: bool
+):
     """(max_abs, max_rel, worst_row, worst_output, tolerance_ratio, nonfinite) over outputs."""
     max_abs = max_rel = 0.0
     worst = (-1.0, 0, names[0])
@@ -272,20 +306,28 @@ def _deviation(pred: Arrays, ref: Arrays, names: list[str], closeness: Closeness
 def _call(predict: PredictFn, batch: dict[str, np.ndarray], names: list[str], n: int):
     out = predict(batch)
     if not isinstance(out, Mapping):
-        raise CheckError(f"predict must return a dict of named arrays; Received {type(out).__name__}")
+        raise CheckError(
+            f"predict must return a dict of named arrays; Received {type(out).__name__}"
+        )
     missing = [k for k in names if k not in out]
     if missing:
         raise CheckError(f"predict did not return outputs {missing}; it returned {sorted(out)}")
     res = {k: np.asarray(out[k]) for k in names}
     for k, v in res.items():
         if v.ndim == 0 or v.shape[0] != n:
-            raise CheckError(f"output {k!r} has shape {v.shape}, expected {n} rows (one per example)")
+            raise CheckError(
+                f"output {k!r} has shape {v.shape}, expected {n} rows (one per example)"
+            )
     return res
 
 
 def _chunked(predict: PredictFn, inputs: dict[str, np.ndarray], names, n: int, limit: int):
-    parts = [_call(predict, {k: v[lo:lo + limit] for k, v in inputs.items()}, names,
-                   min(limit, n - lo)) for lo in range(0, n, limit)]
+    parts = [
+        _call(
+            predict, {k: v[lo : lo + limit] for k, v in inputs.items()}, names, min(limit, n - lo)
+        )
+        for lo in range(0, n, limit)
+    ]
     return {k: np.concatenate([p[k] for p in parts]) for k in names}
 
 
@@ -346,10 +388,13 @@ def check_batch_invariance(
     if atol < 0 or (rtol is not None and rtol < 0):
         raise ValueError(f"atol and rtol must be >= 0; Received: atol={atol}, rtol={rtol}")
     if concurrent_rounds < 1 or max_workers < 1:
-        raise ValueError("concurrent_rounds and max_workers must be >= 1; Received: "
-                         f"{concurrent_rounds}, {max_workers}")
-    if max_batch_size is not None and (not isinstance(max_batch_size, int | np.integer)
-                                       or max_batch_size < 1):
+        raise ValueError(
+            "concurrent_rounds and max_workers must be >= 1; Received: "
+            f"{concurrent_rounds}, {max_workers}"
+        )
+    if max_batch_size is not None and (
+        not isinstance(max_batch_size, int | np.integer) or max_batch_size < 1
+    ):
         raise ValueError(f"max_batch_size must be a positive integer; Received: {max_batch_size!r}")
     inputs = {k: np.asarray(v) for k, v in inputs.items()}
     n = _num_rows(inputs, "inputs")
@@ -357,7 +402,9 @@ def check_batch_invariance(
     sizes = []
     for b in batch_sizes:
         if b is not None and (not isinstance(b, int | np.integer) or b < 1):
-            raise ValueError(f"batch sizes must be positive integers or None (all); Received: {b!r}")
+            raise ValueError(
+                f"batch sizes must be positive integers or None (all); Received: {b!r}"
+            )
         b = limit if b is None else min(int(b), limit)
         if b not in sizes:
             sizes.append(b)
@@ -377,30 +424,58 @@ def check_batch_invariance(
         return out
 
     try:
-        return _check(predict, inputs, reference, sizes, orders, n, limit, closeness_args=(
-            rtol, atol, compute_dtype), allow_nonfinite=allow_nonfinite, seed=seed,
-            reference_name=reference_name, concurrent=concurrent,
-            concurrent_rounds=concurrent_rounds, max_workers=max_workers)
+        return _check(
+            predict,
+            inputs,
+            reference,
+            sizes,
+            orders,
+            n,
+            limit,
+            closeness_args=(rtol, atol, compute_dtype),
+            allow_nonfinite=allow_nonfinite,
+            seed=seed,
+            reference_name=reference_name,
+            concurrent=concurrent,
+            concurrent_rounds=concurrent_rounds,
+            max_workers=max_workers,
+        )
     finally:
         bar.close()
 
 
-def _check(predict, inputs, reference, sizes, orders, n, limit, closeness_args, allow_nonfinite,  # noqa: C901 - over the complexity limit, to be split into named steps
-           seed, reference_name, concurrent, concurrent_rounds, max_workers) -> InvarianceReport:
+def _check(  # noqa: C901 - over the complexity limit, to be split into named steps
+    predict,
+    inputs,
+    reference,
+    sizes,
+    orders,
+    n,
+    limit,
+    closeness_args,
+    allow_nonfinite,
+    seed,
+    reference_name,
+    concurrent,
+    concurrent_rounds,
+    max_workers,
+) -> InvarianceReport:
     rtol, atol, compute_dtype = closeness_args
     if reference is None:
         full = predict(inputs) if limit >= n else None
         if full is not None:
             if not isinstance(full, Mapping):
-                raise CheckError(f"predict must return a dict of named arrays; Received "
-                                 f"{type(full).__name__}")
+                raise CheckError(
+                    f"predict must return a dict of named arrays; Received {type(full).__name__}"
+                )
             names = sorted(full)
             reference = _call(lambda _: full, inputs, names, n)
         else:
             first = predict({k: v[:limit] for k, v in inputs.items()})
             if not isinstance(first, Mapping):
-                raise CheckError(f"predict must return a dict of named arrays; Received "
-                                 f"{type(first).__name__}")
+                raise CheckError(
+                    f"predict must return a dict of named arrays; Received {type(first).__name__}"
+                )
             names = sorted(first)
             reference = _chunked(predict, inputs, names, n, limit)
         source = reference_name or "full-batch"
@@ -408,11 +483,15 @@ def _check(predict, inputs, reference, sizes, orders, n, limit, closeness_args, 
         reference = {k: np.asarray(v) for k, v in reference.items()}
         names = sorted(reference)
         if _num_rows(reference, "reference") != n:
-            raise ValueError(f"reference has {_num_rows(reference, 'reference')} rows but inputs "
-                             f"have {n}")
+            raise ValueError(
+                f"reference has {_num_rows(reference, 'reference')} rows but inputs have {n}"
+            )
         source = reference_name or "given"
-    dtype = compute_dtype or low_precision_of(np.asarray(v).dtype for v in reference.values()) \
+    dtype = (
+        compute_dtype
+        or low_precision_of(np.asarray(v).dtype for v in reference.values())
         or "float32"
+    )
     closeness = Closeness.for_dtype(dtype, rtol, atol)
 
     rng = np.random.default_rng(seed)
@@ -422,21 +501,35 @@ def _check(predict, inputs, reference, sizes, orders, n, limit, closeness_args, 
 
     def record(mode, b, order, requests, result):
         max_abs, max_rel, worst, worst_name, ratio, nonfinite = _deviation(
-            result, reference, names, closeness, allow_nonfinite)
+            result, reference, names, closeness, allow_nonfinite
+        )
         if not first_run:
             first_run.append(result)
         spread = _deviation(result, first_run[0], names, closeness, True)[4]
         bad_nonfinite = nonfinite and not allow_nonfinite
-        rows.append(InvarianceRow(mode, b, order, requests, max_abs, max_rel, worst, worst_name,
-                                  ratio, bool(ratio <= 1.0 and not bad_nonfinite), spread,
-                                  nonfinite))
+        rows.append(
+            InvarianceRow(
+                mode,
+                b,
+                order,
+                requests,
+                max_abs,
+                max_rel,
+                worst,
+                worst_name,
+                ratio,
+                bool(ratio <= 1.0 and not bad_nonfinite),
+                spread,
+                nonfinite,
+            )
+        )
 
     for b in sizes:
         for order, perm in enumerate(perms):
             result = {k: np.empty_like(v, dtype=np.asarray(v).dtype) for k, v in reference.items()}
             requests = 0
             for start in range(0, n, b):
-                idx = perm[start:start + b]
+                idx = perm[start : start + b]
                 out = _call(predict, {k: v[idx] for k, v in inputs.items()}, names, len(idx))
                 for k in names:
                     result[k][idx] = out[k]
@@ -452,7 +545,7 @@ def _check(predict, inputs, reference, sizes, orders, n, limit, closeness_args, 
                 result = {k: np.empty_like(v) for k, v in reference.items()}
                 order = rng.permutation(n)
                 for start in range(0, n, wave):
-                    ids = order[start:start + wave]
+                    ids = order[start : start + wave]
                     gate = threading.Barrier(len(ids))
 
                     def one(i, gate=gate):
@@ -460,7 +553,9 @@ def _check(predict, inputs, reference, sizes, orders, n, limit, closeness_args, 
                             gate.wait(timeout=5)
                         except threading.BrokenBarrierError:
                             pass
-                        return i, _call(predict, {k: v[i:i + 1] for k, v in inputs.items()}, names, 1)
+                        return i, _call(
+                            predict, {k: v[i : i + 1] for k, v in inputs.items()}, names, 1
+                        )
 
                     for i, out in pool.map(one, ids):
                         for k in names:
@@ -478,20 +573,34 @@ def _check(predict, inputs, reference, sizes, orders, n, limit, closeness_args, 
         verdict = "batch_dependent"
     notes = []
     if limit < n:
-        notes.append(f"note: requests limited to the server's max_batch_size {limit} "
-                     f"(of {n} examples)")
-    return InvarianceReport(passed, rows, n, source, closeness.atol, closeness.rtol, names,
-                            verdict, closeness.dtype, closeness.source, notes)
+        notes.append(
+            f"note: requests limited to the server's max_batch_size {limit} (of {n} examples)"
+        )
+    return InvarianceReport(
+        passed,
+        rows,
+        n,
+        source,
+        closeness.atol,
+        closeness.rtol,
+        names,
+        verdict,
+        closeness.dtype,
+        closeness.source,
+        notes,
+    )
 
 
 # --- backends ---------------------------------------------------------------------------
+
 
 def _find_version_dir(path: str) -> str:
     return layout.resolve_saved_model_dir(path)
 
 
-def saved_model_predictor(path: str | os.PathLike, signature_name: str = "serving_default",
-                          batching=None) -> tuple[PredictFn, str]:
+def saved_model_predictor(
+    path: str | os.PathLike, signature_name: str = "serving_default", batching=None
+) -> tuple[PredictFn, str]:
     """An in-process predict callable for a SavedModel, run like the development server
     runs it (optionally through its batching emulation, `batching=BatchingParameters`).
 
@@ -526,8 +635,9 @@ def saved_model_predictor(path: str | os.PathLike, signature_name: str = "servin
     return predict, version_dir
 
 
-def synthetic_inputs(signature_inputs: Mapping, num_examples: int = 64, seed: int = 0
-                     ) -> dict[str, np.ndarray]:
+def synthetic_inputs(
+    signature_inputs: Mapping, num_examples: int = 64, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Random examples for a signature: `{name: (numpy dtype, shape with -1/None dims)}`.
 
     Floats are standard normal, integers small non-negative, booleans random. Unknown
@@ -549,8 +659,10 @@ def synthetic_inputs(signature_inputs: Mapping, num_examples: int = 64, seed: in
         elif dtype.kind == "b":
             out[name] = rng.integers(0, 2, dims).astype(bool)
         else:
-            raise ValueError(f"cannot synthesise input {name!r} of dtype {dtype}; pass inputs "
-                             "explicitly (--inputs file.npz)")
+            raise ValueError(
+                f"cannot synthesise input {name!r} of dtype {dtype}; pass inputs "
+                "explicitly (--inputs file.npz)"
+            )
     return out
 
 
@@ -562,8 +674,9 @@ def _load_inputs_file(path: str) -> dict[str, np.ndarray]:
     if not hasattr(data, "files"):
         raise ValueError(f"--inputs {path!r} must be an .npz archive of named arrays")
     with data:
-        return {k.removeprefix("inputs/"): data[k] for k in data.files
-                if not k.startswith("outputs/")}
+        return {
+            k.removeprefix("inputs/"): data[k] for k in data.files if not k.startswith("outputs/")
+        }
 
 
 _MAX_BATCH = re.compile(r"larger than maximum input batch size (\d+)")
@@ -628,23 +741,34 @@ def run_check(  # noqa: C901 - over the complexity limit, to be split into named
     if golden is not None:
         gold = read_golden(golden)
         if gold is None:
-            raise FileNotFoundError(f"--golden {golden!r}: no golden file there (expected an .npz "
-                                    f"or a version directory with {GOLDEN_RELPATH})")
+            raise FileNotFoundError(
+                f"--golden {golden!r}: no golden file there (expected an .npz "
+                f"or a version directory with {GOLDEN_RELPATH})"
+            )
     if model_path is not None:
         if version is not None or label is not None:
-            raise ValueError("--model_version / --model_version_label select versions on a server; "
-                             "for a local SavedModel pass its version directory")
+            raise ValueError(
+                "--model_version / --model_version_label select versions on a server; "
+                "for a local SavedModel pass its version directory"
+            )
         predict, version_dir = saved_model_predictor(model_path, signature_name, batching=batching)
         sig = predict.servable.signature_defs[signature_name]  # type: ignore[attr-defined]
         from tfbn.serving import _tensor
 
-        spec = {k: (_tensor.numpy_dtype(v.dtype),
-                    None if v.tensor_shape.unknown_rank else [d.size for d in v.tensor_shape.dim])
-                for k, v in sig.inputs.items()}
+        spec = {
+            k: (
+                _tensor.numpy_dtype(v.dtype),
+                None if v.tensor_shape.unknown_rank else [d.size for d in v.tensor_shape.dim],
+            )
+            for k, v in sig.inputs.items()
+        }
         if gold is None:
             gold = read_golden(version_dir)
-        if batching is not None and max_batch_size is None and \
-                not getattr(batching, "enable_large_batch_splitting", False):
+        if (
+            batching is not None
+            and max_batch_size is None
+            and not getattr(batching, "enable_large_batch_splitting", False)
+        ):
             max_batch_size = int(batching.max_batch_size)
     else:
         if not model_name:
@@ -654,15 +778,25 @@ def run_check(  # noqa: C901 - over the complexity limit, to be split into named
         from tfbn.serving.client import GrpcClient, RestClient
 
         client_cls, address = (RestClient, rest) if rest is not None else (GrpcClient, grpc)
-        client = client_cls(address, model_name, version=version, label=label,
-                            signature_name=signature_name, timeout=timeout)
+        client = client_cls(
+            address,
+            model_name,
+            version=version,
+            label=label,
+            signature_name=signature_name,
+            timeout=timeout,
+        )
         metadata = client.metadata()
         if signature_name not in metadata.signatures:
-            raise ValueError(f"--signature_name {signature_name!r}: the served model has no such "
-                             f"signature; it has {sorted(metadata.signatures)}")
+            raise ValueError(
+                f"--signature_name {signature_name!r}: the served model has no such "
+                f"signature; it has {sorted(metadata.signatures)}"
+            )
         sig_info = metadata.signature(signature_name)
-        spec = {k: (v.numpy_dtype, None if v.shape is None else list(v.shape))
-                for k, v in sig_info.inputs.items()}
+        spec = {
+            k: (v.numpy_dtype, None if v.shape is None else list(v.shape))
+            for k, v in sig_info.inputs.items()
+        }
 
         def predict(batch):
             return client.predict(batch)
@@ -672,7 +806,9 @@ def run_check(  # noqa: C901 - over the complexity limit, to be split into named
         inputs, reference = gold.inputs, gold.outputs
         missing = sorted(set(spec) - set(inputs))
         if missing:
-            raise ValueError(f"the golden file has no inputs for {missing}; it has {sorted(inputs)}")
+            raise ValueError(
+                f"the golden file has no inputs for {missing}; it has {sorted(inputs)}"
+            )
         inputs = {k: inputs[k] for k in spec}
         if rtol is None and "rtol" in gold.meta:
             rtol = float(gold.meta["rtol"])
@@ -691,9 +827,23 @@ def run_check(  # noqa: C901 - over the complexity limit, to be split into named
 
     def check(limit):
         return check_batch_invariance(
-            predict, inputs, reference, batch_sizes, orders, atol, rtol, concurrent,
-            concurrent_rounds, max_workers, seed, name, compute_dtype=compute_dtype,
-            allow_nonfinite=allow_nonfinite, max_batch_size=limit, progress=progress)
+            predict,
+            inputs,
+            reference,
+            batch_sizes,
+            orders,
+            atol,
+            rtol,
+            concurrent,
+            concurrent_rounds,
+            max_workers,
+            seed,
+            name,
+            compute_dtype=compute_dtype,
+            allow_nonfinite=allow_nonfinite,
+            max_batch_size=limit,
+            progress=progress,
+        )
 
     from tfbn.serving.client import TFServingError
 
@@ -708,8 +858,10 @@ def run_check(  # noqa: C901 - over the complexity limit, to be split into named
     except TFServingError as err:
         limit = _server_max_batch(err)
         if limit is not None:
-            err.message += (f" (the server batches at most {limit} rows: pass --max_batch_size "
-                            f"{limit} or --num_examples {limit})")
+            err.message += (
+                f" (the server batches at most {limit} rows: pass --max_batch_size "
+                f"{limit} or --num_examples {limit})"
+            )
             err.args = (f"{err.args[0]} (pass --max_batch_size {limit} or --num_examples {limit})",)
         raise
     finally:

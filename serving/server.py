@@ -122,46 +122,64 @@ class DevServer:
     Use as a context manager, or `start()` / `stop()`.
     """
 
-    def __init__(self, models: list[ModelConfig], port: int | None = 0,
-                 rest_api_port: int | None = 0, host: str = "127.0.0.1",
-                 batching: BatchingParameters | None = None,
-                 file_system_poll_wait_seconds: float = 1.0,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, grpc_workers: int = 16,
-                 rest_api_num_threads: int = 16,
-                 rest_idle_timeout: float = DEFAULT_REST_IDLE_TIMEOUT,
-                 rest_body_timeout: float = DEFAULT_REST_BODY_TIMEOUT,
-                 max_num_load_retries: int = DEFAULT_MAX_NUM_LOAD_RETRIES,
-                 load_retry_interval_micros: int = DEFAULT_LOAD_RETRY_INTERVAL_MICROS,
-                 grpc_socket_path: str | None = None,
-                 grpc_channel_arguments: list[tuple[str, int | str]] = (),
-                 rest_api_timeout_in_ms: int = 30000,
-                 monitoring: MonitoringConfig | None = None,
-                 load_options: LoadOptions | None = None,
-                 allow_version_labels_for_unavailable_models: bool = False,
-                 model_config_file: str | None = None,
-                 model_config_file_poll_wait_seconds: float = 0,
-                 enable_profiler: bool = True):
+    def __init__(
+        self,
+        models: list[ModelConfig],
+        port: int | None = 0,
+        rest_api_port: int | None = 0,
+        host: str = "127.0.0.1",
+        batching: BatchingParameters | None = None,
+        file_system_poll_wait_seconds: float = 1.0,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        grpc_workers: int = 16,
+        rest_api_num_threads: int = 16,
+        rest_idle_timeout: float = DEFAULT_REST_IDLE_TIMEOUT,
+        rest_body_timeout: float = DEFAULT_REST_BODY_TIMEOUT,
+        max_num_load_retries: int = DEFAULT_MAX_NUM_LOAD_RETRIES,
+        load_retry_interval_micros: int = DEFAULT_LOAD_RETRY_INTERVAL_MICROS,
+        grpc_socket_path: str | None = None,
+        grpc_channel_arguments: list[tuple[str, int | str]] = (),
+        rest_api_timeout_in_ms: int = 30000,
+        monitoring: MonitoringConfig | None = None,
+        load_options: LoadOptions | None = None,
+        allow_version_labels_for_unavailable_models: bool = False,
+        model_config_file: str | None = None,
+        model_config_file_poll_wait_seconds: float = 0,
+        enable_profiler: bool = True,
+    ):
         if port is None and rest_api_port is None and not grpc_socket_path:
-            raise ValueError("enable at least one of gRPC (port or grpc_socket_path) and REST "
-                             "(rest_api_port)")
+            raise ValueError(
+                "enable at least one of gRPC (port or grpc_socket_path) and REST (rest_api_port)"
+            )
         if max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be positive; Received: {max_request_bytes}")
-        for name, value in (("rest_api_num_threads", rest_api_num_threads),
-                            ("rest_idle_timeout", rest_idle_timeout),
-                            ("rest_body_timeout", rest_body_timeout),
-                            ("grpc_workers", grpc_workers)):
+        for name, value in (
+            ("rest_api_num_threads", rest_api_num_threads),
+            ("rest_idle_timeout", rest_idle_timeout),
+            ("rest_body_timeout", rest_body_timeout),
+            ("grpc_workers", grpc_workers),
+        ):
             if not value > 0:
                 raise ValueError(f"{name} must be positive; Received: {value}")
         if rest_api_timeout_in_ms < 0:
-            raise ValueError(f"rest_api_timeout_in_ms must be >= 0; Received: {rest_api_timeout_in_ms}")
+            raise ValueError(
+                f"rest_api_timeout_in_ms must be >= 0; Received: {rest_api_timeout_in_ms}"
+            )
         self.metrics = Metrics(monitoring) if monitoring is not None and monitoring.enable else None
         self.manager = ModelManager(
-            models, batching, max_num_load_retries=max_num_load_retries,
-            load_retry_interval_micros=load_retry_interval_micros, load_options=load_options,
+            models,
+            batching,
+            max_num_load_retries=max_num_load_retries,
+            load_retry_interval_micros=load_retry_interval_micros,
+            load_options=load_options,
             metrics=self.metrics,
-            allow_version_labels_for_unavailable_models=allow_version_labels_for_unavailable_models)
+            allow_version_labels_for_unavailable_models=allow_version_labels_for_unavailable_models,
+        )
         self.rest_api_num_threads = int(rest_api_num_threads)
-        self.rest_idle_timeout, self.rest_body_timeout = float(rest_idle_timeout), float(rest_body_timeout)
+        self.rest_idle_timeout, self.rest_body_timeout = (
+            float(rest_idle_timeout),
+            float(rest_body_timeout),
+        )
         self.grpc_socket_path = grpc_socket_path or None
         self.grpc_channel_arguments = list(grpc_channel_arguments)
         self.rest_timeout = rest_api_timeout_in_ms / 1000 if rest_api_timeout_in_ms else None
@@ -207,13 +225,18 @@ class DevServer:
         self.manager.poll_once()
         try:
             if self._grpc_port_req is not None or self.grpc_socket_path:
-                opts = {"grpc.max_receive_message_length": self.max_request_bytes,
-                        "grpc.max_send_message_length": -1, "grpc.so_reuseport": 0}
+                opts = {
+                    "grpc.max_receive_message_length": self.max_request_bytes,
+                    "grpc.max_send_message_length": -1,
+                    "grpc.so_reuseport": 0,
+                }
                 opts.update(self.grpc_channel_arguments)  # --grpc_channel_arguments win
                 self._grpc_pool = concurrent.futures.ThreadPoolExecutor(
-                    self.grpc_workers, thread_name_prefix="tfbn-grpc")
-                self._grpc = grpc.server(self._grpc_pool, options=list(opts.items()),
-                                         maximum_concurrent_rpcs=None)
+                    self.grpc_workers, thread_name_prefix="tfbn-grpc"
+                )
+                self._grpc = grpc.server(
+                    self._grpc_pool, options=list(opts.items()), maximum_concurrent_rpcs=None
+                )
                 pred, add_pred, models, add_models = _grpc.servicers(self)
                 add_pred(pred, self._grpc)
                 add_models(models, self._grpc)
@@ -221,20 +244,28 @@ class DevServer:
                     self._grpc.add_generic_rpc_handlers((_profiler.handler(),))
                 if self._grpc_port_req is not None:
                     bound = self._grpc.add_insecure_port(
-                        f"{self._bracket(self.host)}:{self._grpc_port_req}")
+                        f"{self._bracket(self.host)}:{self._grpc_port_req}"
+                    )
                     if not bound:
                         raise OSError(f"could not bind gRPC to {self.host}:{self._grpc_port_req}")
                     self.grpc_port = bound
                 if self.grpc_socket_path:
                     _remove_stale_socket(self.grpc_socket_path)
                     if not self._grpc.add_insecure_port(f"unix:{self.grpc_socket_path}"):
-                        raise OSError(f"could not bind gRPC to the Unix socket {self.grpc_socket_path}")
+                        raise OSError(
+                            f"could not bind gRPC to the Unix socket {self.grpc_socket_path}"
+                        )
                 self._grpc.start()
             if self._rest_port_req is not None:
                 self._rest = _rest.RestServer(
-                    self, self.host, self._rest_port_req, max_request_bytes=self.max_request_bytes,
-                    num_threads=self.rest_api_num_threads, idle_timeout=self.rest_idle_timeout,
-                    body_timeout=self.rest_body_timeout)
+                    self,
+                    self.host,
+                    self._rest_port_req,
+                    max_request_bytes=self.max_request_bytes,
+                    num_threads=self.rest_api_num_threads,
+                    idle_timeout=self.rest_idle_timeout,
+                    body_timeout=self.rest_body_timeout,
+                )
                 self._rest.start()
                 self.rest_port = self._rest.port
         except BaseException:
@@ -243,8 +274,9 @@ class DevServer:
         self.manager.start_polling(self.poll_wait)
         if self.model_config_file and self.config_poll_wait > 0:
             self._config_stop.clear()
-            self._config_thread = threading.Thread(target=self._poll_config, name="tfbn-config-poll",
-                                                   daemon=True)
+            self._config_thread = threading.Thread(
+                target=self._poll_config, name="tfbn-config-poll", daemon=True
+            )
             self._config_thread.start()
         self._started = True
         return self
@@ -267,8 +299,11 @@ class DevServer:
             try:
                 self.manager.reload_config(models)
                 current = models
-                log.info("Reloaded the model config from %s: %s", self.model_config_file,
-                         ", ".join(m.name for m in models))
+                log.info(
+                    "Reloaded the model config from %s: %s",
+                    self.model_config_file,
+                    ", ".join(m.name for m in models),
+                )
             except (ServingError, ValueError) as err:
                 log.error("PollFilesystemAndReloadConfig failed to ReloadConfig: %s", err)
 
@@ -318,18 +353,32 @@ def _remove_stale_socket(path: str) -> None:
         pass
 
 
-def serve(models: list[ModelConfig], port: int | None = 8500, rest_api_port: int | None = None,
-          host: str = "127.0.0.1", batching: BatchingParameters | None = None,
-          file_system_poll_wait_seconds: float = 1.0,
-          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, ready=print, **options) -> int:
+def serve(
+    models: list[ModelConfig],
+    port: int | None = 8500,
+    rest_api_port: int | None = None,
+    host: str = "127.0.0.1",
+    batching: BatchingParameters | None = None,
+    file_system_poll_wait_seconds: float = 1.0,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ready=print,
+    **options,
+) -> int:
     """Run a DevServer until SIGINT/SIGTERM (the body of `tfbn serve`). Returns 0.
 
     `options` are further DevServer arguments (timeouts, load retries, thread counts)."""
     import signal
 
-    server = DevServer(models, port=port, rest_api_port=rest_api_port, host=host, batching=batching,
-                       file_system_poll_wait_seconds=file_system_poll_wait_seconds,
-                       max_request_bytes=max_request_bytes, **options)
+    server = DevServer(
+        models,
+        port=port,
+        rest_api_port=rest_api_port,
+        host=host,
+        batching=batching,
+        file_system_poll_wait_seconds=file_system_poll_wait_seconds,
+        max_request_bytes=max_request_bytes,
+        **options,
+    )
     stop = threading.Event()
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -343,7 +392,8 @@ def serve(models: list[ModelConfig], port: int | None = 8500, rest_api_port: int
             try:
                 st = server.manager.status(name)
                 states = ", ".join(
-                    f"{s.version}:{get_state_name(s.state)}" for s in st.model_version_status)
+                    f"{s.version}:{get_state_name(s.state)}" for s in st.model_version_status
+                )
             except ServingError as err:
                 states = err.message
             ready(f"model {name}: {states}")
@@ -372,8 +422,9 @@ def get_state_name(state: int) -> str:
     return get_model_status_pb2.ModelVersionStatus.State.Name(state)
 
 
-def models_from_flags(model_name: str | None, model_base_path: str | None,
-                      model_config_file: str | None) -> list[ModelConfig]:
+def models_from_flags(
+    model_name: str | None, model_base_path: str | None, model_config_file: str | None
+) -> list[ModelConfig]:
     """The served models from tensorflow_model_server's flags: either
     --model_config_file, or --model_name (default "default") with --model_base_path."""
     from tfbn.serving._config import load_model_config_file
@@ -388,4 +439,3 @@ def models_from_flags(model_name: str | None, model_base_path: str | None,
     if not os.path.isdir(base):
         raise FileNotFoundError(f"--model_base_path {model_base_path!r} is not a directory")
     return [ModelConfig(name=model_name or "default", base_path=base)]
-

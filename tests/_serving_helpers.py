@@ -7,8 +7,9 @@ import shutil
 
 import numpy as np
 
-TESTDATA = os.environ.get("TFS_TESTDATA", os.path.join(os.path.dirname(__file__), "..", "..",
-                                                        "shared", "tfs_testdata"))
+TESTDATA = os.environ.get(
+    "TFS_TESTDATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tfs_testdata")
+)
 TESTDATA = os.path.abspath(TESTDATA)
 HALF_PLUS_TWO = os.path.join(TESTDATA, "saved_model_half_plus_two_cpu")
 HALF_PLUS_TWO_TF2 = os.path.join(TESTDATA, "saved_model_half_plus_two_tf2_cpu")
@@ -41,8 +42,11 @@ def export_bn_models(root: str) -> dict[str, str]:
     model.export(os.path.join(paths["frozen"], "1"), verbose=False)
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serving_default", lambda x: model(x, training=True),
-                         input_signature=[tf.TensorSpec((None, 4), tf.float32, name=INPUT)])
+    archive.add_endpoint(
+        "serving_default",
+        lambda x: model(x, training=True),
+        input_signature=[tf.TensorSpec((None, 4), tf.float32, name=INPUT)],
+    )
     archive.write_out(os.path.join(paths["training"], "1"), verbose=False)
     paths["model"] = model
     return paths

@@ -17,8 +17,10 @@ from _serving_helpers import TESTDATA  # noqa: E402
 # absent; in CI (CI=true, shared/ checked out beside the repo) that would hide
 # the whole conformance suite, so it is an error instead.
 if os.environ.get("CI") and not os.path.isdir(TESTDATA):
-    pytest.exit(f"CI run without TF Serving's fixtures: {TESTDATA} not found "
-                "(set TFS_TESTDATA)", returncode=3)
+    pytest.exit(
+        f"CI run without TF Serving's fixtures: {TESTDATA} not found (set TFS_TESTDATA)",
+        returncode=3,
+    )
 
 NUM_LOGICAL_CPUS = 4
 

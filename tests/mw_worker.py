@@ -146,11 +146,15 @@ def main(argv) -> None:
             steps_done += 1
             local_rows = [
                 slice(r * ROWS_PER_REPLICA, (r + 1) * ROWS_PER_REPLICA)
-                for r in range(task * len(strategy.extended.worker_devices),
-                               (task + 1) * len(strategy.extended.worker_devices))
+                for r in range(
+                    task * len(strategy.extended.worker_devices),
+                    (task + 1) * len(strategy.extended.worker_devices),
+                )
             ]
             got_y = np.concatenate([np.asarray(v) for v in strategy.experimental_local_results(y)])
-            got_dx = np.concatenate([np.asarray(v) for v in strategy.experimental_local_results(dx)])
+            got_dx = np.concatenate(
+                [np.asarray(v) for v in strategy.experimental_local_results(dx)]
+            )
             want_y = np.concatenate([y_ref[r] for r in local_rows])
             want_dx = np.concatenate([dx_ref[r] for r in local_rows])
             for name, got, ref_value in (

@@ -60,11 +60,17 @@ def _assert_population_stats(model, batches):
         mean, var = _expected(layer, inputs[id(layer)])
         scale = np.abs(mean).max() + np.sqrt(var).max()
         np.testing.assert_allclose(
-            layer.moving_mean.numpy(), mean, rtol=RTOL, atol=RTOL * 1e-2 * scale,
+            layer.moving_mean.numpy(),
+            mean,
+            rtol=RTOL,
+            atol=RTOL * 1e-2 * scale,
             err_msg=f"moving_mean of {layer.name}",
         )
         np.testing.assert_allclose(
-            layer.moving_variance.numpy(), var, rtol=RTOL, err_msg=f"moving_variance of {layer.name}"
+            layer.moving_variance.numpy(),
+            var,
+            rtol=RTOL,
+            err_msg=f"moving_variance of {layer.name}",
         )
 
 
@@ -139,7 +145,9 @@ def test_recalibrate_nested_sequential_and_subclassed_models_with_list_batches()
          keras.layers.Dense(1)]
     )  # fmt: skip
     rng = np.random.default_rng(1)
-    batches = [(rng.normal(size=(n, 5)).astype("float32") * 2 + 1, np.zeros((n, 1))) for n in (7, 9, 4)]
+    batches = [
+        (rng.normal(size=(n, 5)).astype("float32") * 2 + 1, np.zeros((n, 1))) for n in (7, 9, 4)
+    ]
     result = recalibrate(model, batches, progress=False)
     assert result.layers == ["inner_bn", "outer_bn"]
     _assert_population_stats(model, [b[0] for b in batches])
@@ -180,7 +188,9 @@ def test_masked_positions_are_ignored():
     table = model.layers[1].embeddings.numpy().astype(np.float64)
     kept = table[tokens[tokens != 0]]
     np.testing.assert_allclose(model.get_layer("bn").moving_mean.numpy(), kept.mean(0), rtol=RTOL)
-    np.testing.assert_allclose(model.get_layer("bn").moving_variance.numpy(), kept.var(0), rtol=RTOL)
+    np.testing.assert_allclose(
+        model.get_layer("bn").moving_variance.numpy(), kept.var(0), rtol=RTOL
+    )
 
 
 def test_recalibrate_under_mirrored_strategy_is_global():

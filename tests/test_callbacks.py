@@ -93,7 +93,9 @@ def test_pytorch_convention_layers_get_converted_values():
     model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[scheduler])
     bn = model.get_layer("bn")
     assert bn.momentum == pytest.approx(0.25)
-    np.testing.assert_allclose(bn.moving_mean.numpy(), x.astype(np.float64).mean(0) * 0.25, rtol=1e-5)
+    np.testing.assert_allclose(
+        bn.moving_mean.numpy(), x.astype(np.float64).mean(0) * 0.25, rtol=1e-5
+    )
 
 
 def test_named_schedules():

@@ -27,8 +27,14 @@ def _env(**extra):
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, env=_env(**env), cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(**env),
+        cwd=REPO,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +82,23 @@ def test_version_comes_from_the_installed_metadata(capsys):
 def test_tensorflow_start_up_logs_are_silenced_unless_verbose(model_file):
     """Run as a user would: no TF_CPP_MIN_LOG_LEVEL in the environment."""
     code = "import sys; from tfbn import cli; sys.exit(cli.main(sys.argv[1:]))"
-    quiet = subprocess.run([sys.executable, "-c", code, "inspect", model_file],
-                           capture_output=True, text=True, timeout=300, env=_env())
+    quiet = subprocess.run(
+        [sys.executable, "-c", code, "inspect", model_file],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     assert quiet.returncode == 1  # never-updated statistics are a finding
     assert "never_updated" in quiet.stdout
     assert quiet.stderr == ""
-    verbose = subprocess.run([sys.executable, "-c", code, "inspect", model_file, "--verbose"],
-                             capture_output=True, text=True, timeout=300, env=_env())
+    verbose = subprocess.run(
+        [sys.executable, "-c", code, "inspect", model_file, "--verbose"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     assert verbose.returncode == 1 and "never_updated" in verbose.stdout
     # What TensorFlow logs depends on the machine; with --verbose it is not hidden.
     assert "TF_CPP_MIN_LOG_LEVEL" not in verbose.stderr
@@ -121,9 +137,16 @@ def test_every_option_has_help_text():
 # tensorflow_model_server's own flag names (kept as TF Serving spells them): every flag
 # of the server's table (tfbn.serving._flags.FLAGS lists tensorflow_model_server 2.21's).
 TF_SERVING_FLAGS = {f"--{flag.name}" for flag in _serving_flags.FLAGS}
-assert {"--port", "--rest_api_port", "--model_name", "--model_base_path", "--model_config_file",
-        "--enable_batching", "--batching_parameters_file",
-        "--file_system_poll_wait_seconds"} <= TF_SERVING_FLAGS
+assert {
+    "--port",
+    "--rest_api_port",
+    "--model_name",
+    "--model_base_path",
+    "--model_config_file",
+    "--enable_batching",
+    "--batching_parameters_file",
+    "--file_system_poll_wait_seconds",
+} <= TF_SERVING_FLAGS
 
 
 def test_tfbn_options_are_kebab_case_and_tf_serving_flags_keep_their_spelling():
@@ -142,19 +165,26 @@ def test_tfbn_options_are_kebab_case_and_tf_serving_flags_keep_their_spelling():
     assert {"--model_name", "--enable_batching", "--batching_parameters_file"} <= check_flags
 
 
-@pytest.mark.parametrize("argv, dest, value, old", [
-    (["check", "m", "--num_examples", "5"], "num_examples", 5, "--num_examples"),
-    (["check", "m", "--batch_sizes", "1,all"], "batch_sizes", (1, None), "--batch_sizes"),
-    (["check", "m", "--concurrent_rounds", "2"], "concurrent_rounds", 2, "--concurrent_rounds"),
-    (["check", "--rest", "u", "--model_version", "3"], "model_version", 3, "--model_version"),
-    (["check", "--rest", "u", "--model_version_label", "s"], "model_version_label", "s",
-     "--model_version_label"),
-    (["check", "m", "--signature_name", "s"], "signature_name", "s", "--signature_name"),
-    (["export", "m.keras", "base", "--version", "7"], "model_version", "7", "--version"),
-    (["export", "m.keras", "base", "--model-name", "n"], "model_name", "n", "--model-name"),
-    (["serve", "--max_request_bytes", "10"], "max_request_bytes", 10, "--max_request_bytes"),
-    (["lint", "m.keras", "--batch_size", "8"], "batch_size", 8, "--batch_size"),
-])
+@pytest.mark.parametrize(
+    "argv, dest, value, old",
+    [
+        (["check", "m", "--num_examples", "5"], "num_examples", 5, "--num_examples"),
+        (["check", "m", "--batch_sizes", "1,all"], "batch_sizes", (1, None), "--batch_sizes"),
+        (["check", "m", "--concurrent_rounds", "2"], "concurrent_rounds", 2, "--concurrent_rounds"),
+        (["check", "--rest", "u", "--model_version", "3"], "model_version", 3, "--model_version"),
+        (
+            ["check", "--rest", "u", "--model_version_label", "s"],
+            "model_version_label",
+            "s",
+            "--model_version_label",
+        ),
+        (["check", "m", "--signature_name", "s"], "signature_name", "s", "--signature_name"),
+        (["export", "m.keras", "base", "--version", "7"], "model_version", "7", "--version"),
+        (["export", "m.keras", "base", "--model-name", "n"], "model_name", "n", "--model-name"),
+        (["serve", "--max_request_bytes", "10"], "max_request_bytes", 10, "--max_request_bytes"),
+        (["lint", "m.keras", "--batch_size", "8"], "batch_size", 8, "--batch_size"),
+    ],
+)
 def test_old_spellings_still_parse_with_a_deprecation_warning(argv, dest, value, old, capsys):
     args = cli.build_parser().parse_args(argv)
     assert getattr(args, dest) == value
@@ -176,8 +206,9 @@ def test_export_model_version_is_not_the_program_version(capsys):
 
 def test_deprecated_alias_keeps_mutual_exclusion(capsys):
     with pytest.raises(SystemExit) as exit:
-        cli.build_parser().parse_args(["check", "--rest", "u", "--model-version", "1",
-                                       "--model_version_label", "x"])
+        cli.build_parser().parse_args(
+            ["check", "--rest", "u", "--model-version", "1", "--model_version_label", "x"]
+        )
     assert exit.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
 
@@ -229,12 +260,16 @@ def without_serving_extra(monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)
 
 
-@pytest.mark.parametrize("argv, what", [
-    (["serve", "--model_base_path", "/nonexistent"], "tfbn serve"),
-    (["check", "--grpc", "127.0.0.1:9", "--model_name", "m"], "tfbn check --grpc"),
-])
+@pytest.mark.parametrize(
+    "argv, what",
+    [
+        (["serve", "--model_base_path", "/nonexistent"], "tfbn serve"),
+        (["check", "--grpc", "127.0.0.1:9", "--model_name", "m"], "tfbn check --grpc"),
+    ],
+)
 def test_commands_needing_the_serving_extra_say_which_to_install(
-        argv, what, without_serving_extra, capsys):
+    argv, what, without_serving_extra, capsys
+):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert f"{what} needs the 'serving' extra" in err

@@ -172,8 +172,12 @@ def test_sync_parity_float32(strategy, inner, fused):
 def test_sync_parity_channels_first(strategy, fused):
     assert strategy.num_replicas_in_sync == REPLICAS
     got, want, sync, ref = _parity(
-        strategy, [3, 2, 4, 3], (4, 5), 6,
-        lambda **kw: tfbn.BatchNormalization(axis=1, fused=fused, **kw), channels_first=True,
+        strategy,
+        [3, 2, 4, 3],
+        (4, 5),
+        6,
+        lambda **kw: tfbn.BatchNormalization(axis=1, fused=fused, **kw),
+        channels_first=True,
     )
     assert sync._fused_format == ("NCHW" if fused is True else None)
     for step_got, step_want in zip(got, want, strict=True):
@@ -268,7 +272,7 @@ def test_uneven_and_empty_replica_batches(strategy, fused):
 
     # An all-empty global batch: empty outputs, zero gradients, statistics untouched.
     empty = _batches([0, 0, 0, 0], (2, 2), 3, steps=1)
-    (y, dx, dg, db), = _distributed_steps(strategy, sync, empty)
+    ((y, dx, dg, db),) = _distributed_steps(strategy, sync, empty)
     assert y.shape == (0, 2, 2, 3) and dx.shape == (0, 2, 2, 3)
     assert np.all(dg == 0) and np.all(db == 0)
     for g, w in zip(_moving(sync), before, strict=True):
@@ -351,7 +355,9 @@ def test_group_size_must_divide_replicas(strategy):
         layer = tfbn.BatchNormalization(synchronized=True, sync_group_size=3)
         layer.build((None, 4))
     x = _per_replica(strategy, [np.ones((2, 4), "float32")] * REPLICAS)
-    with pytest.raises(ValueError, match=r"sync_group_size.*divides.*\(4\).*Received: sync_group_size=3"):
+    with pytest.raises(
+        ValueError, match=r"sync_group_size.*divides.*\(4\).*Received: sync_group_size=3"
+    ):
         strategy.run(lambda x: layer(x, training=True), (x,))
 
 
@@ -389,7 +395,8 @@ def test_sync_gradient_formula_reduces_to_batch_norm_gradient_on_one_device(data
         mean, var, _ = stats.moments(x, axes)
         y = stats.normalize_with_moments(x, mean, var, gamma, beta, 1e-3, data_format)
         y_ref = tf.nn.batch_normalization(
-            x, *(tf.reshape(t, stats._expand(t, axes).shape) for t in (mean, var, beta, gamma)),
+            x,
+            *(tf.reshape(t, stats._expand(t, axes).shape) for t in (mean, var, beta, gamma)),
             1e-3,
         )
         loss = tf.reduce_sum(y_ref * dy)
@@ -397,7 +404,9 @@ def test_sync_gradient_formula_reduces_to_batch_norm_gradient_on_one_device(data
     want = tape.gradient(loss, x)
 
     mean, var, count = stats.fused_moments(x, data_format)
-    _, dgamma, dbeta = stats.fused_batch_norm_frozen_grad(dy, x, gamma, mean, var, 1e-3, data_format)
+    _, dgamma, dbeta = stats.fused_batch_norm_frozen_grad(
+        dy, x, gamma, mean, var, 1e-3, data_format
+    )
     got = stats.sync_batch_norm_input_grad(
         dy, x, gamma, mean, var, 1e-3, dbeta, dgamma, count, data_format
     )
@@ -534,19 +543,25 @@ def test_replica_copies_never_drift_apart(strategy, kind):
         if kind != "tfbn-ghost-sync":
             layer = type(layer).from_config({**layer.get_config(), "momentum": 0.7})
         layer.build((None, 3, 3, 4))
+
     def replica_step(x):
         return layer(x, training=True)
 
     step = tf.function(lambda x: strategy.run(replica_step, (x,)))
     for i in range(12):
         rows = [4, 0, 6, 4] if i % 4 == 1 else [4, 2, 6, 4] if i % 3 else [4, 4, 4, 4]
-        xs = [(rng.normal(1e3 * r, 1 + r, (n, 3, 3, 4))).astype("float32")
-              for r, n in enumerate(rows)]
+        xs = [
+            (rng.normal(1e3 * r, 1 + r, (n, 3, 3, 4))).astype("float32") for r, n in enumerate(rows)
+        ]
         if i == 5:
             xs[2][0, 0, 0, 0] = np.nan  # one replica's statistics are not finite
         step(_per_replica(strategy, xs))
-    for variable in (layer.moving_mean, layer.moving_variance,
-                     layer.num_batches_tracked, layer.num_skipped_updates):
+    for variable in (
+        layer.moving_mean,
+        layer.moving_variance,
+        layer.num_batches_tracked,
+        layer.num_skipped_updates,
+    ):
         copies = [np.asarray(c) for c in strategy.experimental_local_results(variable.value)]
         assert len(copies) == REPLICAS
         for c in copies[1:]:
@@ -565,8 +580,10 @@ def test_replica_copies_never_drift_apart(strategy, kind):
 
 def test_unsynchronized_moving_stats_stay_equal_across_replicas(strategy):
     assert strategy.num_replicas_in_sync == REPLICAS
-    xs = [np.full((4, 3), float(i), "float32") + np.arange(4, dtype="float32")[:, None]
-          for i in range(REPLICAS)]
+    xs = [
+        np.full((4, 3), float(i), "float32") + np.arange(4, dtype="float32")[:, None]
+        for i in range(REPLICAS)
+    ]
     with strategy.scope():
         ours = tfbn.BatchNormalization(momentum=0.5)
         keras_bn = keras.layers.BatchNormalization(momentum=0.5)
@@ -579,8 +596,10 @@ def test_unsynchronized_moving_stats_stay_equal_across_replicas(strategy):
     # Each replica's own update: 0.5 * init + 0.5 * its batch statistic.
     per_replica_mean = [0.5 * 0 + 0.5 * x.mean(0) for x in xs]
     per_replica_var = [0.5 * 1 + 0.5 * x.var(0) for x in xs]
-    for variable, updates in ((ours.moving_mean, per_replica_mean),
-                              (ours.moving_variance, per_replica_var)):
+    for variable, updates in (
+        (ours.moving_mean, per_replica_mean),
+        (ours.moving_variance, per_replica_var),
+    ):
         components = [np.asarray(v) for v in variable.value.values]
         assert len(components) == REPLICAS
         for c in components:
@@ -680,8 +699,14 @@ def test_convert_sync_batch_norm_and_back_in_scope(strategy, kind):
         model = _models()[kind]
         for bn in _bn_layers(model):
             c = bn.gamma.shape[0]
-            bn.set_weights([rng.uniform(0.5, 2, c), rng.normal(0, 1, c),
-                            rng.normal(0, 1, c), rng.uniform(0.5, 2, c)])
+            bn.set_weights(
+                [
+                    rng.uniform(0.5, 2, c),
+                    rng.normal(0, 1, c),
+                    rng.normal(0, 1, c),
+                    rng.uniform(0.5, 2, c),
+                ]
+            )
         synced = convert_sync_batch_norm(model, sync_group_size=2)
     old_bns, new_bns = _bn_layers(model), _bn_layers(synced)
     assert len(old_bns) == len(new_bns) >= 2
@@ -724,7 +749,10 @@ def test_bench_sync_cli_reports_times_ratios_and_collectives(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
         [sys.executable, "-m", "tfbn.cli", *argv],
-        capture_output=True, text=True, timeout=240, env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for impl in bench.SYNC_IMPLEMENTATIONS:
@@ -734,7 +762,11 @@ def test_bench_sync_cli_reports_times_ratios_and_collectives(tmp_path):
     assert all(r["replicas"] == REPLICAS for r in rows.values())
     collectives = {name: r["collectives_per_layer_step"] for name, r in rows.items()}
     assert collectives == {
-        "tfbn_sync": 2, "tfbn_local": 1, "keras_sync": 5, "keras_local": 0, "tfbn_sync_unfused": 2
+        "tfbn_sync": 2,
+        "tfbn_local": 1,
+        "keras_sync": 5,
+        "keras_local": 0,
+        "tfbn_sync_unfused": 2,
     }
 
 

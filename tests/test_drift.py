@@ -97,14 +97,16 @@ def test_example_moment_sums_add_up_to_moment_sums():
     rows = stats.example_moment_sums(x, [-1])
     assert rows.shape == (5, 3, 2) and rows.dtype == tf.float64
     mean, var, count = stats.moments(tf.cast(x, tf.float64), [0, 1, 2])
-    np.testing.assert_allclose(tf.reduce_sum(rows, 0), stats.moment_sums(mean, var, count),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        tf.reduce_sum(rows, 0), stats.moment_sums(mean, var, count), rtol=1e-12
+    )
     mask = np.random.default_rng(1).integers(0, 2, (5, 4, 3, 1))
     weighted = tf.reduce_sum(stats.example_moment_sums(x, [3], mask), 0).numpy()
     x64 = x.numpy().astype(np.float64).reshape(-1, 2)
     w = np.broadcast_to(mask, x.shape).reshape(-1, 2)
-    np.testing.assert_allclose(weighted, [w.sum(0), (w * x64).sum(0), (w * x64**2).sum(0)],
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        weighted, [w.sum(0), (w * x64).sum(0), (w * x64**2).sum(0)], rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
@@ -121,14 +123,17 @@ def test_signature_sums_equal_the_models_bn_inputs(tmp_path, data_format, fold):
     served_want = _bn_input_sums(tfbn.fold_batch_norm(model), x) if fold else want
     assert list(sums) == ["bn_conv", "bn_relu", "bn_dense"]  # forward order
     assert all(v.shape[:2] == (len(x), 3) for v in rows.values())
-    asset = json.load(open(os.path.join(result.path, "assets.extra", statistics_signature.ASSET_FILE)))
+    asset = json.load(
+        open(os.path.join(result.path, "assets.extra", statistics_signature.ASSET_FILE))
+    )
     kinds = {layer["name"]: layer["kind"] for layer in asset["layers"]}
     for name, got in sums.items():
         total = got.sum(axis=0)
         np.testing.assert_array_equal(total[0], want[name][0])
         folded = kinds[name] == statistics_signature.FOLDED
-        assert kinds[name] == (("folded" if name != "bn_relu" else "frozen") if fold
-                               else "batch_norm")
+        assert kinds[name] == (
+            ("folded" if name != "bn_relu" else "frozen") if fold else "batch_norm"
+        )
         if folded:  # recovered from the folded producer's float32 output
             (m, v), (m0, v0) = _moments(total), _moments(want[name])
             scale = np.sqrt(ref[name][0][1] + ref[name][0][2])  # sqrt(var + eps): drift's unit
@@ -140,8 +145,14 @@ def test_signature_sums_equal_the_models_bn_inputs(tmp_path, data_format, fold):
             # (with folding, upstream folded layers round differently in float32)
             np.testing.assert_allclose(total, want[name], rtol=1e-5, atol=1e-5)
         bn = model.get_layer(name)
-        np.testing.assert_allclose(ref[name][0], [bn.moving_mean.numpy(), bn.moving_variance.numpy(),
-                                                  np.full(bn.moving_mean.shape, bn.epsilon)])
+        np.testing.assert_allclose(
+            ref[name][0],
+            [
+                bn.moving_mean.numpy(),
+                bn.moving_variance.numpy(),
+                np.full(bn.moving_mean.shape, bn.epsilon),
+            ],
+        )
     # Batch-major: each example's row is what it gets alone (no batch statistics).
     alone = tf.saved_model.load(result.path).signatures[SIG](image=tf.constant(x[3:4]))
     for key, value in alone.items():
@@ -156,7 +167,10 @@ def test_near_zero_gamma_channels_are_unobservable_not_garbage(tmp_path):
     sums, _, _ = _signature_sums(result.path, x)
     total = sums["bn_conv"].sum(0)
     np.testing.assert_array_equal(total[:, [1, 2]], 0.0)  # n = 0: not observable
-    (m, v), (m0, v0) = _moments(total[:, [0, 3]]), _moments(_bn_input_sums(model, x)["bn_conv"][:, [0, 3]])
+    (m, v), (m0, v0) = (
+        _moments(total[:, [0, 3]]),
+        _moments(_bn_input_sums(model, x)["bn_conv"][:, [0, 3]]),
+    )
     np.testing.assert_allclose(m, m0, atol=1e-5)
     np.testing.assert_allclose(v, v0, rtol=1e-4)
     report = drift.measure_drift(drift.SavedModelProbe(result.path), {"image": x})
@@ -175,8 +189,11 @@ def _canonical_serving_graph(path):
     sig = meta.signature_def["serving_default"]
     top = {n.name: n for n in meta.graph_def.node}
     calls = [top[o.name.split(":")[0]] for o in sig.outputs.values()]
-    names, order, queue = {}, [], [a.func.name for c in calls for a in c.attr.values()
-                                   if a.HasField("func")]
+    names, order, queue = (
+        {},
+        [],
+        [a.func.name for c in calls for a in c.attr.values() if a.HasField("func")],
+    )
     while queue:
         name = queue.pop(0)
         if name in names or name not in library:
@@ -205,19 +222,23 @@ def test_serving_default_is_unchanged_and_the_probe_passes_the_lint(tmp_path):
     model = _cnn()
     x = _traffic(model)
     with_probe = tfbn.export_saved_model(model, tmp_path / "a", sample_inputs=x[:4])
-    without = tfbn.export_saved_model(model, tmp_path / "b", sample_inputs=x[:4],
-                                      statistics_signature=False)
+    without = tfbn.export_saved_model(
+        model, tmp_path / "b", sample_inputs=x[:4], statistics_signature=False
+    )
     assert _canonical_serving_graph(with_probe.path) == _canonical_serving_graph(without.path)
     a = tf.saved_model.load(with_probe.path)
     b = tf.saved_model.load(without.path)
     assert sorted(a.signatures) == ["serving_default", REF, SIG]
     assert sorted(b.signatures) == ["serving_default"]
-    np.testing.assert_array_equal(a.signatures["serving_default"](image=tf.constant(x))["logits"],
-                                  b.signatures["serving_default"](image=tf.constant(x))["logits"])
+    np.testing.assert_array_equal(
+        a.signatures["serving_default"](image=tf.constant(x))["logits"],
+        b.signatures["serving_default"](image=tf.constant(x))["logits"],
+    )
     report = lint_saved_model(with_probe.path)
     assert report.ok and SIG in report.signatures and REF in report.signatures, report.format()
-    assert not os.path.exists(os.path.join(without.path, "assets.extra",
-                                           statistics_signature.ASSET_FILE))
+    assert not os.path.exists(
+        os.path.join(without.path, "assets.extra", statistics_signature.ASSET_FILE)
+    )
 
 
 def test_model_without_bn_exports_without_probe_and_drift_says_so(tmp_path, capsys):
@@ -244,7 +265,7 @@ def calibrated(tmp_path_factory):
     root = tmp_path_factory.mktemp("drift")
     model = _cnn()
     traffic = _traffic(model, n=96, seed=3)
-    tfbn.recalibrate(model, [traffic[i:i + 32] for i in range(0, 96, 32)], progress=False)
+    tfbn.recalibrate(model, [traffic[i : i + 32] for i in range(0, 96, 32)], progress=False)
     model.save(root / "m.keras")
     result = tfbn.export_saved_model(model, root / "base", sample_inputs=traffic[:8])
     np.savez(root / "traffic.npz", image=traffic)
@@ -259,8 +280,9 @@ def test_cli_drift_ok_drift_json_and_png(calibrated, capsys):
     out = capsys.readouterr().out
     assert "OK: every BN layer below the threshold" in out and "| bn_conv |" in out
     png = root / "drift.png"
-    code = cli.main(["drift", base, "--inputs", str(root / "shifted.npz"), "--json",
-                     "--png", str(png)])
+    code = cli.main(
+        ["drift", base, "--inputs", str(root / "shifted.npz"), "--json", "--png", str(png)]
+    )
     assert code == 1
     doc = json.loads(capsys.readouterr().out)
     assert doc["drift"] and doc["threshold"] == drift.DEFAULT_THRESHOLD
@@ -268,8 +290,10 @@ def test_cli_drift_ok_drift_json_and_png(calibrated, capsys):
     assert doc["layers"][0]["score"] > drift.DEFAULT_THRESHOLD
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the same numbers from the .keras model in process
-    assert cli.main(["drift", str(root / "m.keras"), "--inputs", str(root / "shifted.npz"),
-                     "--json"]) == 1
+    assert (
+        cli.main(["drift", str(root / "m.keras"), "--inputs", str(root / "shifted.npz"), "--json"])
+        == 1
+    )
     local = json.loads(capsys.readouterr().out)
     for a, b in zip(doc["layers"], local["layers"], strict=True):
         assert a["score"] == pytest.approx(b["score"], rel=1e-4)
@@ -286,8 +310,19 @@ def test_scores_are_exactly_zero_on_the_calibration_traffic(calibrated):
 def test_recalibrate_export_drift_loop(calibrated, tmp_path, capsys):
     root = calibrated["root"]
     new = tmp_path / "new.keras"
-    assert cli.main(["recalibrate", str(root / "m.keras"), "--inputs", str(root / "shifted.npz"),
-                     "--out", str(new)]) == 0
+    assert (
+        cli.main(
+            [
+                "recalibrate",
+                str(root / "m.keras"),
+                "--inputs",
+                str(root / "shifted.npz"),
+                "--out",
+                str(new),
+            ]
+        )
+        == 0
+    )
     assert "recalibrated 3 BatchNormalization layer(s)" in capsys.readouterr().out
     base = tmp_path / "base"
     assert cli.main(["export", str(new), str(base), "--samples", str(root / "shifted.npz")]) == 0
@@ -298,25 +333,69 @@ def test_recalibrate_export_drift_loop(calibrated, tmp_path, capsys):
 def test_export_flag_and_keras_export_need_the_keras_model(calibrated, tmp_path, capsys):
     root = calibrated["root"]
     base = tmp_path / "nosig"
-    assert cli.main(["export", str(root / "m.keras"), str(base), "--no-statistics-signature",
-                     "--samples", str(root / "traffic.npz")]) == 0
+    assert (
+        cli.main(
+            [
+                "export",
+                str(root / "m.keras"),
+                str(base),
+                "--no-statistics-signature",
+                "--samples",
+                str(root / "traffic.npz"),
+            ]
+        )
+        == 0
+    )
     assert sorted(tf.saved_model.load(str(base / "1")).signatures) == ["serving_default"]
     capsys.readouterr()
     assert cli.main(["drift", str(base), "--inputs", str(root / "traffic.npz")]) == 2
     err = capsys.readouterr().err
     assert f"no '{SIG}' signature" in err and "--keras" in err and "Traceback" not in err
-    assert cli.main(["drift", str(base), "--inputs", str(root / "shifted.npz"),
-                     "--keras", str(root / "m.keras")]) == 1
+    assert (
+        cli.main(
+            [
+                "drift",
+                str(base),
+                "--inputs",
+                str(root / "shifted.npz"),
+                "--keras",
+                str(root / "m.keras"),
+            ]
+        )
+        == 1
+    )
     # Keras's own model.export(): no probe; the .keras model computes the same numbers
     calibrated["model"].export(str(tmp_path / "kexport" / "1"), verbose=False)
-    assert cli.main(["drift", str(tmp_path / "kexport"), "--inputs", str(root / "traffic.npz"),
-                     "--keras", str(root / "m.keras")]) == 0
+    assert (
+        cli.main(
+            [
+                "drift",
+                str(tmp_path / "kexport"),
+                "--inputs",
+                str(root / "traffic.npz"),
+                "--keras",
+                str(root / "m.keras"),
+            ]
+        )
+        == 0
+    )
     # ... but only if it is the served model
     other = _cnn(seed=5)
     other.save(tmp_path / "other.keras")
     capsys.readouterr()
-    assert cli.main(["drift", str(tmp_path / "kexport"), "--inputs", str(root / "traffic.npz"),
-                     "--keras", str(tmp_path / "other.keras")]) == 2
+    assert (
+        cli.main(
+            [
+                "drift",
+                str(tmp_path / "kexport"),
+                "--inputs",
+                str(root / "traffic.npz"),
+                "--keras",
+                str(tmp_path / "other.keras"),
+            ]
+        )
+        == 2
+    )
     assert "is not the served model" in capsys.readouterr().err
 
 
@@ -331,20 +410,27 @@ def test_check_traffic_names_extra_inputs():
 def test_warmup_records_are_traffic(calibrated):
     warmup = os.path.join(calibrated["export"].path, "assets.extra", "tf_serving_warmup_requests")
     traffic = drift.load_traffic(warmup, ["image"])
-    np.testing.assert_array_equal(traffic["image"], np.concatenate(
-        [calibrated["traffic"][:1], calibrated["traffic"][:8]]))
+    np.testing.assert_array_equal(
+        traffic["image"], np.concatenate([calibrated["traffic"][:1], calibrated["traffic"][:8]])
+    )
 
 
 # ---------------------------------------------------------------- bad input --
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda t: {"image": np.full_like(t[:4], np.nan)}, "NaN or Inf in 4 of 4 examples"),
-    (lambda t: {"image": t[:, :5]}, "has shape (96, 5, 6, 3); the signature expects (-1, 6, 6, 3)"),
-    (lambda t: {"image": t[:0]}, "traffic has 0 example(s)"),
-    (lambda t: {"image": t[:1]}, "traffic has 1 example(s)"),
-    (lambda t: {"pixels": t}, "has arrays ['pixels'], but the model's inputs are ['image']"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda t: {"image": np.full_like(t[:4], np.nan)}, "NaN or Inf in 4 of 4 examples"),
+        (
+            lambda t: {"image": t[:, :5]},
+            "has shape (96, 5, 6, 3); the signature expects (-1, 6, 6, 3)",
+        ),
+        (lambda t: {"image": t[:0]}, "traffic has 0 example(s)"),
+        (lambda t: {"image": t[:1]}, "traffic has 1 example(s)"),
+        (lambda t: {"pixels": t}, "has arrays ['pixels'], but the model's inputs are ['image']"),
+    ],
+)
 def test_bad_traffic_is_a_usage_error(calibrated, tmp_path, capsys, make, message):
     path = tmp_path / "bad.npz"
     np.savez(path, **make(calibrated["traffic"]))
@@ -360,11 +446,26 @@ def test_bad_usage(calibrated, tmp_path, capsys):
     cases = [
         (["drift", str(tmp_path / "nope"), "--inputs", traffic], "does not exist"),
         (["drift", str(root / "base"), "--inputs", str(tmp_path / "nope.npz")], "does not exist"),
-        (["drift", "--rest", "http://127.0.0.1:1", "--inputs", traffic], "--model_name is required"),
+        (
+            ["drift", "--rest", "http://127.0.0.1:1", "--inputs", traffic],
+            "--model_name is required",
+        ),
         (["drift", str(root / "base"), "--inputs", traffic, "--threshold", "0"], "--threshold"),
         (["drift", str(root / "base"), "--inputs", traffic, "--batch_size", "0"], "--batch_size"),
-        (["drift", "--rest", "http://127.0.0.1:1", "--model_name", "m", "--inputs", traffic,
-          "--timeout", "0.5"], "the server did not answer"),
+        (
+            [
+                "drift",
+                "--rest",
+                "http://127.0.0.1:1",
+                "--model_name",
+                "m",
+                "--inputs",
+                traffic,
+                "--timeout",
+                "0.5",
+            ],
+            "the server did not answer",
+        ),
         (["recalibrate", str(root / "m.keras"), "--inputs", traffic, "--out", "x.h5"], ".keras"),
     ]
     bad = tmp_path / "junk.tfrecord"
@@ -381,28 +482,36 @@ def test_bad_usage(calibrated, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def served(calibrated):
-    batching = _config.BatchingParameters(max_batch_size=16, batch_timeout_micros=1000,
-                                          allowed_batch_sizes=(8, 16))
+    batching = _config.BatchingParameters(
+        max_batch_size=16, batch_timeout_micros=1000, allowed_batch_sizes=(8, 16)
+    )
     models = [_config.ModelConfig("m", str(calibrated["root"] / "base"))]
     with DevServer(models, port=0, rest_api_port=0, batching=batching) as srv:
         yield srv
 
 
 @pytest.mark.parametrize("transport", ["rest", "grpc"])
-def test_live_server_matches_in_process_even_behind_batching(calibrated, served, transport,
-                                                           monkeypatch):
+def test_live_server_matches_in_process_even_behind_batching(
+    calibrated, served, transport, monkeypatch
+):
     from tfbn.serving import _batcher
 
     batches = []
     run = _batcher.Batcher._run
-    monkeypatch.setattr(_batcher.Batcher, "_run",
-                        lambda self, servable, batch: (batches.append(len(batch)),
-                                                       run(self, servable, batch))[1])
+    monkeypatch.setattr(
+        _batcher.Batcher,
+        "_run",
+        lambda self, servable, batch: (batches.append(len(batch)), run(self, servable, batch))[1],
+    )
     shifted = calibrated["traffic"] * 2.0 + 1.0
-    local = drift.measure_drift(drift.SavedModelProbe(calibrated["export"].path),
-                                {"image": shifted}, batch_size=5)
-    client = (RestClient(served.rest_url, "m") if transport == "rest"
-              else GrpcClient(served.grpc_target, "m"))
+    local = drift.measure_drift(
+        drift.SavedModelProbe(calibrated["export"].path), {"image": shifted}, batch_size=5
+    )
+    client = (
+        RestClient(served.rest_url, "m")
+        if transport == "rest"
+        else GrpcClient(served.grpc_target, "m")
+    )
     with client:
         remote = drift.measure_drift(drift.ClientProbe(client), {"image": shifted}, batch_size=5)
     assert remote.drift and [la.name for la in remote.layers] == ["bn_conv", "bn_relu", "bn_dense"]
@@ -411,26 +520,53 @@ def test_live_server_matches_in_process_even_behind_batching(calibrated, served,
     assert batches  # it went through the server's batcher
 
 
-def test_cli_against_the_server_and_bad_traffic_keeps_it_serving(calibrated, served, tmp_path,
-                                                                  capsys):
+def test_cli_against_the_server_and_bad_traffic_keeps_it_serving(
+    calibrated, served, tmp_path, capsys
+):
     root = calibrated["root"]
     capsys.readouterr()
-    assert cli.main(["drift", "--rest", served.rest_url, "--model_name", "m", "--inputs",
-                     str(root / "traffic.npz"), "--batch_size", "32"]) == 2
+    assert (
+        cli.main(
+            [
+                "drift",
+                "--rest",
+                served.rest_url,
+                "--model_name",
+                "m",
+                "--inputs",
+                str(root / "traffic.npz"),
+                "--batch_size",
+                "32",
+            ]
+        )
+        == 2
+    )
     assert "larger than maximum input batch size 16" in capsys.readouterr().err  # the server's
-    for where in (["--rest", served.rest_url, "--batch_size", "16"],
-                  ["--grpc", served.grpc_target, "--batch_size", "16"]):
-        assert cli.main(["drift", *where, "--model_name", "m", "--inputs",
-                         str(root / "traffic.npz")]) == 0
-        assert cli.main(["drift", *where, "--model_name", "m", "--inputs",
-                         str(root / "shifted.npz")]) == 1
+    for where in (
+        ["--rest", served.rest_url, "--batch_size", "16"],
+        ["--grpc", served.grpc_target, "--batch_size", "16"],
+    ):
+        assert (
+            cli.main(["drift", *where, "--model_name", "m", "--inputs", str(root / "traffic.npz")])
+            == 0
+        )
+        assert (
+            cli.main(["drift", *where, "--model_name", "m", "--inputs", str(root / "shifted.npz")])
+            == 1
+        )
         np.savez(tmp_path / "nan.npz", image=np.full((3, 6, 6, 3), np.nan, "float32"))
         capsys.readouterr()
-        assert cli.main(["drift", *where, "--model_name", "m", "--inputs",
-                         str(tmp_path / "nan.npz")]) == 2
+        assert (
+            cli.main(["drift", *where, "--model_name", "m", "--inputs", str(tmp_path / "nan.npz")])
+            == 2
+        )
         assert "NaN" in capsys.readouterr().err
-        assert cli.main(["drift", *where, "--model_name", "nope", "--inputs",
-                         str(root / "traffic.npz")]) == 2
+        assert (
+            cli.main(
+                ["drift", *where, "--model_name", "nope", "--inputs", str(root / "traffic.npz")]
+            )
+            == 2
+        )
         assert "NOT_FOUND" in capsys.readouterr().err
     with RestClient(served.rest_url, "m") as client:  # still serving
         assert client.predict({"image": calibrated["traffic"][:2]})["logits"].shape == (2, 3)
@@ -444,10 +580,15 @@ def test_redeploy_if_drifted_on_a_live_server(calibrated, tmp_path):
     keras_path = tmp_path / "m.keras"
     shutil.copy(calibrated["root"] / "m.keras", keras_path)
     shifted = {"image": calibrated["traffic"] * 2.0 + 1.0}
-    with DevServer([_config.ModelConfig("m", str(base))], port=0, rest_api_port=0,
-                   file_system_poll_wait_seconds=0.1) as srv:
-        result = drift.redeploy_if_drifted(str(keras_path), str(base), shifted,
-                                           address=srv.rest_url, model_name="m")
+    with DevServer(
+        [_config.ModelConfig("m", str(base))],
+        port=0,
+        rest_api_port=0,
+        file_system_poll_wait_seconds=0.1,
+    ) as srv:
+        result = drift.redeploy_if_drifted(
+            str(keras_path), str(base), shifted, address=srv.rest_url, model_name="m"
+        )
         assert result.before.drift and result.new_version == 2
         assert result.after is not None and result.after.ok, result.after.table()
         with GrpcClient(srv.grpc_target, "m") as client:
@@ -494,18 +635,26 @@ def test_nested_model_with_dict_inputs(tmp_path):
     """A BN inside a nested Sequential (folded) and one after it (frozen), two named inputs:
     the export's probe and the .keras computation agree."""
     keras.utils.set_random_seed(0)
-    inner = keras.Sequential([keras.Input((6, 6, 4)),
-                              keras.layers.Conv2D(4, 3, padding="same", use_bias=False),
-                              keras.layers.BatchNormalization(name="inner_bn")], name="block")
+    inner = keras.Sequential(
+        [
+            keras.Input((6, 6, 4)),
+            keras.layers.Conv2D(4, 3, padding="same", use_bias=False),
+            keras.layers.BatchNormalization(name="inner_bn"),
+        ],
+        name="block",
+    )
     a, b = keras.Input((6, 6, 3), name="a"), keras.Input((6, 6, 1), name="b")
     x = keras.layers.BatchNormalization(name="outer_bn")(inner(keras.layers.Concatenate()([a, b])))
     model = keras.Model({"a": a, "b": b}, keras.layers.Dense(2)(keras.layers.Flatten()(x)))
     rng = np.random.default_rng(0)
-    traffic = {"a": rng.standard_normal((10, 6, 6, 3)).astype("float32"),
-               "b": rng.standard_normal((10, 6, 6, 1)).astype("float32")}
+    traffic = {
+        "a": rng.standard_normal((10, 6, 6, 3)).astype("float32"),
+        "b": rng.standard_normal((10, 6, 6, 1)).astype("float32"),
+    }
     # Statistics never trained: allowed explicitly (this test is about the graph's shape).
-    result = tfbn.export_saved_model(model, tmp_path / "m", sample_inputs=traffic,
-                                     allow=["never_updated"])
+    result = tfbn.export_saved_model(
+        model, tmp_path / "m", sample_inputs=traffic, allow=["never_updated"]
+    )
     assert result.fold_report.folded == [("inner_bn", inner.layers[0].name)]
     served = drift.measure_drift(drift.SavedModelProbe(result.path), traffic, 4)
     local = drift.measure_drift(drift.KerasProbe(model), traffic, 3)

@@ -20,7 +20,10 @@ def test_demo_end_to_end(capsys, tmp_path):
         leaky = checks[f"digits_training_mode {transport}"]
         assert not leaky["passed"]
         # Single-row requests alone: only the server's batching mixes examples, and it is caught.
-        assert any(r["mode"] == "concurrent" and r["batch_size"] == 1 and not r["passed"] for r in leaky["rows"])
+        assert any(
+            r["mode"] == "concurrent" and r["batch_size"] == 1 and not r["passed"]
+            for r in leaky["rows"]
+        )
     assert (tmp_path / "models" / "digits" / "1" / "saved_model.pb").exists()
     # Issue 17.5: shifted traffic drifts on both transports; the recalibrated version
     # (2, exported while the server ran) does not, and serves more accurately.
@@ -30,4 +33,6 @@ def test_demo_end_to_end(capsys, tmp_path):
     assert not drift["after"]["rest"]["drift"] and not drift["after"]["grpc"]["drift"]
     assert drift["after"]["accuracy"] > drift["before"]["accuracy"] + 0.2
     assert (tmp_path / "models" / "digits" / "2" / "saved_model.pb").exists()
-    assert (tmp_path / "training.png").stat().st_size > 0 and (tmp_path / "invariance.png").stat().st_size > 0
+    assert (tmp_path / "training.png").stat().st_size > 0 and (
+        tmp_path / "invariance.png"
+    ).stat().st_size > 0

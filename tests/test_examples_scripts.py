@@ -52,8 +52,11 @@ def test_multiworker_sync_bn(capsys, tmp_path):
 
 def _cli_lines(text):
     """The `tfbn ...` command lines in `text` (one command per line)."""
-    return [shlex.split(line.strip().lstrip("$ ")) for line in text.splitlines()
-            if line.strip().startswith("tfbn ")]
+    return [
+        shlex.split(line.strip().lstrip("$ "))
+        for line in text.splitlines()
+        if line.strip().startswith("tfbn ")
+    ]
 
 
 def test_export_serve_check(capsys, tmp_path):
@@ -86,13 +89,21 @@ def test_tf_serving_docker_doc():
     params = parse_batching_parameters(batching[0])
     assert params.max_batch_size == 64 and params.allowed_batch_sizes == (8, 16, 32, 64)
     docker = next(body for lang, body in blocks if "docker run" in body)
-    for flag in ("-p 127.0.0.1:8500:8500", "-p 127.0.0.1:8501:8501", "-e MODEL_NAME=digits",
-                 ":/models/digits", "--enable_batching=true", "--batching_parameters_file="):
+    for flag in (
+        "-p 127.0.0.1:8500:8500",
+        "-p 127.0.0.1:8501:8501",
+        "-e MODEL_NAME=digits",
+        ":/models/digits",
+        "--enable_batching=true",
+        "--batching_parameters_file=",
+    ):
         assert flag in docker, flag
     commands = [c for lang, body in blocks if lang == "sh" for c in _cli_lines(body)]
     assert {c[1] for c in commands} == {"check", "serve"}
     checks = [c for c in commands if c[1] == "check"]
-    assert {"--rest", "--grpc"} <= {arg for c in checks for arg in c} and all("--concurrent" in c for c in checks)
+    assert {"--rest", "--grpc"} <= {arg for c in checks for arg in c} and all(
+        "--concurrent" in c for c in checks
+    )
     parser = cli.build_parser()
     for command in commands:
         parser.parse_args(command[1:])

@@ -67,8 +67,11 @@ def test_training_mode_leak(tmp_path):
     assert len(accuracies) == 8 and all(in_unit_interval(a) for a in accuracies)
 
     def accuracy(mode, size):
-        return next(r["accuracy"] for r in rows if r["mode"] == mode and r["batch_size"] == size
-                    and r["accuracy"] != "")
+        return next(
+            r["accuracy"]
+            for r in rows
+            if r["mode"] == mode and r["batch_size"] == size and r["accuracy"] != ""
+        )
 
     # Not the claim, but what makes the comparison meaningful: inference mode and the
     # frozen model agree, and inference outputs do not depend on the batch.
@@ -83,8 +86,12 @@ def test_training_mode_leak(tmp_path):
 def test_momentum_schedules_apply(tmp_path):
     result = run("momentum", tmp_path)
     curves = result["curves"]
-    assert set(curves) == {"static 0.9", "static 0.99", "linear 0.9 -> 0.99",
-                           "warm-up 1-1/(t+1), cap 0.99"}
+    assert set(curves) == {
+        "static 0.9",
+        "static 0.99",
+        "linear 0.9 -> 0.99",
+        "warm-up 1-1/(t+1), cap 0.99",
+    }
     for curve in curves.values():
         assert all(math.isfinite(e) and e >= 0 for e in curve["mean_error"] + curve["var_error"])
     # The schedule really changed the layers' momentum during fit; static ones did not.
@@ -97,8 +104,11 @@ def test_momentum_schedules_apply(tmp_path):
 
 def test_lr_tolerance(tmp_path):
     result = run("lr_tolerance", tmp_path)
-    assert [r["variant"] for r in result["rows"]] == ["no BN", "post-activation BN",
-                                                      "pre-activation BN"]
+    assert [r["variant"] for r in result["rows"]] == [
+        "no BN",
+        "post-activation BN",
+        "pre-activation BN",
+    ]
     lrs = result["learning_rates"]
     assert max(lrs) / min(lrs) == pytest.approx(100)
     for row in result["rows"]:

@@ -61,7 +61,10 @@ def test_export_layout_signature_warmup_and_golden(tmp_path):
 
     loaded = tf.saved_model.load(result.path)
     assert sorted(loaded.signatures) == [  # + the drift probe (tfbn.statistics_signature)
-        "serving_default", "tfbn_batch_norm_reference", "tfbn_batch_norm_statistics"]
+        "serving_default",
+        "tfbn_batch_norm_reference",
+        "tfbn_batch_norm_statistics",
+    ]
     fn = loaded.signatures["serving_default"]
     _, kwargs = fn.structured_input_signature
     assert list(kwargs) == ["image"] and kwargs["image"].shape.as_list() == [None, 8, 8, 3]
@@ -123,8 +126,12 @@ def test_export_tfbn_model_unfolded_sample_inputs_and_extra_signature(tmp_path):
     )  # fmt: skip
     assert result.version == 3 and result.fold_report is None and result.nothing_folded
     loaded = tf.saved_model.load(result.path)
-    assert set(loaded.signatures) == {"serving_default", "doubled", "tfbn_batch_norm_reference",
-                                      "tfbn_batch_norm_statistics"}
+    assert set(loaded.signatures) == {
+        "serving_default",
+        "doubled",
+        "tfbn_batch_norm_reference",
+        "tfbn_batch_norm_statistics",
+    }
     out = loaded.signatures["doubled"](image=tf.constant(x))["twice"]
     np.testing.assert_allclose(out, 2.0 * model(x, training=False), rtol=1e-5, atol=1e-5)
     inputs, _ = load_golden(result.path)
@@ -327,8 +334,9 @@ def test_nan_statistics_are_refused_with_every_reason(tmp_path):
     with pytest.raises(ExportGateError, match="NaN/Inf for finite"):
         export_saved_model(model, tmp_path / "m", allow=["negative_variance"])
     # both allowed: written, and the report says what was allowed
-    result = export_saved_model(model, tmp_path / "m",
-                                allow=["negative_variance", "nonfinite_outputs"])
+    result = export_saved_model(
+        model, tmp_path / "m", allow=["negative_variance", "nonfinite_outputs"]
+    )
     assert result.gate.allowed == ["negative_variance", "nonfinite_outputs"]
     assert "allowed: negative_variance, nonfinite_outputs" in result.format()
     with pytest.raises(ValueError, match="allow"):
@@ -396,8 +404,13 @@ def _mixed_cnn(fit=True):
     if fit:
         rng = np.random.default_rng(0)
         model.compile("sgd", "sparse_categorical_crossentropy")
-        model.fit(rng.normal(size=(32, 12, 12, 3)), rng.integers(0, 5, 32), batch_size=16,
-                  epochs=1, verbose=0)
+        model.fit(
+            rng.normal(size=(32, 12, 12, 3)),
+            rng.integers(0, 5, 32),
+            batch_size=16,
+            epochs=1,
+            verbose=0,
+        )
     return model
 
 
@@ -434,12 +447,15 @@ def test_gate_still_refuses_wrong_folds_training_bn_and_nan(tmp_path, policy, mo
     assert any("differs from model" in p or "float32 truth" in p for p in err.value.report.problems)
 
     def train_mode(serving_model):
-        return tf.function(lambda image: {"y": serving_model(image, training=True)},
-                           input_signature=[tf.TensorSpec((None, 12, 12, 3), tf.float32)])
+        return tf.function(
+            lambda image: {"y": serving_model(image, training=True)},
+            input_signature=[tf.TensorSpec((None, 12, 12, 3), tf.float32)],
+        )
 
     with pytest.raises(ExportGateError, match="training_batch_norm|batch_moments"):
-        export_saved_model(model, tmp_path / "train", fold=False,
-                           extra_signatures={"train": train_mode})
+        export_saved_model(
+            model, tmp_path / "train", fold=False, extra_signatures={"train": train_mode}
+        )
 
     bn = [layer for layer in model.layers if "batch_normalization" in layer.name][0]
     bn.moving_variance.assign(-np.ones(bn.moving_variance.shape, "float32"))
@@ -489,8 +505,12 @@ def _run_export_process(tmp_path, mode, on_ready=None):
     script = tmp_path / "script.py"
     script.write_text(_KILL_SCRIPT)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    proc = subprocess.Popen([sys.executable, str(script), model_path, str(tmp_path / "base"), mode],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), model_path, str(tmp_path / "base"), mode],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         if on_ready is not None:
             on_ready(proc)
@@ -565,8 +585,12 @@ def test_stale_temp_dirs_are_removed_live_ones_kept(tmp_path):
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     base = tmp_path / "base"
     try:
-        names = {"dead": f"{TMP_PREFIX}{dead.pid}-x1", "alive": f"{TMP_PREFIX}{alive.pid}-x2",
-                 "legacy_old": f"{TMP_PREFIX}abc", "legacy_new": f"{TMP_PREFIX}def"}
+        names = {
+            "dead": f"{TMP_PREFIX}{dead.pid}-x1",
+            "alive": f"{TMP_PREFIX}{alive.pid}-x2",
+            "legacy_old": f"{TMP_PREFIX}abc",
+            "legacy_new": f"{TMP_PREFIX}def",
+        }
         for name in names.values():
             (base / name / "model").mkdir(parents=True)
         old = time.time() - 2 * 3600
@@ -621,7 +645,10 @@ def test_mixed_precision_mobilenet_v2_folds_and_passes(tmp_path, policy):
     mixed precision: every BN folds and the export is no further from the float32 truth than
     the Keras model (with the stated margin)."""
     model = keras.applications.MobileNetV2(
-        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10,
+        input_shape=(32, 32, 3),
+        alpha=0.35,
+        weights=None,
+        classes=10,
         classifier_activation=None,
     )
     result = export_saved_model(_trained_stats(model), tmp_path)

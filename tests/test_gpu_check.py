@@ -18,7 +18,10 @@ def test_without_a_gpu_every_check_is_skipped_with_a_reason(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
         [sys.executable, "-m", "tfbn.cli", "gpu-check", "--json", str(out)],
-        capture_output=True, text=True, timeout=240, env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "No GPU is visible to TensorFlow" in proc.stdout
@@ -35,8 +38,13 @@ def test_without_a_gpu_every_check_is_skipped_with_a_reason(tmp_path):
 
 
 CPU_CHECKS = [
-    "fused_NHWC_float32", "fused_NHWC_bfloat16", "epsilon_floor_NHWC_float32",
-    "raw_fused_epsilon_1e-7", "one_value_per_channel", "xla_fit", "mixed_float16_fit",
+    "fused_NHWC_float32",
+    "fused_NHWC_bfloat16",
+    "epsilon_floor_NHWC_float32",
+    "raw_fused_epsilon_1e-7",
+    "one_value_per_channel",
+    "xla_fit",
+    "mixed_float16_fit",
 ]
 
 

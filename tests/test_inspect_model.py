@@ -42,7 +42,13 @@ def test_healthy_model_is_ok_and_rows_describe_every_layer():
     assert [row.name for row in report.rows] == ["bn_a", "bn_b"]
     a, b = report.rows
     assert (a.kind, a.channels, a.momentum, a.epsilon, a.estimator, a.batches_tracked) == (
-        "tfbn", 6, 0.99, 1e-3, "biased", 1)
+        "tfbn",
+        6,
+        0.99,
+        1e-3,
+        "biased",
+        1,
+    )
     assert (b.kind, b.channels, b.batches_tracked) == ("keras", 3, None)
     assert a.mean["min"] <= a.mean["median"] <= a.mean["max"]
     assert a.gamma == {"min": 1.0, "median": 1.0, "max": 1.0}
@@ -204,7 +210,8 @@ def test_small_batch_rules():
     assert "GroupNormalization" in small.findings[0].fix
     # ghost batches of 4 are small whatever the batch
     assert _rules(lint_model(_bn_model(virtual_batch_size=4), batch_size=64)) == [
-        ("small-batch", "bn")]
+        ("small-batch", "bn")
+    ]
     # a frozen BN uses running statistics: batch size does not matter
     frozen = _bn_model()
     frozen.get_layer("bn").trainable = False

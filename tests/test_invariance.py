@@ -25,6 +25,7 @@ from tfbn import cli
 
 # --- pure: any predict callable ----------------------------------------------------------
 
+
 def rowwise(batch):
     return {"y": batch["x"] * 2.0 + 1.0, "z": batch["x"].sum(axis=1)}
 
@@ -41,7 +42,8 @@ def test_rowwise_model_passes_every_batch_size_and_order():
     report = check_batch_invariance(rowwise, X)
     assert report.passed and report.reference == "full-batch" and report.outputs == ["y", "z"]
     assert [(r.batch_size, r.order) for r in report.rows] == [
-        (b, o) for b in (1, 2, 3, 7, 20) for o in range(3)]
+        (b, o) for b in (1, 2, 3, 7, 20) for o in range(3)
+    ]
     assert [r.requests for r in report.rows if r.order == 0] == [20, 10, 7, 3, 1]
     assert all(r.max_abs == 0 and r.passed for r in report.rows)
     assert "PASSED: 20 examples" in report.table()
@@ -67,7 +69,9 @@ def test_tolerance_and_reference_semantics():
     ref = {"y": X["x"].copy()}
     assert check_batch_invariance(noisy, X, reference=ref, atol=0, rtol=1e-4).passed
     assert not check_batch_invariance(noisy, X, reference=ref, atol=0, rtol=1e-7).passed
-    report = check_batch_invariance(rowwise, X, reference={"y": X["x"] * 2 + 1}, batch_sizes=(4, 50))
+    report = check_batch_invariance(
+        rowwise, X, reference={"y": X["x"] * 2 + 1}, batch_sizes=(4, 50)
+    )
     assert report.reference == "given" and [r.batch_size for r in report.rows[::3]] == [4, 20]
 
 
@@ -94,17 +98,30 @@ def test_concurrent_single_row_mode_catches_cross_request_mixing():
         return {"y": batch["x"] - mixed.mean(axis=0)}
 
     alone = {"y": np.zeros_like(X["x"])}  # each row alone: x - x = 0
-    report = check_batch_invariance(mixing_server, X, reference=alone, batch_sizes=(),
-                                    concurrent=True, reference_name="single-row")
+    report = check_batch_invariance(
+        mixing_server,
+        X,
+        reference=alone,
+        batch_sizes=(),
+        concurrent=True,
+        reference_name="single-row",
+    )
     assert [r.mode for r in report.rows] == ["concurrent"] and not report.passed
-    assert check_batch_invariance(rowwise, X, batch_sizes=(), concurrent=True,
-                                  concurrent_rounds=2).passed
+    assert check_batch_invariance(
+        rowwise, X, batch_sizes=(), concurrent=True, concurrent_rounds=2
+    ).passed
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"orders": 0}, "orders"), ({"atol": -1}, "atol"), ({"batch_sizes": (0,)}, "batch sizes"),
-    ({"batch_sizes": ()}, "nothing to check"), ({"reference": {"y": np.zeros((3, 3))}}, "rows"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"orders": 0}, "orders"),
+        ({"atol": -1}, "atol"),
+        ({"batch_sizes": (0,)}, "batch sizes"),
+        ({"batch_sizes": ()}, "nothing to check"),
+        ({"reference": {"y": np.zeros((3, 3))}}, "rows"),
+    ],
+)
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         check_batch_invariance(rowwise, X, **kwargs)
@@ -121,6 +138,7 @@ def test_bad_predict_outputs_are_reported():
 
 
 # --- golden files ---------------------------------------------------------------------
+
 
 def test_load_golden(tmp_path):
     assert load_golden(tmp_path) is None
@@ -143,8 +161,10 @@ def test_load_golden(tmp_path):
 
 
 def test_synthetic_inputs_follow_the_signature():
-    out = synthetic_inputs({"a": (np.float32, [-1, 3]), "b": (np.int64, [None, 2, -1]),
-                            "c": (np.bool_, [-1])}, num_examples=5)
+    out = synthetic_inputs(
+        {"a": (np.float32, [-1, 3]), "b": (np.int64, [None, 2, -1]), "c": (np.bool_, [-1])},
+        num_examples=5,
+    )
     assert out["a"].shape == (5, 3) and out["a"].dtype == np.float32
     assert out["b"].shape == (5, 2, 1) and out["b"].dtype == np.int64
     assert out["c"].shape == (5,) and out["c"].dtype == np.bool_
@@ -154,14 +174,17 @@ def test_synthetic_inputs_follow_the_signature():
 
 # --- real Keras exports: training-mode BN must FAIL, frozen must PASS -----------------------
 
+
 @pytest.fixture(scope="module")
 def bn(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("bn"))
     paths = export_bn_models(root)
     # golden files as the export module writes them: inference-mode outputs of the model
     x = examples(24, seed=3)
-    golden = {f"inputs/{INPUT}": x[INPUT],
-              f"outputs/{OUTPUT}": np.asarray(paths["model"](x[INPUT], training=False))}
+    golden = {
+        f"inputs/{INPUT}": x[INPUT],
+        f"outputs/{OUTPUT}": np.asarray(paths["model"](x[INPUT], training=False)),
+    }
     for kind in ("frozen", "training"):
         os.makedirs(os.path.join(paths[kind], "1", "assets.extra"))
         np.savez(os.path.join(paths[kind], "1", "assets.extra", "tfbn_golden.npz"), **golden)
@@ -190,53 +213,91 @@ def test_run_check_uses_the_golden_file(bn):
 
 def test_single_row_requests_fail_only_through_server_side_batching(bn):
     """Every request is one row; only the batching emulation mixes them."""
-    params = _config.BatchingParameters(max_batch_size=8, batch_timeout_micros=100_000,
-                                        allowed_batch_sizes=(4, 8), num_batch_threads=2)
+    params = _config.BatchingParameters(
+        max_batch_size=8,
+        batch_timeout_micros=100_000,
+        allowed_batch_sizes=(4, 8),
+        num_batch_threads=2,
+    )
     x = examples(16)
     results = {}
     for kind in ("frozen", "training"):
         plain, _ = saved_model_predictor(bn[kind])
-        alone = {OUTPUT: np.concatenate([plain({INPUT: x[INPUT][i:i + 1]})[OUTPUT] for i in range(16)])}
+        alone = {
+            OUTPUT: np.concatenate([plain({INPUT: x[INPUT][i : i + 1]})[OUTPUT] for i in range(16)])
+        }
         batched, _ = saved_model_predictor(bn[kind], batching=params)
         try:
             for name, fn in (("no batching", plain), ("batching", batched)):
                 results[kind, name] = check_batch_invariance(
-                    fn, x, reference=alone, batch_sizes=(), concurrent=True,
-                    reference_name="single-row").passed
+                    fn,
+                    x,
+                    reference=alone,
+                    batch_sizes=(),
+                    concurrent=True,
+                    reference_name="single-row",
+                ).passed
         finally:
             batched.servable.close()
-    assert results == {("frozen", "no batching"): True, ("frozen", "batching"): True,
-                       ("training", "no batching"): True, ("training", "batching"): False}
+    assert results == {
+        ("frozen", "no batching"): True,
+        ("frozen", "batching"): True,
+        ("training", "no batching"): True,
+        ("training", "batching"): False,
+    }
 
 
 @pytest.mark.parametrize("transport", ["rest", "grpc"])
 def test_over_the_wire_against_the_dev_server(bn, transport):
     from tfbn.serving.server import DevServer
 
-    params = _config.BatchingParameters(max_batch_size=16, batch_timeout_micros=50_000,
-                                        num_batch_threads=2)
-    models = [_config.ModelConfig("frozen", bn["frozen"]), _config.ModelConfig("training", bn["training"])]
+    params = _config.BatchingParameters(
+        max_batch_size=16, batch_timeout_micros=50_000, num_batch_threads=2
+    )
+    models = [
+        _config.ModelConfig("frozen", bn["frozen"]),
+        _config.ModelConfig("training", bn["training"]),
+    ]
     with DevServer(models, port=0, rest_api_port=0, batching=params) as srv:
         address = dict(rest=srv.rest_url, grpc=srv.grpc_target)[transport]
-        ok = run_check(**{transport: address}, model_name="frozen", golden=os.path.join(
-            bn["frozen"], "1"), orders=1, batch_sizes=(1, 8), concurrent=True)
+        ok = run_check(
+            **{transport: address},
+            model_name="frozen",
+            golden=os.path.join(bn["frozen"], "1"),
+            orders=1,
+            batch_sizes=(1, 8),
+            concurrent=True,
+        )
         assert ok.passed, ok.table()
-        bad = run_check(**{transport: address}, model_name="training", num_examples=16, orders=1,
-                        batch_sizes=(1, 3), concurrent=True)
+        bad = run_check(
+            **{transport: address},
+            model_name="training",
+            num_examples=16,
+            orders=1,
+            batch_sizes=(1, 3),
+            concurrent=True,
+        )
         assert not bad.passed and {r.mode for r in bad.failures()} >= {"sequential", "concurrent"}
 
 
 # --- tfbn check ---------------------------------------------------------------------------
 
+
 def test_cli_check_exit_codes_and_table(bn, capsys, tmp_path):
     out = tmp_path / "report.json"
-    assert cli.main(["check", bn["frozen"], "--orders", "1", "--batch_sizes", "1,7,all",
-                     "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            ["check", bn["frozen"], "--orders", "1", "--batch_sizes", "1,7,all", "--json", str(out)]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "| sequential | 7 | 0 |" in table and "PASSED" in table
     assert json.loads(out.read_text())["passed"] is True
-    assert cli.main(["check", bn["training"], "--orders", "1", "--concurrent",
-                     "--enable_batching"]) == 1
+    assert (
+        cli.main(["check", bn["training"], "--orders", "1", "--concurrent", "--enable_batching"])
+        == 1
+    )
     assert "FAILED" in capsys.readouterr().out
     assert cli.main(["check", str(tmp_path / "nowhere")]) == 2
     assert cli.main(["check", bn["frozen"], "--rest", "http://127.0.0.1:9"]) == 2  # two backends
@@ -260,29 +321,52 @@ def test_export_module_golden_file_end_to_end(bn, tmp_path, capsys):
     inputs, outputs = load_golden(result.path)
     assert set(inputs) == {INPUT} and len(outputs) == 1
     with DevServer([_config.ModelConfig("bn", base)], port=0, rest_api_port=None) as srv:
-        assert cli.main(["check", "--grpc", srv.grpc_target, "--model_name", "bn", "--golden",
-                         result.path, "--orders", "1", "--concurrent"]) == 0
+        assert (
+            cli.main(
+                [
+                    "check",
+                    "--grpc",
+                    srv.grpc_target,
+                    "--model_name",
+                    "bn",
+                    "--golden",
+                    result.path,
+                    "--orders",
+                    "1",
+                    "--concurrent",
+                ]
+            )
+            == 0
+        )
     out = capsys.readouterr().out
     assert "against the golden reference" in out and "PASSED" in out
 
 
 # --- a check that cannot be fooled (issue 13) and speaks every dtype (issue 19) --------------
 
+
 def test_nan_answers_fail_even_against_a_nan_golden_file():
     """Issue 13.1: NaN == NaN made an all-NaN model PASS."""
     nan = {"y": np.full((20, 3), np.nan, np.float32)}
-    report = check_batch_invariance(lambda b: {"y": np.full_like(b["x"], np.nan)}, X,
-                                    reference=nan, orders=1)
+    report = check_batch_invariance(
+        lambda b: {"y": np.full_like(b["x"], np.nan)}, X, reference=nan, orders=1
+    )
     assert not report.passed and report.verdict == "nonfinite" and "NaN/Inf" in report.table()
-    assert check_batch_invariance(lambda b: {"y": np.full_like(b["x"], np.nan)}, X,
-                                  reference=nan, orders=1, allow_nonfinite=True).passed
+    assert check_batch_invariance(
+        lambda b: {"y": np.full_like(b["x"], np.nan)},
+        X,
+        reference=nan,
+        orders=1,
+        allow_nonfinite=True,
+    ).passed
 
 
 def test_same_deviation_at_every_batch_size_is_not_blamed_on_the_batch():
     """Issue 19.4: a server off the reference by the same amount everywhere is a reference
     mismatch; a server whose answers move with the batch depends on the batch."""
-    shifted = check_batch_invariance(lambda b: {"y": b["x"] + 0.5}, X, reference={"y": X["x"]},
-                                     orders=2)
+    shifted = check_batch_invariance(
+        lambda b: {"y": b["x"] + 0.5}, X, reference={"y": X["x"]}, orders=2
+    )
     assert not shifted.passed and shifted.verdict == "reference_mismatch"
     assert "not from batch to batch" in shifted.table()
     assert all(r.spread_ratio <= 1 for r in shifted.rows)
@@ -298,8 +382,7 @@ def test_one_metric_with_the_gate_relative_to_the_output_scale():
     def off(batch):
         return {"y": ref["y"][: len(batch["x"])] + np.float32(0.1)}  # 1e-3 of max|ref|
 
-    report = check_batch_invariance(off, X, reference=ref, batch_sizes=(None,), orders=1,
-                                    rtol=1e-2)
+    report = check_batch_invariance(off, X, reference=ref, batch_sizes=(None,), orders=1, rtol=1e-2)
     assert report.passed and report.rows[0].max_rel == pytest.approx(1e-3, rel=1e-3)
     from tfbn.tolerance import Closeness
 
@@ -310,12 +393,14 @@ def test_default_tolerance_follows_the_dtype():
     import ml_dtypes
 
     ref16 = {"y": (X["x"] * 2 + 1).astype(np.float16)}
-    half = check_batch_invariance(lambda b: {"y": (b["x"] * 2 + 1).astype(np.float16)}, X,
-                                  reference=ref16, orders=1)
+    half = check_batch_invariance(
+        lambda b: {"y": (b["x"] * 2 + 1).astype(np.float16)}, X, reference=ref16, orders=1
+    )
     assert half.passed and half.rtol == pytest.approx(2 * 2**-10)
     bf = {"y": (X["x"] * 2 + 1).astype(ml_dtypes.bfloat16)}
-    report = check_batch_invariance(lambda b: {"y": (b["x"] * 2 + 1).astype(ml_dtypes.bfloat16)},
-                                    X, reference=bf, orders=1)
+    report = check_batch_invariance(
+        lambda b: {"y": (b["x"] * 2 + 1).astype(ml_dtypes.bfloat16)}, X, reference=bf, orders=1
+    )
     assert report.passed and report.rtol == pytest.approx(2 * 2**-7)
     assert check_batch_invariance(rowwise, X, compute_dtype="float16").rtol == half.rtol
 
@@ -333,8 +418,9 @@ def test_bfloat16_golden_file_round_trip(tmp_path):
     np.savez(path, meta=np.array(json.dumps({"dtypes": dtypes, "rtol": 0.01})), **arrays)
     golden = read_golden(path)
     assert golden.outputs["y"].dtype == ml_dtypes.bfloat16 and golden.meta["rtol"] == 0.01
-    np.testing.assert_array_equal(golden.outputs["y"].astype(np.float32),
-                                  out["y"].astype(np.float32))
+    np.testing.assert_array_equal(
+        golden.outputs["y"].astype(np.float32), out["y"].astype(np.float32)
+    )
     np.savez(path, **{"inputs/x": X["x"], "outputs/y": out["y"]})  # what np.savez does to bf16
     with pytest.raises(ValueError, match=r"raw bytes"):
         read_golden(path)
@@ -343,8 +429,12 @@ def test_bfloat16_golden_file_round_trip(tmp_path):
 def test_cli_check_a_wrong_golden_path_is_a_usage_error(bn, capsys, tmp_path):
     """Issue 13.3: --golden nope.npz fell back to the full-batch reference and exited 0."""
     out = tmp_path / "r.json"
-    assert cli.main(["check", bn["frozen"], "--golden", str(tmp_path / "nope.npz"),
-                     "--json", str(out)]) == 2
+    assert (
+        cli.main(
+            ["check", bn["frozen"], "--golden", str(tmp_path / "nope.npz"), "--json", str(out)]
+        )
+        == 2
+    )
     assert "nope.npz" in capsys.readouterr().err
     doc = json.loads(out.read_text())
     assert doc["passed"] is False and doc["exit_code"] == 2 and "nope.npz" in doc["error"]
@@ -353,33 +443,77 @@ def test_cli_check_a_wrong_golden_path_is_a_usage_error(bn, capsys, tmp_path):
 def test_cli_check_json_is_written_when_the_server_fails(capsys, tmp_path):
     """Issue 13.4: --json wrote nothing when the server failed."""
     out = tmp_path / "r.json"
-    assert cli.main(["check", "--grpc", "127.0.0.1:9", "--model_name", "m", "--timeout", "1",
-                     "--json", str(out)]) == 1
+    assert (
+        cli.main(
+            [
+                "check",
+                "--grpc",
+                "127.0.0.1:9",
+                "--model_name",
+                "m",
+                "--timeout",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 1
+    )
     doc = json.loads(out.read_text())
     assert doc["verdict"] == "server_error" and doc["exit_code"] == 1 and doc["error"]
     assert doc["compared"]["backend"] == "grpc" and doc["compared"]["target"] == "127.0.0.1:9"
 
 
 def test_cli_check_exit_codes_for_a_misbehaving_server_and_a_wrong_signature(
-        bn, capsys, tmp_path, monkeypatch):
+    bn, capsys, tmp_path, monkeypatch
+):
     """Issue 13.5: wrong shapes from the server gave 2 (bad usage) instead of 1; an unknown
     --signature_name ended in a KeyError traceback."""
     from tfbn.serving import client as client_module
     from tfbn.serving.server import DevServer
 
     with DevServer([_config.ModelConfig("frozen", bn["frozen"])], port=0, rest_api_port=0) as srv:
-        assert cli.main(["check", "--rest", srv.rest_url, "--model_name", "frozen",
-                         "--signature_name", "nope"]) == 2
+        assert (
+            cli.main(
+                [
+                    "check",
+                    "--rest",
+                    srv.rest_url,
+                    "--model_name",
+                    "frozen",
+                    "--signature_name",
+                    "nope",
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr().err
         assert "'nope'" in err and "serving_default" in err and "Traceback" not in err
         assert cli.main(["check", bn["frozen"], "--signature_name", "nope"]) == 2
         capsys.readouterr()
         real = client_module.RestClient.predict
-        monkeypatch.setattr(client_module.RestClient, "predict",
-                            lambda self, x, **kw: {k: v[:1] for k, v in real(self, x, **kw).items()})
+        monkeypatch.setattr(
+            client_module.RestClient,
+            "predict",
+            lambda self, x, **kw: {k: v[:1] for k, v in real(self, x, **kw).items()},
+        )
         out = tmp_path / "r.json"
-        assert cli.main(["check", "--rest", srv.rest_url, "--model_name", "frozen", "--golden",
-                         os.path.join(bn["frozen"], "1"), "--json", str(out)]) == 1
+        assert (
+            cli.main(
+                [
+                    "check",
+                    "--rest",
+                    srv.rest_url,
+                    "--model_name",
+                    "frozen",
+                    "--golden",
+                    os.path.join(bn["frozen"], "1"),
+                    "--json",
+                    str(out),
+                ]
+            )
+            == 1
+        )
         assert "expected" in capsys.readouterr().err
         assert json.loads(out.read_text())["exit_code"] == 1
 
@@ -391,17 +525,34 @@ def test_check_sizes_requests_to_the_servers_max_batch_size(bn, capsys, tmp_path
 
     config = tmp_path / "batching.config"
     config.write_text("max_batch_size { value: 8 }\nbatch_timeout_micros { value: 1000 }\n")
-    assert cli.main(["check", bn["frozen"], "--orders", "1", "--enable_batching",
-                     "--batching_parameters_file", str(config)]) == 0  # 24 golden examples
+    assert (
+        cli.main(
+            [
+                "check",
+                bn["frozen"],
+                "--orders",
+                "1",
+                "--enable_batching",
+                "--batching_parameters_file",
+                str(config),
+            ]
+        )
+        == 0
+    )  # 24 golden examples
     out = capsys.readouterr().out
     assert "max_batch_size 8" in out and "| sequential | 8 | 0 | 3 |" in out
     params = _config.BatchingParameters(max_batch_size=8, batch_timeout_micros=1000)
-    with DevServer([_config.ModelConfig("frozen", bn["frozen"])], port=0, rest_api_port=0,
-                   batching=params) as srv:
+    with DevServer(
+        [_config.ModelConfig("frozen", bn["frozen"])], port=0, rest_api_port=0, batching=params
+    ) as srv:
         for transport in ("rest", "grpc"):
             address = dict(rest=srv.rest_url, grpc=srv.grpc_target)[transport]
-            report = run_check(**{transport: address}, model_name="frozen", orders=1,
-                               golden=os.path.join(bn["frozen"], "1"))
+            report = run_check(
+                **{transport: address},
+                model_name="frozen",
+                orders=1,
+                golden=os.path.join(bn["frozen"], "1"),
+            )
             assert report.passed and any("max_batch_size 8" in n for n in report.notes)
 
 
@@ -430,14 +581,16 @@ def test_mixed_precision_fit_export_check_in_process_rest_and_grpc(policy, tmp_p
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.ReLU()(keras.layers.GlobalAveragePooling2D()(x))
     outputs = keras.layers.Activation("softmax", dtype="float32", name="probs")(
-        keras.layers.Dense(4)(x))
+        keras.layers.Dense(4)(x)
+    )
     model = keras.Model(inputs, outputs)
     model.compile("sgd", "sparse_categorical_crossentropy")
     model.fit(rng.normal(size=(64, 6, 6, 3)), rng.integers(0, 4, 64), batch_size=16, verbose=0)
     base = str(tmp_path / "m")
     for fold, version in ((True, 1), (False, 2)):
-        export.export_saved_model(model, base, version=version, fold=fold,
-                                  sample_inputs=rng.normal(size=(16, 6, 6, 3)))
+        export.export_saved_model(
+            model, base, version=version, fold=fold, sample_inputs=rng.normal(size=(16, 6, 6, 3))
+        )
         report = run_check(base, orders=1)
         assert report.passed, report.table()
         assert report.compute_dtype == policy.removeprefix("mixed_")
@@ -445,8 +598,13 @@ def test_mixed_precision_fit_export_check_in_process_rest_and_grpc(policy, tmp_p
     with DevServer([_config.ModelConfig("m", base)], port=0, rest_api_port=0) as srv:
         for transport in ("rest", "grpc"):
             address = dict(rest=srv.rest_url, grpc=srv.grpc_target)[transport]
-            report = run_check(**{transport: address}, model_name="m", orders=1,
-                               golden=os.path.join(base, "2"), concurrent=True)
+            report = run_check(
+                **{transport: address},
+                model_name="m",
+                orders=1,
+                golden=os.path.join(base, "2"),
+                concurrent=True,
+            )
             assert report.passed, report.table()
 
 
@@ -487,8 +645,7 @@ def test_progress_on_stderr_only_when_asked_or_on_a_terminal(capsys, monkeypatch
     assert capsys.readouterr().err == ""
     assert cli.main(["check", bn["frozen"], "--orders", "1"]) == 0  # stderr is not a terminal
     assert "tfbn check" not in capsys.readouterr().err
-    monkeypatch.setattr(type(__import__("sys").stderr), "isatty", lambda self: True,
-                        raising=False)
+    monkeypatch.setattr(type(__import__("sys").stderr), "isatty", lambda self: True, raising=False)
     assert cli.main(["check", bn["frozen"], "--orders", "1"]) == 0
     assert "tfbn check" in capsys.readouterr().err
     assert cli.main(["check", bn["frozen"], "--orders", "1", "--quiet"]) == 0
@@ -512,12 +669,20 @@ def test_demo_plots_are_readable_on_their_own(tmp_path, monkeypatch):
     spec.loader.exec_module(demo)
     figures = []
     monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
-    history = {"loss": [1.0, 0.5], "val_loss": [1.1, 0.6], "accuracy": [0.6, 0.9],
-               "val_accuracy": [0.5, 0.85]}
+    history = {
+        "loss": [1.0, 0.5],
+        "val_loss": [1.1, 0.6],
+        "accuracy": [0.6, 0.9],
+        "val_accuracy": [0.5, 0.85],
+    }
     good = check_batch_invariance(rowwise, X, orders=2, concurrent=True)
     bad = check_batch_invariance(batch_stats, X, orders=2, concurrent=True)
-    reports = {"digits rest": good, "digits grpc": good,
-               "digits_training_mode rest": bad, "digits_training_mode grpc": bad}
+    reports = {
+        "digits rest": good,
+        "digits grpc": good,
+        "digits_training_mode rest": bad,
+        "digits_training_mode grpc": bad,
+    }
     paths = demo.plot(history, reports, tmp_path)
     assert [p.name for p in paths] == ["training.png", "invariance.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)

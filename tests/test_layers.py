@@ -65,13 +65,22 @@ def test_against_float64_reference(policy, rank, axis, momentum, convention):
     want, bmean, bvar = reference_bn(x_seen, (caxis,), weights[0], weights[1])
     np.testing.assert_allclose(tf.cast(y, tf.float64), want, rtol=tol, atol=tol * 4)
     keep = momentum if convention == "keras" else 1 - momentum
-    np.testing.assert_allclose(layer.moving_mean, keep * weights[2] + (1 - keep) * bmean, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(layer.moving_variance, keep * weights[3] + (1 - keep) * bvar, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        layer.moving_mean, keep * weights[2] + (1 - keep) * bmean, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        layer.moving_variance, keep * weights[3] + (1 - keep) * bvar, rtol=1e-5, atol=1e-6
+    )
     assert layer.moving_mean.dtype == "float32" and layer.gamma.dtype == "float32"
 
     y = layer(x, training=False)
     want, _, _ = reference_bn(
-        x_seen, (caxis,), weights[0], weights[1], layer.moving_mean.numpy(), layer.moving_variance.numpy()
+        x_seen,
+        (caxis,),
+        weights[0],
+        weights[1],
+        layer.moving_mean.numpy(),
+        layer.moving_variance.numpy(),
     )
     np.testing.assert_allclose(tf.cast(y, tf.float64), want, rtol=tol, atol=tol * 4)
 
@@ -90,7 +99,9 @@ def _train_steps(layer, xs, upstream):
     return results
 
 
-@pytest.mark.parametrize("shape,axis", [((32, 8), -1), ((4, 5, 6, 8), -1), ((4, 8, 5, 6), 1), ((2, 3, 4, 5, 8), -1)])
+@pytest.mark.parametrize(
+    "shape,axis", [((32, 8), -1), ((4, 5, 6, 8), -1), ((4, 8, 5, 6), 1), ((2, 3, 4, 5, 8), -1)]
+)
 def test_matches_keras_layer_over_training_steps(shape, axis):
     weights = random_weights(8)
     xs = [RNG.normal(1.0, 2.0, size=shape).astype("float32") for _ in range(3)]
@@ -108,12 +119,25 @@ def test_matches_keras_layer_over_training_steps(shape, axis):
     assert int(ours.num_batches_tracked) == 3
 
 
-@pytest.mark.parametrize("shape,axis", [((64, 16), -1), ((8, 6, 16), -1), ((4, 5, 6, 16), -1), ((4, 16, 5, 6), 1), ((2, 3, 4, 5, 16), -1), ((2, 16, 3, 4, 5), 1)])
+@pytest.mark.parametrize(
+    "shape,axis",
+    [
+        ((64, 16), -1),
+        ((8, 6, 16), -1),
+        ((4, 5, 6, 16), -1),
+        ((4, 16, 5, 6), 1),
+        ((2, 3, 4, 5, 16), -1),
+        ((2, 16, 3, 4, 5), 1),
+    ],
+)
 def test_fused_and_unfused_agree(shape, axis):
     weights = random_weights(16)
     xs = [RNG.normal(0.5, 3.0, size=shape).astype("float32") for _ in range(2)]
     upstream = tf.constant(RNG.normal(size=shape).astype("float32"))
-    fused, plain = tfbn.BatchNormalization(axis=axis, fused=True), tfbn.BatchNormalization(axis=axis, fused=False)
+    fused, plain = (
+        tfbn.BatchNormalization(axis=axis, fused=True),
+        tfbn.BatchNormalization(axis=axis, fused=False),
+    )
     for layer in (fused, plain):
         layer.build(shape)
         layer.set_weights(weights)
@@ -128,7 +152,12 @@ def test_fused_and_unfused_agree(shape, axis):
 
 def test_fused_auto_choice():
     assert tfbn.BatchNormalization()._fused_data_format  # sanity: method exists
-    for axis, shape, expect in [(-1, (2, 3, 4), "NHWC"), (1, (2, 3, 4, 5), "NCHW"), (2, (2, 3, 4, 5), None), ([1, 3], (2, 3, 4, 5), None)]:
+    for axis, shape, expect in [
+        (-1, (2, 3, 4), "NHWC"),
+        (1, (2, 3, 4, 5), "NCHW"),
+        (2, (2, 3, 4, 5), None),
+        ([1, 3], (2, 3, 4, 5), None),
+    ]:
         layer = tfbn.BatchNormalization(axis=axis)
         layer.build(shape)
         assert layer._fused_format == expect, (axis, shape)
@@ -174,8 +203,12 @@ def test_cumulative_average_and_num_batches_tracked():
     for x in batches:
         layer(x, training=True)
     assert int(layer.num_batches_tracked) == 4
-    np.testing.assert_allclose(layer.moving_mean, np.mean([b.mean(0) for b in batches], 0), rtol=1e-5)
-    np.testing.assert_allclose(layer.moving_variance, np.mean([b.var(0) for b in batches], 0), rtol=1e-5)
+    np.testing.assert_allclose(
+        layer.moving_mean, np.mean([b.mean(0) for b in batches], 0), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        layer.moving_variance, np.mean([b.var(0) for b in batches], 0), rtol=1e-5
+    )
 
 
 def test_unbiased_estimator_stores_bessel_corrected_variance():
@@ -204,7 +237,9 @@ def test_virtual_batch_size_normalises_each_ghost_batch():
     y = layer(x, training=True).numpy()
     ghosts = [reference_bn(x[i : i + 4], (2,), np.ones(4), np.zeros(4)) for i in (0, 4)]
     np.testing.assert_allclose(y, np.concatenate([g[0] for g in ghosts]), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(layer.moving_mean, np.mean([g[1] for g in ghosts], 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        layer.moving_mean, np.mean([g[1] for g in ghosts], 0), rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(layer.moving_variance, np.mean([g[2] for g in ghosts], 0), rtol=1e-5)
     with pytest.raises(ValueError, match="multiple of virtual_batch_size"):
         layer(x[:6], training=True)
@@ -264,8 +299,13 @@ def test_weights_move_between_keras_and_tfbn():
     theirs.set_weights(ours.get_weights())
     x = RNG.normal(size=shape).astype("float32")
     np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
     # Whole models too: same weight lists, layer by layer.
-    build = lambda bn: keras.Sequential([keras.Input((6,)), keras.layers.Dense(4), bn(), keras.layers.Dense(2)])  # noqa: E731
+    def build(bn):
+        return keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(4), bn(), keras.layers.Dense(2)]
+        )
+
     km, tm = build(keras.layers.BatchNormalization), build(tfbn.BatchNormalization)
     tm.set_weights(km.get_weights())
     km.set_weights(tm.get_weights())
@@ -281,17 +321,34 @@ def test_mixed_precision_keeps_float32_statistics():
         keras.config.set_dtype_policy("float32")
     assert y.dtype == "float16"
     assert all(w.dtype == "float32" for w in layer.weights)
-    np.testing.assert_allclose(layer.moving_mean, 0.01 * x.astype("float16").astype("float64").mean(0), rtol=1e-3)
+    np.testing.assert_allclose(
+        layer.moving_mean, 0.01 * x.astype("float16").astype("float64").mean(0), rtol=1e-3
+    )
 
 
 def test_serialization_and_keras_file_roundtrip(tmp_path):
-    layer = tfbn.BatchNormalization(axis=[1, 2], momentum=None, moving_variance_estimator="unbiased",
-                                    virtual_batch_size=2, fused=False, epsilon=1e-4)
+    layer = tfbn.BatchNormalization(
+        axis=[1, 2],
+        momentum=None,
+        moving_variance_estimator="unbiased",
+        virtual_batch_size=2,
+        fused=False,
+        epsilon=1e-4,
+    )
     clone = tfbn.BatchNormalization.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
-    assert keras.layers.deserialize(keras.layers.serialize(layer)).get_config() == layer.get_config()
+    assert (
+        keras.layers.deserialize(keras.layers.serialize(layer)).get_config() == layer.get_config()
+    )
 
-    model = keras.Sequential([keras.Input((5, 5, 2)), keras.layers.Conv2D(3, 3), tfbn.BatchNormalization(), keras.layers.Flatten()])
+    model = keras.Sequential(
+        [
+            keras.Input((5, 5, 2)),
+            keras.layers.Conv2D(3, 3),
+            tfbn.BatchNormalization(),
+            keras.layers.Flatten(),
+        ]
+    )
     model.compile("sgd", "mse")
     x = RNG.normal(size=(8, 5, 5, 2)).astype("float32")
     model.fit(x, RNG.normal(size=(8, 27)).astype("float32"), epochs=2, batch_size=4, verbose=0)
@@ -330,13 +387,23 @@ def test_axis_out_of_range_names_the_shape(axis):
 
 
 def test_bad_constructor_arguments():
-    for kwargs, name in [({"axis": "x"}, "axis"), ({"axis": [1, 1]}, "axis"), ({"momentum": 2.0}, "momentum"),
-                         ({"moving_variance_estimator": "x"}, "moving_variance_estimator"), ({"fused": "yes"}, "fused"),
-                         ({"virtual_batch_size": 0}, "virtual_batch_size"), ({"momentum": True}, "momentum"),
-                         ({"virtual_batch_size": True}, "virtual_batch_size"), ({"sync_group_size": True}, "sync_group_size"),
-                         ({"epsilon": float("nan")}, "epsilon"), ({"epsilon": float("inf")}, "epsilon"),
-                         ({"epsilon": -1e-3}, "epsilon"), ({"epsilon": True}, "epsilon"), ({"fused": 1}, "fused"),
-                         ({"momentum_convention": "x"}, "momentum_convention")]:
+    for kwargs, name in [
+        ({"axis": "x"}, "axis"),
+        ({"axis": [1, 1]}, "axis"),
+        ({"momentum": 2.0}, "momentum"),
+        ({"moving_variance_estimator": "x"}, "moving_variance_estimator"),
+        ({"fused": "yes"}, "fused"),
+        ({"virtual_batch_size": 0}, "virtual_batch_size"),
+        ({"momentum": True}, "momentum"),
+        ({"virtual_batch_size": True}, "virtual_batch_size"),
+        ({"sync_group_size": True}, "sync_group_size"),
+        ({"epsilon": float("nan")}, "epsilon"),
+        ({"epsilon": float("inf")}, "epsilon"),
+        ({"epsilon": -1e-3}, "epsilon"),
+        ({"epsilon": True}, "epsilon"),
+        ({"fused": 1}, "fused"),
+        ({"momentum_convention": "x"}, "momentum_convention"),
+    ]:
         with pytest.raises(ValueError, match=name):
             tfbn.BatchNormalization(**kwargs)
 

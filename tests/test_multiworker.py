@@ -61,7 +61,9 @@ class Cluster:
         self.logs.append(log)
         self.procs[index] = subprocess.Popen(
             [sys.executable, str(WORKER_SCRIPT), str(self.result_path(index)), *args],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         return self.procs[index]
 
@@ -78,7 +80,9 @@ class Cluster:
         try:
             return self.procs[index].wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"worker {index} still running after {timeout} s:\n{self.log(index)[-3000:]}")
+            pytest.fail(
+                f"worker {index} still running after {timeout} s:\n{self.log(index)[-3000:]}"
+            )
 
     def close(self):
         for proc in self.procs.values():
@@ -161,6 +165,8 @@ def test_example_launcher_blames_the_worker_that_died(tmp_path):
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"worker 1 \(127\.0\.0\.1:\d+\) failed first, exit code 3"):
+    with pytest.raises(
+        RuntimeError, match=r"worker 1 \(127\.0\.0\.1:\d+\) failed first, exit code 3"
+    ):
         example.main(["--out", str(tmp_path), "--timeout", "200", "--crash-worker", "1"])
     assert time.monotonic() - start < 60

@@ -23,8 +23,9 @@ EXISTING_TF = "2.18.1"
 
 
 def _run(*cmd, timeout=900, **kwargs) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
-                          **kwargs)
+    done = subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
     assert done.returncode == 0, f"{cmd}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
@@ -43,7 +44,9 @@ def dist(tmp_path_factory) -> dict[str, Path]:
 def _source_modules() -> set[str]:
     """Every file the wheel must carry, at its installed path."""
     files = {f"tfbn/{p.relative_to(REPO / 'tfbn')}" for p in (REPO / "tfbn").rglob("*.py")}
-    files |= {f"tfbn/serving/{p.relative_to(REPO / 'serving')}" for p in (REPO / "serving").rglob("*.py")}
+    files |= {
+        f"tfbn/serving/{p.relative_to(REPO / 'serving')}" for p in (REPO / "serving").rglob("*.py")
+    }
     return {f for f in files if "__pycache__" not in f} | {"tfbn/py.typed"}
 
 
@@ -60,8 +63,9 @@ def test_wheel_holds_tfbn_only_and_every_module(dist):
 
 
 def test_wheel_passes_check_wheel_contents(dist):
-    done = subprocess.run([BIN / "check-wheel-contents", dist["wheel"]], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [BIN / "check-wheel-contents", dist["wheel"]], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().endswith(": OK")
 
@@ -75,16 +79,28 @@ def test_wheel_metadata_declares_the_tested_range(dist):
     classifiers = meta.get_all("Classifier")
     assert "Development Status :: 3 - Alpha" in classifiers
     assert "Programming Language :: Python :: 3.11" in classifiers
-    assert not [c for c in classifiers if c.startswith("Programming Language :: Python :: 3.1")
-                and c != "Programming Language :: Python :: 3.11"]
+    assert not [
+        c
+        for c in classifiers
+        if c.startswith("Programming Language :: Python :: 3.1")
+        and c != "Programming Language :: Python :: 3.11"
+    ]
     requires = {r.split(";")[0].replace(" ", "") for r in meta.get_all("Requires-Dist")}
-    assert {"tensorflow<2.22,>=2.16.1", "keras<4,>=3.10", "numpy<3,>=1.26", "protobuf>=4.25",
-            "tensorflow-serving-api<2.22,>=2.16.1"} <= requires
+    assert {
+        "tensorflow<2.22,>=2.16.1",
+        "keras<4,>=3.10",
+        "numpy<3,>=1.26",
+        "protobuf>=4.25",
+        "tensorflow-serving-api<2.22,>=2.16.1",
+    } <= requires
 
 
 def test_oldest_constraints_match_the_declared_lower_bounds():
-    pins = dict(line.split("==") for line in (REPO / ".ci" / "constraints-oldest.txt").read_text().split("\n")
-                if line and not line.startswith("#"))
+    pins = dict(
+        line.split("==")
+        for line in (REPO / ".ci" / "constraints-oldest.txt").read_text().split("\n")
+        if line and not line.startswith("#")
+    )
     setup = (REPO / "setup.cfg").read_text()
     assert f"tensorflow>={pins['tensorflow'].rsplit('.', 1)[0]}" in setup  # 2.16.x
     assert f"keras>={pins['keras'].rsplit('.', 1)[0]}" in setup
@@ -96,8 +112,16 @@ def test_oldest_constraints_match_the_declared_lower_bounds():
 def test_sdist_builds_the_wheel_and_leaves_tests_out(dist):
     with tarfile.open(dist["sdist"]) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    for needed in ("LICENSE", "CHANGELOG.md", "README.md", "setup.cfg", "pyproject.toml",
-                   "tfbn/py.typed", "tfbn/_compat.py", "serving/server.py"):
+    for needed in (
+        "LICENSE",
+        "CHANGELOG.md",
+        "README.md",
+        "setup.cfg",
+        "pyproject.toml",
+        "tfbn/py.typed",
+        "tfbn/_compat.py",
+        "serving/server.py",
+    ):
         assert needed in names, needed
     assert not [n for n in names if n.startswith(("tests/", "examples/"))]
 
@@ -111,7 +135,9 @@ def _venv(path: Path) -> Path:
 
 
 def _site_packages(bin_dir: Path) -> Path:
-    out = _run(bin_dir / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    out = _run(
+        bin_dir / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    )
     return Path(out.stdout.strip())
 
 
@@ -126,14 +152,17 @@ def test_wheel_in_a_fresh_venv_installs_tfbn_only_and_answers_without_tensorflow
     _run(bin_dir / "pip", "install", "--no-deps", "--no-index", dist["wheel"])
     added = {p.name for p in site.iterdir()} - before
     assert added == {"tfbn", "tfbn-0.1.0.dist-info"}
-    assert sorted(p.name for p in (site / "tfbn").iterdir() if p.is_dir() and p.name != "__pycache__") == [
-        "layers", "serving"]
+    assert sorted(
+        p.name for p in (site / "tfbn").iterdir() if p.is_dir() and p.name != "__pycache__"
+    ) == ["layers", "serving"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "TF_"))}
     tfbn = bin_dir / "tfbn"
     assert _run(tfbn, "--help", env=env).stdout.startswith("usage: tfbn")
     assert _run(tfbn, "--version", env=env).stdout.strip() == "tfbn 0.1.0"
-    for argv, what in ((["serve", "--model_base_path", "/nonexistent"], "tfbn serve"),
-                       (["check", "--grpc", "127.0.0.1:9", "--model_name", "m"], "tfbn check --grpc")):
+    for argv, what in (
+        (["serve", "--model_base_path", "/nonexistent"], "tfbn serve"),
+        (["check", "--grpc", "127.0.0.1:9", "--model_name", "m"], "tfbn check --grpc"),
+    ):
         done = subprocess.run([tfbn, *argv], capture_output=True, text=True, timeout=120, env=env)
         assert done.returncode == 2, done.stderr
         assert f"{what} needs the 'serving' extra" in done.stderr
@@ -169,10 +198,12 @@ def test_installing_tfbn_keeps_an_existing_tensorflow(dist, tmp_path):
     assert tf_version == EXISTING_TF
     assert api_version.startswith(EXISTING_TF.rsplit(".", 1)[0] + ".")
     _run(*pip, "check")
-    smoke = ("import numpy as np, keras, tensorflow as tf, tfbn\n"
-             "from tfbn.serving import client, server\n"
-             "m = keras.Sequential([keras.Input((3,)), tfbn.BatchNormalization()])\n"
-             "print(tf.__version__, m(np.ones((2, 3), 'float32'), training=True).shape)\n")
+    smoke = (
+        "import numpy as np, keras, tensorflow as tf, tfbn\n"
+        "from tfbn.serving import client, server\n"
+        "m = keras.Sequential([keras.Input((3,)), tfbn.BatchNormalization()])\n"
+        "print(tf.__version__, m(np.ones((2, 3), 'float32'), training=True).shape)\n"
+    )
     # cwd: away from this checkout, whose ./tfbn would shadow the installed package
     done = _run(bin_dir / "python", "-c", smoke, env=env, cwd=tmp_path)
     assert done.stdout.split() == [EXISTING_TF, "(2,", "3)"]

@@ -39,10 +39,17 @@ def _status_response():
 def test_message_to_dict_prints_default_fields_on_this_protobuf():
     """Failed on protobuf 4.25 (TF 2.16) before: the keyword exists only from 5.26."""
     assert _compat.message_to_dict(_status_response(), print_default_fields=True) == {
-        "model_version_status": [{"version": "1", "state": "AVAILABLE",
-                                  "status": {"error_code": "OK", "error_message": ""}}]}
+        "model_version_status": [
+            {
+                "version": "1",
+                "state": "AVAILABLE",
+                "status": {"error_code": "OK", "error_message": ""},
+            }
+        ]
+    }
     assert _compat.message_to_dict(_status_response()) == {
-        "model_version_status": [{"version": "1", "state": "AVAILABLE", "status": {}}]}
+        "model_version_status": [{"version": "1", "state": "AVAILABLE", "status": {}}]
+    }
 
 
 def test_message_to_dict_keeps_proto_field_names_when_asked():
@@ -50,7 +57,9 @@ def test_message_to_dict_keeps_proto_field_names_when_asked():
 
     spec = model_pb2.ModelSpec(name="m", signature_name="serving_default")
     assert _compat.message_to_dict(spec, preserving_proto_field_name=True) == {
-        "name": "m", "signature_name": "serving_default"}
+        "name": "m",
+        "signature_name": "serving_default",
+    }
     assert _compat.message_to_dict(spec) == {"name": "m", "signatureName": "serving_default"}
 
 
@@ -67,14 +76,23 @@ def test_rest_status_and_metadata_json_go_through_compat():
 def _import_tfbn(**env) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "KERAS_HOME")}
     full.update(env)
-    return subprocess.run([sys.executable, "-c", "import tfbn"], capture_output=True, text=True,
-                          timeout=120, env=full, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-c", "import tfbn"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=full,
+        cwd=REPO,
+    )
 
 
 def test_import_fails_at_once_on_another_keras_backend():
     done = _import_tfbn(KERAS_BACKEND="jax")
     assert done.returncode != 0
-    assert "ImportError: tfbn needs Keras's TensorFlow backend. Received: KERAS_BACKEND='jax'" in done.stderr
+    assert (
+        "ImportError: tfbn needs Keras's TensorFlow backend. Received: KERAS_BACKEND='jax'"
+        in done.stderr
+    )
     assert "set KERAS_BACKEND=tensorflow" in done.stderr
 
 
@@ -99,8 +117,13 @@ def test_public_names_are_listed_alike_and_import_lazily():
     assert set(tfbn.__all__) == {"__version__", *tfbn._EXPORTS}
     for name in tfbn.__all__:
         assert getattr(tfbn, name) is not None
-    done = subprocess.run([sys.executable, "-c", "import sys, tfbn; print('tensorflow' in sys.modules)"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, tfbn; print('tensorflow' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert done.stdout.strip() == "False"
 
 
@@ -109,8 +132,9 @@ def test_public_names_are_listed_alike_and_import_lazily():
 
 @pytest.fixture(scope="module")
 def legacy_model():
-    return tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(3),
-                                tf_keras.layers.BatchNormalization()])
+    return tf_keras.Sequential(
+        [tf_keras.Input((4,)), tf_keras.layers.Dense(3), tf_keras.layers.BatchNormalization()]
+    )
 
 
 LEGACY_CALLS = {
@@ -124,7 +148,9 @@ LEGACY_CALLS = {
     "inspect_model": lambda m: tfbn.inspect_model(m),
     "lint_model": lambda m: tfbn.lint_model(m),
     "export_saved_model": lambda m: tfbn.export_saved_model(m, "/nonexistent/base"),
-    "BatchNormStatsCallback": lambda m: _train_begin(tfbn.BatchNormStatsCallback("/nonexistent"), m),
+    "BatchNormStatsCallback": lambda m: _train_begin(
+        tfbn.BatchNormStatsCallback("/nonexistent"), m
+    ),
 }
 
 
@@ -163,8 +189,9 @@ def test_tf_keras_under_legacy_flag_is_refused_in_a_fresh_process():
         "tfbn.fold_batch_norm(m)\n"
     )
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=REPO
+    )
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("TypeError: `model` is a Keras 2 object (tf_keras."), last

@@ -17,18 +17,24 @@ from tfbn.serving import _config, _tensor
 from tfbn.serving.client import GrpcClient, RestClient, TFServingError, connect
 from tfbn.serving.server import DevServer
 
-needs_fixtures = pytest.mark.skipif(not os.path.isdir(TESTDATA), reason="TF Serving fixtures missing")
+needs_fixtures = pytest.mark.skipif(
+    not os.path.isdir(TESTDATA), reason="TF Serving fixtures missing"
+)
 
 
 @pytest.fixture(scope="module")
 def server():
-    models = [_config.ModelConfig("default", HALF_PLUS_TWO),
-              _config.ModelConfig("tf2", HALF_PLUS_TWO_TF2),
-              _config.ModelConfig("two", TWO_VERSIONS, policy="all", labels={"stable": 123,
-                                                                             "canary": 124})]
+    models = [
+        _config.ModelConfig("default", HALF_PLUS_TWO),
+        _config.ModelConfig("tf2", HALF_PLUS_TWO_TF2),
+        _config.ModelConfig(
+            "two", TWO_VERSIONS, policy="all", labels={"stable": 123, "canary": 124}
+        ),
+    ]
     # Labels in the first config need the flag, as in TF Serving.
-    with DevServer(models, port=0, rest_api_port=0,
-                   allow_version_labels_for_unavailable_models=True) as srv:
+    with DevServer(
+        models, port=0, rest_api_port=0, allow_version_labels_for_unavailable_models=True
+    ) as srv:
         yield srv
 
 
@@ -37,8 +43,11 @@ def client_for(request, server):
     made = []
 
     def make(model="default", **kw):
-        c = (RestClient(server.rest_url, model, **kw) if request.param == "rest"
-             else GrpcClient(server.grpc_target, model, **kw))
+        c = (
+            RestClient(server.rest_url, model, **kw)
+            if request.param == "rest"
+            else GrpcClient(server.grpc_target, model, **kw)
+        )
         made.append(c)
         return c
 
@@ -57,7 +66,9 @@ def test_predict_half_plus_two(client_for):
     # one-input signatures take a bare array; float64 data is cast to the signature's DT_FLOAT
     np.testing.assert_array_equal(c.predict(np.array([[2.0]]))["y"], [[3.0]])
     if client_for.kind == "rest":
-        np.testing.assert_array_equal(c.predict({"x": [[1.0], [5.0]]}, format="row")["y"], [[2.5], [4.5]])
+        np.testing.assert_array_equal(
+            c.predict({"x": [[1.0], [5.0]]}, format="row")["y"], [[2.5], [4.5]]
+        )
 
 
 @needs_fixtures
@@ -100,12 +111,17 @@ def test_errors_carry_code_status_and_message(client_for):
         assert e.grpc_code is grpc.StatusCode.NOT_FOUND and e.http_status is None
     with pytest.raises(TFServingError) as err:
         client_for(version=999).status()
-    assert err.value.code == "NOT_FOUND" and "Could not find version 999 of model default" in err.value.message
+    assert (
+        err.value.code == "NOT_FOUND"
+        and "Could not find version 999 of model default" in err.value.message
+    )
     with pytest.raises(TFServingError) as err:
         client_for().predict({"wrong": np.zeros((1, 1), np.float32)})
     assert err.value.code == "INVALID_ARGUMENT"
-    assert ("input tensor alias not found in signature: wrong" in err.value.message  # gRPC
-            or "Missing named input: x in 'inputs' object." in err.value.message)  # REST
+    assert (
+        "input tensor alias not found in signature: wrong" in err.value.message  # gRPC
+        or "Missing named input: x in 'inputs' object." in err.value.message
+    )  # REST
 
 
 @needs_fixtures
@@ -115,7 +131,9 @@ def test_float32_round_trip_is_exact(server):
     bits = rng.integers(0, 2**32, 4000, dtype=np.uint64).astype(np.uint32)
     x = bits.view(np.float32)
     x = x[np.isfinite(x)]
-    x = np.concatenate([x, np.float32([0.1, 1 / 3, 1e-45, 1.1754942e-38, 3.4028235e38, -0.0, 16777217])])
+    x = np.concatenate(
+        [x, np.float32([0.1, 1 / 3, 1e-45, 1.1754942e-38, 3.4028235e38, -0.0, 16777217])]
+    )
     x = x[np.abs(x) < 1e37]  # keep 0.5 * x + 2 finite
     expected = (x.astype(np.float32) * np.float32(0.5) + np.float32(2.0)).astype(np.float32)
     # JSON encoding itself: shortest decimal, read back bit-exactly
@@ -131,8 +149,10 @@ def test_unreachable_server_fails_clearly_within_the_timeout():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once the socket closes
-    for c in (RestClient(f"http://127.0.0.1:{port}", "m", timeout=1.5, backoff=0.05),
-              GrpcClient(f"127.0.0.1:{port}", "m", timeout=1.5, backoff=0.05)):
+    for c in (
+        RestClient(f"http://127.0.0.1:{port}", "m", timeout=1.5, backoff=0.05),
+        GrpcClient(f"127.0.0.1:{port}", "m", timeout=1.5, backoff=0.05),
+    ):
         t0 = time.monotonic()
         with pytest.raises(TFServingError) as err:
             c.status()
@@ -154,8 +174,13 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
         if type(self).calls <= type(self).fail:
             body, code = b'{"error": "busy"}', type(self).status
         else:
-            body, code = (b'{"model_version_status": [{"version": "1", "state": "AVAILABLE", '
-                          b'"status": {"error_code": "OK", "error_message": ""}}]}'), 200
+            body, code = (
+                (
+                    b'{"model_version_status": [{"version": "1", "state": "AVAILABLE", '
+                    b'"status": {"error_code": "OK", "error_message": ""}}]}'
+                ),
+                200,
+            )
         self.send_response(code)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -218,12 +243,18 @@ def test_connect_picks_the_transport(server):
 
 TFS_REST, TFS_GRPC = os.environ.get("TFS_REST_URL"), os.environ.get("TFS_GRPC_TARGET")
 TFS_MODEL = os.environ.get("TFS_MODEL_NAME", "half_plus_two")
-real = [pytest.param("rest", marks=pytest.mark.skipif(not TFS_REST, reason="TFS_REST_URL not set")),
-        pytest.param("grpc", marks=pytest.mark.skipif(not TFS_GRPC, reason="TFS_GRPC_TARGET not set"))]
+real = [
+    pytest.param("rest", marks=pytest.mark.skipif(not TFS_REST, reason="TFS_REST_URL not set")),
+    pytest.param("grpc", marks=pytest.mark.skipif(not TFS_GRPC, reason="TFS_GRPC_TARGET not set")),
+]
 
 
 def _real(kind, **kw):
-    return RestClient(TFS_REST, TFS_MODEL, **kw) if kind == "rest" else GrpcClient(TFS_GRPC, TFS_MODEL, **kw)
+    return (
+        RestClient(TFS_REST, TFS_MODEL, **kw)
+        if kind == "rest"
+        else GrpcClient(TFS_GRPC, TFS_MODEL, **kw)
+    )
 
 
 @pytest.mark.tfserving
@@ -234,11 +265,15 @@ def test_real_tf_serving_half_plus_two(kind):
         assert any(s.state == "AVAILABLE" for s in c.status())
         sig = c.metadata().signature()
         assert set(sig.inputs) == {"x"} and sig.inputs["x"].dtype == "DT_FLOAT"
-        np.testing.assert_array_equal(c.predict({"x": np.float32([[1.0], [2.0], [5.0]])})["y"],
-                                      [[2.5], [3.0], [4.5]])
+        np.testing.assert_array_equal(
+            c.predict({"x": np.float32([[1.0], [2.0], [5.0]])})["y"], [[2.5], [3.0], [4.5]]
+        )
     with pytest.raises(TFServingError) as err:
-        (RestClient(TFS_REST, "no_such_model") if kind == "rest"
-         else GrpcClient(TFS_GRPC, "no_such_model")).predict({"x": np.float32([[1.0]])})
+        (
+            RestClient(TFS_REST, "no_such_model")
+            if kind == "rest"
+            else GrpcClient(TFS_GRPC, "no_such_model")
+        ).predict({"x": np.float32([[1.0]])})
     assert err.value.code == "NOT_FOUND"
 
 
@@ -255,12 +290,15 @@ def test_real_tf_serving_batch_invariance(kind):
 
 # --- whole-call deadlines (issue 13.7) and bfloat16 (issue 19.5) ---------------------------
 
+
 class _Trickler:
     """A TCP server on 127.0.0.1 that reads the request, then sends a valid HTTP answer one
     byte every `pause` seconds (a complete answer after ~len(answer) * pause seconds)."""
 
-    ANSWER = (b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 27\r\n\r\n'
-              b'{"model_version_status":[]}')
+    ANSWER = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 27\r\n\r\n"
+        b'{"model_version_status":[]}'
+    )
 
     def __init__(self, pause=0.2):
         self.pause = pause
@@ -286,7 +324,7 @@ class _Trickler:
                 if self.stop.is_set():
                     return
                 try:
-                    conn.sendall(self.ANSWER[i:i + 1])
+                    conn.sendall(self.ANSWER[i : i + 1])
                 except OSError:
                     return  # the client hung up: what a deadline does
                 time.sleep(self.pause)
@@ -320,8 +358,9 @@ def test_cli_check_timeout_bounds_a_trickling_server(capsys):
     trickler = _Trickler(pause=0.2)
     try:
         t0 = time.monotonic()
-        assert cli.main(["check", "--rest", trickler.url, "--model_name", "m",
-                         "--timeout", "1"]) == 1
+        assert (
+            cli.main(["check", "--rest", trickler.url, "--model_name", "m", "--timeout", "1"]) == 1
+        )
         assert time.monotonic() - t0 < 6.0  # one call and its retries, all within 1 s
         assert "DEADLINE_EXCEEDED" in capsys.readouterr().err
     finally:
@@ -336,8 +375,10 @@ def test_grpc_timeout_is_a_deadline_for_the_whole_call():
         time.sleep(5)
         return b""
 
-    handler = grpc.method_handlers_generic_handler("tensorflow.serving.ModelService", {
-        "GetModelStatus": grpc.unary_unary_rpc_method_handler(slow)})
+    handler = grpc.method_handlers_generic_handler(
+        "tensorflow.serving.ModelService",
+        {"GetModelStatus": grpc.unary_unary_rpc_method_handler(slow)},
+    )
     srv = grpc.server(futures.ThreadPoolExecutor(2))
     srv.add_generic_rpc_handlers((handler,))
     port = srv.add_insecure_port("127.0.0.1:0")
@@ -386,13 +427,18 @@ def test_dev_server_serves_bfloat16_over_rest_and_grpc(tmp_path):
             return {"y": x * tf.constant(2.0, tf.bfloat16)}
 
     module = Twice()
-    tf.saved_model.save(module, str(tmp_path / "1"),
-                        signatures={"serving_default": module.serve.get_concrete_function()})
+    tf.saved_model.save(
+        module,
+        str(tmp_path / "1"),
+        signatures={"serving_default": module.serve.get_concrete_function()},
+    )
     x = np.array([[1.5, -2.25, 3e-3], [100.0, 0.0, 7.0]], dtype=ml_dtypes.bfloat16)
     want = (x.astype(np.float32) * 2).astype(ml_dtypes.bfloat16)
     with DevServer([_config.ModelConfig("bf16", str(tmp_path))], port=0, rest_api_port=0) as srv:
-        for client in (RestClient(srv.rest_url, "bf16", timeout=10),
-                       GrpcClient(srv.grpc_target, "bf16", timeout=10)):
+        for client in (
+            RestClient(srv.rest_url, "bf16", timeout=10),
+            GrpcClient(srv.grpc_target, "bf16", timeout=10),
+        ):
             got = client.predict({"x": x})["y"]
             assert got.dtype == ml_dtypes.bfloat16 and got.tobytes() == want.tobytes()
             client.close()
@@ -412,9 +458,22 @@ class _Bf16Server(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         info = {"dtype": "DT_BFLOAT16", "tensor_shape": {"dim": [{"size": "-1"}, {"size": "3"}]}}
-        self._reply({"model_spec": {"name": "m", "version": "1"}, "metadata": {"signature_def": {
-            "signature_def": {"serving_default": {"method_name": "tensorflow/serving/predict",
-                                                  "inputs": {"x": info}, "outputs": {"y": info}}}}}})
+        self._reply(
+            {
+                "model_spec": {"name": "m", "version": "1"},
+                "metadata": {
+                    "signature_def": {
+                        "signature_def": {
+                            "serving_default": {
+                                "method_name": "tensorflow/serving/predict",
+                                "inputs": {"x": info},
+                                "outputs": {"y": info},
+                            }
+                        }
+                    }
+                },
+            }
+        )
 
     def do_POST(self):
         doc = __import__("json").loads(self.rfile.read(int(self.headers["Content-Length"])))

@@ -33,12 +33,44 @@ VALID = [
     {"signature_name": "serving_default", "instances": [{"x": [1.0]}, {"x": [5.0]}]},
     {"inputs": [0.5]},
 ]
-ATOMS = [None, True, False, 0, -1, 2**31, 2**63, 2**80, 1e39, -0.0, 1.5, "", "x", "\u00b2", {"b64": "AA=="},
-         {"b64": "!!"}, [], [[]], {}, [None], [1, [2]], "NaN"]
-PATHS = ["/v1/models/default:predict", "/v1/models/default/versions/123:predict",
-         "/v1/models/default/labels/x:predict", "/v1/models/default:PREDICT", "/v1/models/default",
-         "/v1/models/default/metadata", "/v1/models/%ff:predict", "/v1/models/default/versions/1"
-         + "9" * 30 + ":predict", "/v1/models//:predict", "/", "/v1", "/v1/models/default:regress"]
+ATOMS = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    2**31,
+    2**63,
+    2**80,
+    1e39,
+    -0.0,
+    1.5,
+    "",
+    "x",
+    "\u00b2",
+    {"b64": "AA=="},
+    {"b64": "!!"},
+    [],
+    [[]],
+    {},
+    [None],
+    [1, [2]],
+    "NaN",
+]
+PATHS = [
+    "/v1/models/default:predict",
+    "/v1/models/default/versions/123:predict",
+    "/v1/models/default/labels/x:predict",
+    "/v1/models/default:PREDICT",
+    "/v1/models/default",
+    "/v1/models/default/metadata",
+    "/v1/models/%ff:predict",
+    "/v1/models/default/versions/1" + "9" * 30 + ":predict",
+    "/v1/models//:predict",
+    "/",
+    "/v1",
+    "/v1/models/default:regress",
+]
 
 
 def _mutate_doc(rng: random.Random, doc):
@@ -50,7 +82,9 @@ def _mutate_doc(rng: random.Random, doc):
         if choice < 0.3:
             del out[key]
         elif choice < 0.6:
-            out[rng.choice(["instances", "inputs", "signature_name", "x", "y", ""])] = rng.choice(ATOMS)
+            out[rng.choice(["instances", "inputs", "signature_name", "x", "y", ""])] = rng.choice(
+                ATOMS
+            )
         else:
             out[key] = _mutate_doc(rng, out[key])
         return out
@@ -78,27 +112,50 @@ def _mutate_bytes(rng: random.Random, data: bytes) -> bytes:
         if op < 0.4 and data:
             data[min(i, len(data) - 1)] = rng.randrange(256)
         elif op < 0.7:
-            data[i:i] = rng.choice([b"[", b"]", b"{", b"}", b",", b'"', b"\\", b"NaN", b"\x00", b"-",
-                                    b"1e999", b"[" * 70])
+            data[i:i] = rng.choice(
+                [
+                    b"[",
+                    b"]",
+                    b"{",
+                    b"}",
+                    b",",
+                    b'"',
+                    b"\\",
+                    b"NaN",
+                    b"\x00",
+                    b"-",
+                    b"1e999",
+                    b"[" * 70,
+                ]
+            )
         else:
-            del data[i:i + rng.randint(1, 5)]
+            del data[i : i + rng.randint(1, 5)]
     return bytes(data)
 
 
 @pytest.fixture
 def server():
     threads_before = set(threading.enumerate())
-    srv = DevServer([_config.ModelConfig("default", HALF_PLUS_TWO)], port=0, rest_api_port=0,
-                    max_request_bytes=256 * 1024, rest_idle_timeout=1.0, rest_body_timeout=1.0,
-                    file_system_poll_wait_seconds=0).start()
+    srv = DevServer(
+        [_config.ModelConfig("default", HALF_PLUS_TWO)],
+        port=0,
+        rest_api_port=0,
+        max_request_bytes=256 * 1024,
+        rest_idle_timeout=1.0,
+        rest_body_timeout=1.0,
+        file_system_poll_wait_seconds=0,
+    ).start()
     try:
         yield srv
     finally:
         srv.stop()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        leftover = [t for t in set(threading.enumerate()) - threads_before
-                    if t.is_alive() and t.name.startswith("tfbn-")]
+        leftover = [
+            t
+            for t in set(threading.enumerate()) - threads_before
+            if t.is_alive() and t.name.startswith("tfbn-")
+        ]
         if not leftover:
             break
         time.sleep(0.1)
@@ -106,8 +163,9 @@ def server():
 
 
 def _assert_healthy(srv):
-    r = requests.post(srv.rest_url + "/v1/models/default:predict", json={"instances": [1.0, 2.0]},
-                      timeout=10)
+    r = requests.post(
+        srv.rest_url + "/v1/models/default:predict", json={"instances": [1.0, 2.0]}, timeout=10
+    )
     assert r.status_code == 200 and r.json() == {"predictions": [2.5, 3.0]}
     req = predict_pb2.PredictRequest()
     req.model_spec.name = "default"
@@ -139,8 +197,14 @@ def test_fuzz_rest_json_bodies_and_paths(server):
             assert r.status_code != 500, (body[:300], r.text)  # no unexplained server error
             assert r.headers["Content-Type"] == "application/json"
             doc = json.loads(r.text)
-            assert set(doc) <= {"error", "predictions", "outputs", "model_version_status",
-                                "model_spec", "metadata"}, doc
+            assert set(doc) <= {
+                "error",
+                "predictions",
+                "outputs",
+                "model_version_status",
+                "model_spec",
+                "metadata",
+            }, doc
             if r.status_code >= 400:
                 assert isinstance(doc["error"], str) and doc["error"]
             if i % 50 == 0:
@@ -151,13 +215,17 @@ def test_fuzz_rest_json_bodies_and_paths(server):
 
 def test_fuzz_raw_http(server):
     rng = random.Random(SEED + 1)
-    valid = (b"POST /v1/models/default:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-             b"Content-Length: 20\r\n\r\n{\"instances\": [1.0]}")
+    valid = (
+        b"POST /v1/models/default:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 20\r\n\r\n{"instances": [1.0]}'
+    )
     t0 = time.monotonic()
     for i in range(200):
         if time.monotonic() - t0 > BUDGET_S:
             break
-        raw = _mutate_bytes(rng, valid) if rng.random() < 0.8 else rng.randbytes(rng.randint(1, 300))
+        raw = (
+            _mutate_bytes(rng, valid) if rng.random() < 0.8 else rng.randbytes(rng.randint(1, 300))
+        )
         with socket.create_connection(("127.0.0.1", server.rest_port), timeout=5) as s:
             try:
                 s.sendall(raw)
@@ -182,8 +250,16 @@ def test_fuzz_raw_http(server):
 
 def test_fuzz_grpc_tensors(server):
     rng = random.Random(SEED + 2)
-    dtypes = [types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_INT32, types_pb2.DT_STRING,
-              types_pb2.DT_BOOL, types_pb2.DT_HALF, types_pb2.DT_INVALID, 999]
+    dtypes = [
+        types_pb2.DT_FLOAT,
+        types_pb2.DT_DOUBLE,
+        types_pb2.DT_INT32,
+        types_pb2.DT_STRING,
+        types_pb2.DT_BOOL,
+        types_pb2.DT_HALF,
+        types_pb2.DT_INVALID,
+        999,
+    ]
     t0 = time.monotonic()
     codes: dict[str, int] = {}
     with grpc.insecure_channel(server.grpc_target) as channel:
@@ -211,8 +287,11 @@ def test_fuzz_grpc_tensors(server):
                 stub.Predict(req, timeout=10)
                 codes["OK"] = codes.get("OK", 0) + 1
             except grpc.RpcError as err:
-                assert err.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                          grpc.StatusCode.UNAVAILABLE), (req, err.details())
+                assert err.code() not in (
+                    grpc.StatusCode.UNKNOWN,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.UNAVAILABLE,
+                ), (req, err.details())
                 if err.code() is grpc.StatusCode.INTERNAL:  # only TensorFlow's own runtime errors
                     assert "Error" not in err.details().split(":")[0], (req, err.details())
                 codes[err.code().name] = codes.get(err.code().name, 0) + 1
@@ -230,7 +309,9 @@ def test_fuzz_numeric_payloads_round_trip(server):
                 break
             n = int(rng.integers(1, 50))
             x = (rng.standard_normal((n, 1)) * 10.0 ** rng.integers(-3, 6)).astype(np.float32)
-            body = {"instances": x.tolist()} if rng.random() < 0.5 else {"inputs": {"x": x.tolist()}}
+            body = (
+                {"instances": x.tolist()} if rng.random() < 0.5 else {"inputs": {"x": x.tolist()}}
+            )
             r = session.post(server.rest_url + "/v1/models/default:predict", json=body, timeout=10)
             assert r.status_code == 200, r.text
             got = np.asarray(next(iter(r.json().values())), np.float32)
@@ -239,6 +320,7 @@ def test_fuzz_numeric_payloads_round_trip(server):
 
 # --- the benchmark scripts run (scaled down; their numbers are not asserted) ---------------
 
+
 def test_load_benchmark_example_runs(tmp_path):
     import subprocess
     import sys
@@ -246,10 +328,24 @@ def test_load_benchmark_example_runs(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "load.json"
     proc = subprocess.run(
-        [sys.executable, os.path.join(root, "examples", "bench_serving_load.py"), "--concurrent", "40",
-         "--soak", "200", "--soak_concurrency", "10", "--json", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=root,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        [
+            sys.executable,
+            os.path.join(root, "examples", "bench_serving_load.py"),
+            "--concurrent",
+            "40",
+            "--soak",
+            "200",
+            "--soak_concurrency",
+            "10",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [b["transport"] for b in result["bursts"]] == ["rest", "grpc"]
@@ -265,10 +361,22 @@ def test_json_decode_benchmark_example_runs(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "decode.json"
     proc = subprocess.run(
-        [sys.executable, os.path.join(root, "examples", "bench_json_decode.py"), "--mb", "0.2",
-         "--repeat", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=root,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        [
+            sys.executable,
+            os.path.join(root, "examples", "bench_json_decode.py"),
+            "--mb",
+            "0.2",
+            "--repeat",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert {r["decoder"] for r in rows} >= {"stdlib+numpy (server)", "per-element walk"}

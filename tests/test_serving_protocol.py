@@ -45,6 +45,7 @@ N_FEATURES, N_CLASSES = 4, 3
 
 # --- a tfbn export with classify and regress signatures over tf.Examples --------------
 
+
 def _export_with_example_signatures(base: str):
     """A Dense-BN-Dense model exported by tfbn.export_saved_model, with a `classify`
     signature (classes + scores) and a `regress` one, both parsing serialised tf.Examples
@@ -70,6 +71,7 @@ def _export_with_example_signatures(base: str):
             logits = exported(tf.io.parse_example(inputs, spec)["features"], training=False)
             n = tf.shape(logits)[0]
             return {"scores": tf.nn.softmax(logits), "classes": tf.tile(labels, [n, 1])}
+
         return fn
 
     def regress(exported):
@@ -77,11 +79,17 @@ def _export_with_example_signatures(base: str):
         def fn(inputs):
             logits = exported(tf.io.parse_example(inputs, spec)["features"], training=False)
             return {"outputs": logits[:, :1]}
+
         return fn
 
     rows = np.random.default_rng(0).standard_normal((6, N_FEATURES)).astype(np.float32)
-    result = export_saved_model(model, base, sample_inputs=rows, model_name="bn",
-                                extra_signatures={"classify": classify, "regress": regress})
+    result = export_saved_model(
+        model,
+        base,
+        sample_inputs=rows,
+        model_name="bn",
+        extra_signatures={"classify": classify, "regress": regress},
+    )
     return model, result
 
 
@@ -97,12 +105,18 @@ def server(bn_export):
     models = [
         _config.ModelConfig("default", HALF_PLUS_TWO),
         _config.ModelConfig("tf2", HALF_PLUS_TWO_TF2),
-        _config.ModelConfig("two", TWO_VERSIONS, policy="all", labels={"stable": 123, "canary": 124}),
+        _config.ModelConfig(
+            "two", TWO_VERSIONS, policy="all", labels={"stable": 123, "canary": 124}
+        ),
         _config.ModelConfig("bn", bn_export[0]),
     ]
-    with DevServer(models, port=0, rest_api_port=0,
-                   allow_version_labels_for_unavailable_models=True,
-                   monitoring=MonitoringConfig(enable=True)) as srv:
+    with DevServer(
+        models,
+        port=0,
+        rest_api_port=0,
+        allow_version_labels_for_unavailable_models=True,
+        monitoring=MonitoringConfig(enable=True),
+    ) as srv:
         yield srv
 
 
@@ -155,13 +169,17 @@ def _rpc_error(call, *args):
 
 # --- Classify / Regress / MultiInference over gRPC ----------------------------------------
 
+
 @pytest.mark.parametrize("model", ["default", "tf2"])
 def test_grpc_classify_like_tf_serving(stub, model):
     resp = stub.Classify(_classify_request(model, "classify_x_to_y", [2.0]), timeout=30)
     assert len(resp.result.classifications) == 1
     assert [(c.label, c.score) for c in resp.result.classifications[0].classes] == [("", 3.0)]
-    assert (resp.model_spec.name, resp.model_spec.signature_name, resp.model_spec.version.value) \
-        == (model, "classify_x_to_y", 123)
+    assert (
+        resp.model_spec.name,
+        resp.model_spec.signature_name,
+        resp.model_spec.version.value,
+    ) == (model, "classify_x_to_y", 123)
     resp = stub.Classify(_classify_request(model, "classify_x_to_y", [1.0, 2.0, 5.0]), timeout=30)
     assert [c.classes[0].score for c in resp.result.classifications] == [2.5, 3.0, 4.5]
 
@@ -170,8 +188,11 @@ def test_grpc_classify_like_tf_serving(stub, model):
 def test_grpc_regress_like_tf_serving(stub, model):
     resp = stub.Regress(_regress_request(model, "regress_x_to_y", [2.0]), timeout=30)
     assert [r.value for r in resp.result.regressions] == [3.0]
-    assert (resp.model_spec.name, resp.model_spec.signature_name, resp.model_spec.version.value) \
-        == (model, "regress_x_to_y", 123)
+    assert (
+        resp.model_spec.name,
+        resp.model_spec.signature_name,
+        resp.model_spec.version.value,
+    ) == (model, "regress_x_to_y", 123)
     resp = stub.Regress(_regress_request(model, "regress_x_to_y2", [1.0, 5.0]), timeout=30)
     assert [r.value for r in resp.result.regressions] == [3.5, 5.5]  # y2 = 0.5 x + 3
 
@@ -189,8 +210,11 @@ def test_grpc_multi_inference_like_tf_serving(stub, model):
     assert resp.results[0].regression_result.regressions[0].value == 3.0
     assert resp.results[1].classification_result.classifications[0].classes[0].score == 3.0
     for result, sig in zip(resp.results, ("regress_x_to_y", "classify_x_to_y"), strict=True):
-        assert (result.model_spec.name, result.model_spec.signature_name,
-                result.model_spec.version.value) == (model, sig, 123)
+        assert (
+            result.model_spec.name,
+            result.model_spec.signature_name,
+            result.model_spec.version.value,
+        ) == (model, sig, 123)
 
 
 def test_context_is_merged_into_every_example(stub, server):
@@ -199,11 +223,15 @@ def test_context_is_merged_into_every_example(stub, server):
 
     context = example_pb2.Example()
     context.features.feature["x"].float_list.value.append(4.0)
-    resp = stub.Classify(_classify_request("default", "classify_x_to_y", [None, None], context),
-                         timeout=30)
+    resp = stub.Classify(
+        _classify_request("default", "classify_x_to_y", [None, None], context), timeout=30
+    )
     assert [c.classes[0].score for c in resp.result.classifications] == [4.0, 4.0]
-    r = _post(server, "/v1/models/tf2:classify", {"signature_name": "classify_x_to_y",
-                                                  "context": {"x": 4.0}, "examples": [{}, {}]})
+    r = _post(
+        server,
+        "/v1/models/tf2:classify",
+        {"signature_name": "classify_x_to_y", "context": {"x": 4.0}, "examples": [{}, {}]},
+    )
     assert r.status_code == 200, r.text
     assert r.json() == {"results": [[["", 4.0]], [["", 4.0]]]}
 
@@ -216,7 +244,10 @@ def test_grpc_errors_of_the_wrong_kind_of_signature(stub):
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert msg.startswith("No regression outputs found in SignatureDef: ")
     code, msg = _rpc_error(stub.Regress, _regress_request("default", "nope", [2.0]))
-    assert (code, msg) == (grpc.StatusCode.INVALID_ARGUMENT, "No signature was found with the name: nope")
+    assert (code, msg) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "No signature was found with the name: nope",
+    )
     # No signature name: serving_default, a predict signature with input x.
     code, msg = _rpc_error(stub.Classify, _classify_request("default", "", [2.0]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "No classification inputs found" in msg
@@ -238,18 +269,31 @@ def test_grpc_multi_inference_errors(stub):
         return req
 
     cases = [
-        (request(("default", "regress_x_to_y", REGRESS), ("tf2", "classify_x_to_y", CLASSIFY)),
-         grpc.StatusCode.INVALID_ARGUMENT,
-         "All ModelSpecs in a MultiInferenceRequest must access the same model name."),
-        (request(("default", "regress_x_to_y", REGRESS), ("default", "regress_x_to_y", REGRESS)),
-         grpc.StatusCode.INVALID_ARGUMENT, "Duplicate evaluation of signature: regress_x_to_y"),
-        (request(("default", "nope", REGRESS)), grpc.StatusCode.INVALID_ARGUMENT,
-         "Requested signature not found in model graph: nope"),
-        (request(("default", "regress_x_to_y", "tensorflow/serving/predict")),
-         grpc.StatusCode.UNIMPLEMENTED,
-         "Unsupported signature method_name: tensorflow/serving/predict"),
-        (request(("", "regress_x_to_y", REGRESS)), grpc.StatusCode.INVALID_ARGUMENT,
-         "ModelSpec has no name specified."),
+        (
+            request(("default", "regress_x_to_y", REGRESS), ("tf2", "classify_x_to_y", CLASSIFY)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "All ModelSpecs in a MultiInferenceRequest must access the same model name.",
+        ),
+        (
+            request(("default", "regress_x_to_y", REGRESS), ("default", "regress_x_to_y", REGRESS)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "Duplicate evaluation of signature: regress_x_to_y",
+        ),
+        (
+            request(("default", "nope", REGRESS)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "Requested signature not found in model graph: nope",
+        ),
+        (
+            request(("default", "regress_x_to_y", "tensorflow/serving/predict")),
+            grpc.StatusCode.UNIMPLEMENTED,
+            "Unsupported signature method_name: tensorflow/serving/predict",
+        ),
+        (
+            request(("", "regress_x_to_y", REGRESS)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "ModelSpec has no name specified.",
+        ),
     ]
     for req, want_code, want_msg in cases:
         code, msg = _rpc_error(stub.MultiInference, req)
@@ -260,44 +304,82 @@ def test_grpc_multi_inference_errors(stub):
 
 # --- REST :classify / :regress -----------------------------------------------------------
 
+
 def test_rest_classify_and_regress_like_tf_serving(server):
-    r = _post(server, "/v1/models/default:classify",
-              {"signature_name": "classify_x_to_y", "examples": [{"x": 2.0}]})
+    r = _post(
+        server,
+        "/v1/models/default:classify",
+        {"signature_name": "classify_x_to_y", "examples": [{"x": 2.0}]},
+    )
     assert r.status_code == 200, r.text
     assert r.json() == {"results": [[["", 3.0]]]}
-    r = _post(server, "/v1/models/default:regress",
-              {"signature_name": "regress_x_to_y", "examples": [{"x": 2.0}]})
+    r = _post(
+        server,
+        "/v1/models/default:regress",
+        {"signature_name": "regress_x_to_y", "examples": [{"x": 2.0}]},
+    )
     assert r.status_code == 200, r.text
     assert r.json() == {"results": [3.0]}
-    r = _post(server, "/v1/models/tf2:regress",
-              {"signature_name": "regress_x_to_y", "examples": [{"x": [1.0]}, {"x": 5.0}]})
+    r = _post(
+        server,
+        "/v1/models/tf2:regress",
+        {"signature_name": "regress_x_to_y", "examples": [{"x": [1.0]}, {"x": 5.0}]},
+    )
     assert r.json() == {"results": [2.5, 4.5]}
-    r = _post(server, "/v1/models/two/versions/123:regress",
-              {"signature_name": "regress_x_to_y", "examples": [{"x": 2.0}]})
+    r = _post(
+        server,
+        "/v1/models/two/versions/123:regress",
+        {"signature_name": "regress_x_to_y", "examples": [{"x": 2.0}]},
+    )
     assert r.json() == {"results": [3.0]}
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"signature_name": "serving_default", "examples": [{"x": 2.0}]},
-     "No classification inputs found in SignatureDef"),
-    ({"examples": [{"x": 2.0}]}, "No classification inputs found in SignatureDef"),
-    ({"signature_name": "classify_x_to_y"},
-     "When method is classify, key 'examples' is expected and was not found"),
-    ({"signature_name": "classify_x_to_y", "examples": {"x": 2.0}},
-     "Expecting 'examples' value to be an list/array"),
-    ({"signature_name": "classify_x_to_y", "examples": []}, "'examples' value is an empty array"),
-    ({"signature_name": "classify_x_to_y", "examples": [[2.0]]},
-     "Example must be JSON object but got JSON Array"),
-    ({"signature_name": "classify_x_to_y", "examples": [{"x": [2.0, 3]}]},
-     "Unexpected element type in feature: x expecting type: float"),
-    ({"signature_name": "classify_x_to_y", "examples": [{"x": None}]},
-     "Feature: x has element with unexpected JSON type: Null"),
-    ({"signature_name": "classify_x_to_y", "examples": [{"x": [[2.0]]}]},
-     "Feature: x has element with unexpected JSON type: Array"),
-    ({"signature_name": 7, "examples": [{"x": 2.0}]},
-     "'signature_name' key must be a string value."),
-    ({"signature_name": "nope", "examples": [{"x": 2.0}]}, "No signature was found with the name: nope"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            {"signature_name": "serving_default", "examples": [{"x": 2.0}]},
+            "No classification inputs found in SignatureDef",
+        ),
+        ({"examples": [{"x": 2.0}]}, "No classification inputs found in SignatureDef"),
+        (
+            {"signature_name": "classify_x_to_y"},
+            "When method is classify, key 'examples' is expected and was not found",
+        ),
+        (
+            {"signature_name": "classify_x_to_y", "examples": {"x": 2.0}},
+            "Expecting 'examples' value to be an list/array",
+        ),
+        (
+            {"signature_name": "classify_x_to_y", "examples": []},
+            "'examples' value is an empty array",
+        ),
+        (
+            {"signature_name": "classify_x_to_y", "examples": [[2.0]]},
+            "Example must be JSON object but got JSON Array",
+        ),
+        (
+            {"signature_name": "classify_x_to_y", "examples": [{"x": [2.0, 3]}]},
+            "Unexpected element type in feature: x expecting type: float",
+        ),
+        (
+            {"signature_name": "classify_x_to_y", "examples": [{"x": None}]},
+            "Feature: x has element with unexpected JSON type: Null",
+        ),
+        (
+            {"signature_name": "classify_x_to_y", "examples": [{"x": [[2.0]]}]},
+            "Feature: x has element with unexpected JSON type: Array",
+        ),
+        (
+            {"signature_name": 7, "examples": [{"x": 2.0}]},
+            "'signature_name' key must be a string value.",
+        ),
+        (
+            {"signature_name": "nope", "examples": [{"x": 2.0}]},
+            "No signature was found with the name: nope",
+        ),
+    ],
+)
 def test_rest_classify_errors(server, body, message):
     r = _post(server, "/v1/models/default:classify", body)
     assert r.status_code == 400, r.text
@@ -305,8 +387,11 @@ def test_rest_classify_errors(server, body, message):
 
 
 def test_rest_regress_on_a_classification_signature_is_400(server):
-    r = _post(server, "/v1/models/default:regress",
-              {"signature_name": "classify_x_to_y", "examples": [{"x": 2.0}]})
+    r = _post(
+        server,
+        "/v1/models/default:regress",
+        {"signature_name": "classify_x_to_y", "examples": [{"x": 2.0}]},
+    )
     assert r.status_code == 400
     assert r.json()["error"].startswith("No regression outputs found in SignatureDef")
     r = _post(server, "/v1/models/default:regress", b"{not json")
@@ -316,18 +401,27 @@ def test_rest_regress_on_a_classification_signature_is_400(server):
 def test_tf_example_features_of_every_kind(server):
     # int64 (ints and booleans), bytes (text and b64) and floats become the Example's
     # feature lists; the half_plus_two graph reads only x, the rest must parse.
-    r = _post(server, "/v1/models/default:regress", {
-        "signature_name": "regress_x_to_y",
-        "examples": [{"x": 2.0, "n": [1, True], "s": "text", "b": {"b64": "AAE="}}]})
+    r = _post(
+        server,
+        "/v1/models/default:regress",
+        {
+            "signature_name": "regress_x_to_y",
+            "examples": [{"x": 2.0, "n": [1, True], "s": "text", "b": {"b64": "AAE="}}],
+        },
+    )
     assert r.status_code == 200, r.text
     assert r.json() == {"results": [3.0]}
-    r = _post(server, "/v1/models/default:regress", {
-        "signature_name": "regress_x_to_y", "examples": [{"x": 2.0, "n": 2**64 - 1}]})
+    r = _post(
+        server,
+        "/v1/models/default:regress",
+        {"signature_name": "regress_x_to_y", "examples": [{"x": 2.0, "n": 2**64 - 1}]},
+    )
     assert r.status_code == 400
     assert r.json()["error"] == "Feature: n has uint64_t element. Only int64_t is supported."
 
 
 # --- a model tfbn export wrote, with tf.Example signatures ------------------------------
+
 
 def _bn_examples(rows):
     req = classification_pb2.ClassificationRequest()
@@ -335,7 +429,8 @@ def _bn_examples(rows):
     req.model_spec.signature_name = "classify"
     for row in rows:
         req.input.example_list.examples.add().features.feature["features"].float_list.value.extend(
-            row.tolist())
+            row.tolist()
+        )
     return req
 
 
@@ -355,13 +450,17 @@ def test_classify_and_regress_a_tfbn_export(server, stub, bn_export):
     req.model_spec.name, req.model_spec.signature_name = "bn", "regress"
     req.input.CopyFrom(_bn_examples(rows).input)
     resp = stub.Regress(req, timeout=30)
-    np.testing.assert_allclose([r.value for r in resp.result.regressions], logits[:, 0],
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        [r.value for r in resp.result.regressions], logits[:, 0], rtol=1e-4, atol=1e-5
+    )
 
-    r = _post(server, "/v1/models/bn:classify",
-              {"signature_name": "classify", "examples": [{"features": rows[0].tolist()}]})
+    r = _post(
+        server,
+        "/v1/models/bn:classify",
+        {"signature_name": "classify", "examples": [{"features": rows[0].tolist()}]},
+    )
     assert r.status_code == 200, r.text
-    (row,), = [r.json()["results"]]
+    ((row,),) = [r.json()["results"]]
     assert [c[0] for c in row] == [f"class_{i}" for i in range(N_CLASSES)]
     np.testing.assert_allclose([c[1] for c in row], scores[0], rtol=1e-4, atol=1e-6)
     # Its serving_default is a predict signature: Classify says so with TF Serving's words.
@@ -370,6 +469,7 @@ def test_classify_and_regress_a_tfbn_export(server, stub, bn_export):
 
 
 # --- GetModelStatus and version labels ----------------------------------------------------
+
 
 def test_get_model_status_with_a_label_returns_every_version(server):
     channel = grpc.insecure_channel(server.grpc_target)
@@ -394,12 +494,19 @@ def test_labels_need_available_versions_unless_allowed():
     with pytest.raises(ServingError) as info:
         DevServer(cfg, port=0, rest_api_port=None)
     assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
-    assert info.value.message == ("Request to assign label to version 123 of model two, which is "
-                                  "not currently available for inference")
+    assert info.value.message == (
+        "Request to assign label to version 123 of model two, which is "
+        "not currently available for inference"
+    )
     # Allowed: a label may even point at a version that never loads; using it is NOT_FOUND.
     cfg = [_config.ModelConfig("two", TWO_VERSIONS, policy="all", labels={"future": 999})]
-    with DevServer(cfg, port=0, rest_api_port=0, allow_version_labels_for_unavailable_models=True,
-                   file_system_poll_wait_seconds=0) as srv:
+    with DevServer(
+        cfg,
+        port=0,
+        rest_api_port=0,
+        allow_version_labels_for_unavailable_models=True,
+        file_system_poll_wait_seconds=0,
+    ) as srv:
         r = _post(srv, "/v1/models/two/labels/future:predict", {"instances": [1.0]})
         assert r.status_code == 404
         assert r.json() == {"error": "Servable not found for request: Specific(two, 999)"}
@@ -408,26 +515,32 @@ def test_labels_need_available_versions_unless_allowed():
 def test_reloaded_labels_may_point_at_loaded_versions(tmp_path):
     cfg = [_config.ModelConfig("two", TWO_VERSIONS, policy="all")]
     with DevServer(cfg, port=None, rest_api_port=0, file_system_poll_wait_seconds=0) as srv:
-        srv.manager.reload_config([_config.ModelConfig("two", TWO_VERSIONS, policy="all",
-                                                       labels={"stable": 123})])
+        srv.manager.reload_config(
+            [_config.ModelConfig("two", TWO_VERSIONS, policy="all", labels={"stable": 123})]
+        )
         r = _post(srv, "/v1/models/two/labels/stable:predict", {"instances": [1.0]})
         assert r.status_code == 200 and r.json() == {"predictions": [2.5]}
         # Moving a label to a version that is not loaded is refused; the old one stays.
         with pytest.raises(ServingError, match="not currently available"):
-            srv.manager.reload_config([_config.ModelConfig("two", TWO_VERSIONS, policy="all",
-                                                           labels={"stable": 125})])
+            srv.manager.reload_config(
+                [_config.ModelConfig("two", TWO_VERSIONS, policy="all", labels={"stable": 125})]
+            )
         r = _post(srv, "/v1/models/two/labels/stable:predict", {"instances": [1.0]})
         assert r.status_code == 200
 
 
 # --- method-name check ----------------------------------------------------------------------
 
+
 def test_signature_method_name_check(tmp_path):
-    models = [_config.ModelConfig("default", HALF_PLUS_TWO),
-              _config.ModelConfig("tf2", HALF_PLUS_TWO_TF2)]
+    models = [
+        _config.ModelConfig("default", HALF_PLUS_TWO),
+        _config.ModelConfig("tf2", HALF_PLUS_TWO_TF2),
+    ]
     options = LoadOptions(enable_signature_method_name_check=True)
-    with DevServer(models, port=0, rest_api_port=None, load_options=options,
-                   file_system_poll_wait_seconds=0) as srv:
+    with DevServer(
+        models, port=0, rest_api_port=None, load_options=options, file_system_poll_wait_seconds=0
+    ) as srv:
         channel = grpc.insecure_channel(srv.grpc_target)
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         # TF1 signatures carry the classify method name: fine.
@@ -436,36 +549,49 @@ def test_signature_method_name_check(tmp_path):
         # TF2 exports say "predict" everywhere, which the check rejects.
         code, msg = _rpc_error(stub.Classify, _classify_request("tf2", "classify_x_to_y", [2.0]))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
-        assert msg == ("Expected classification signature method_name to be "
-                       "tensorflow/serving/classify. Was: tensorflow/serving/predict")
+        assert msg == (
+            "Expected classification signature method_name to be "
+            "tensorflow/serving/classify. Was: tensorflow/serving/predict"
+        )
         code, msg = _rpc_error(stub.Regress, _regress_request("tf2", "regress_x_to_y", [2.0]))
-        assert msg == ("Expected regression signature method_name to be "
-                       "tensorflow/serving/regress. Was: tensorflow/serving/predict")
+        assert msg == (
+            "Expected regression signature method_name to be "
+            "tensorflow/serving/regress. Was: tensorflow/serving/predict"
+        )
         channel.close()
 
 
 # --- TF Lite --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("base", [TFLITE, TFLITE_SIGDEF], ids=["generated", "sigdef"])
 def test_tflite_model_like_tf_serving(base):
     options = LoadOptions(prefer_tflite_model=True)
-    with DevServer([_config.ModelConfig("default", base)], port=0, rest_api_port=0,
-                   load_options=options, file_system_poll_wait_seconds=0) as srv:
+    with DevServer(
+        [_config.ModelConfig("default", base)],
+        port=0,
+        rest_api_port=0,
+        load_options=options,
+        file_system_poll_wait_seconds=0,
+    ) as srv:
         channel = grpc.insecure_channel(srv.grpc_target)
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         for specify_output in (True, False):
             req = predict_pb2.PredictRequest()
             req.model_spec.name = "default"
             req.model_spec.signature_name = "serving_default"
-            req.inputs["x"].CopyFrom(_tensor.to_tensor_proto(np.array([2.0], np.float32),
-                                                             typed_fields=True))
+            req.inputs["x"].CopyFrom(
+                _tensor.to_tensor_proto(np.array([2.0], np.float32), typed_fields=True)
+            )
             if specify_output:
                 req.output_filter.append("y")
             resp = stub.Predict(req, timeout=30)
             assert list(resp.outputs["y"].float_val) == [3.0]
             assert resp.outputs["y"].dtype == 1  # DT_FLOAT
-            assert (resp.model_spec.signature_name, resp.model_spec.version.value) == \
-                   ("serving_default", 123)
+            assert (resp.model_spec.signature_name, resp.model_spec.version.value) == (
+                "serving_default",
+                123,
+            )
         channel.close()
         r = _post(srv, "/v1/models/default:predict", {"instances": [[1.0], [2.0], [5.0]]})
         assert r.status_code == 200, r.text
@@ -483,9 +609,13 @@ def test_tflite_is_used_only_when_preferred(tmp_path):
     shutil.copy(os.path.join(TFLITE_SIGDEF, "00000123", "model.tflite"), version)
     base = str(tmp_path / "both")
     for prefer, signatures in ((False, 5), (True, 1)):
-        with DevServer([_config.ModelConfig("m", base)], port=None, rest_api_port=0,
-                       load_options=LoadOptions(prefer_tflite_model=prefer),
-                       file_system_poll_wait_seconds=0) as srv:
+        with DevServer(
+            [_config.ModelConfig("m", base)],
+            port=None,
+            rest_api_port=0,
+            load_options=LoadOptions(prefer_tflite_model=prefer),
+            file_system_poll_wait_seconds=0,
+        ) as srv:
             meta = requests.get(srv.rest_url + "/v1/models/m/metadata", timeout=30).json()
             assert len(meta["metadata"]["signature_def"]["signature_def"]) == signatures
             r = _post(srv, "/v1/models/m:predict", {"instances": [[2.0]]})
@@ -494,14 +624,19 @@ def test_tflite_is_used_only_when_preferred(tmp_path):
 
 def test_tflite_fixture_without_prefer_flag_fails_to_load():
     # No saved_model.pb and the flag off: TF Serving cannot load it either.
-    with DevServer([_config.ModelConfig("default", TFLITE)], port=None, rest_api_port=0,
-                   file_system_poll_wait_seconds=0) as srv:
+    with DevServer(
+        [_config.ModelConfig("default", TFLITE)],
+        port=None,
+        rest_api_port=0,
+        file_system_poll_wait_seconds=0,
+    ) as srv:
         status = requests.get(srv.rest_url + "/v1/models/default", timeout=30).json()
         (version,) = status["model_version_status"]
         assert version["state"] == "END" and version["status"]["error_code"] == "NOT_FOUND"
 
 
 # --- warm-up -----------------------------------------------------------------------------
+
 
 def _counter_with_warmup(tmp_path, records) -> str:
     base = tmp_path / "counter"
@@ -532,49 +667,81 @@ def _counter_value(srv) -> float:
     return value
 
 
-@pytest.mark.parametrize("options, expected", [
-    (LoadOptions(), 2.0 + 3.0),
-    (LoadOptions(num_request_iterations_for_warmup=3), 3 * (2.0 + 3.0)),
-    (LoadOptions(enable_model_warmup=False), 0.0),
-], ids=["default", "three-iterations", "disabled"])
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (LoadOptions(), 2.0 + 3.0),
+        (LoadOptions(num_request_iterations_for_warmup=3), 3 * (2.0 + 3.0)),
+        (LoadOptions(enable_model_warmup=False), 0.0),
+    ],
+    ids=["default", "three-iterations", "disabled"],
+)
 def test_warmup_replays_records_before_the_version_serves(tmp_path, options, expected):
     base = _counter_with_warmup(tmp_path, [_incr_by(2.0), _incr_by(3.0)])
-    with DevServer([_config.ModelConfig("counter", base)], port=0, rest_api_port=None,
-                   load_options=options, file_system_poll_wait_seconds=0) as srv:
+    with DevServer(
+        [_config.ModelConfig("counter", base)],
+        port=0,
+        rest_api_port=None,
+        load_options=options,
+        file_system_poll_wait_seconds=0,
+    ) as srv:
         assert _counter_value(srv) == expected
 
 
-@pytest.mark.parametrize("record, message", [
-    (_incr_by(1.0, signature="nope"), 'Serving signature name: "nope" not found in signature def'),
-    (b"not a PredictionLog \xff\xff", "Failed to parse warmup record"),
-    (prediction_log_pb2.PredictionLog(), "Unsupported log_type for warmup: None"),
-], ids=["bad-signature", "garbage", "empty-log"])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        (
+            _incr_by(1.0, signature="nope"),
+            'Serving signature name: "nope" not found in signature def',
+        ),
+        (b"not a PredictionLog \xff\xff", "Failed to parse warmup record"),
+        (prediction_log_pb2.PredictionLog(), "Unsupported log_type for warmup: None"),
+    ],
+    ids=["bad-signature", "garbage", "empty-log"],
+)
 def test_failing_warmup_keeps_the_version_from_serving(tmp_path, record, message):
     base = _counter_with_warmup(tmp_path, [record])
-    with DevServer([_config.ModelConfig("counter", base)], port=None, rest_api_port=0,
-                   file_system_poll_wait_seconds=0) as srv:
+    with DevServer(
+        [_config.ModelConfig("counter", base)],
+        port=None,
+        rest_api_port=0,
+        file_system_poll_wait_seconds=0,
+    ) as srv:
         status = requests.get(srv.rest_url + "/v1/models/counter", timeout=30).json()
         (version,) = status["model_version_status"]
         assert version["state"] == "END"
         assert message in version["status"]["error_message"]
-        r = _post(srv, "/v1/models/counter:predict", {"signature_name": "get_counter",
-                                                      "instances": [1.0]})
+        r = _post(
+            srv, "/v1/models/counter:predict", {"signature_name": "get_counter", "instances": [1.0]}
+        )
         assert r.status_code != 200
     # The same directory loads with warm-up off.
-    with DevServer([_config.ModelConfig("counter", base)], port=0, rest_api_port=None,
-                   load_options=LoadOptions(enable_model_warmup=False),
-                   file_system_poll_wait_seconds=0) as srv:
+    with DevServer(
+        [_config.ModelConfig("counter", base)],
+        port=0,
+        rest_api_port=None,
+        load_options=LoadOptions(enable_model_warmup=False),
+        file_system_poll_wait_seconds=0,
+    ) as srv:
         assert _counter_value(srv) == 0.0
 
 
 def test_too_many_warmup_records_fail_the_load(tmp_path):
     base = _counter_with_warmup(tmp_path, [_incr_by(0.0)] * 1001)
-    with DevServer([_config.ModelConfig("counter", base)], port=None, rest_api_port=0,
-                   file_system_poll_wait_seconds=0) as srv:
-        (version,) = requests.get(srv.rest_url + "/v1/models/counter",
-                                  timeout=30).json()["model_version_status"]
-        assert "Number of warmup records exceeds the maximum (1000)" in \
-               version["status"]["error_message"]
+    with DevServer(
+        [_config.ModelConfig("counter", base)],
+        port=None,
+        rest_api_port=0,
+        file_system_poll_wait_seconds=0,
+    ) as srv:
+        (version,) = requests.get(srv.rest_url + "/v1/models/counter", timeout=30).json()[
+            "model_version_status"
+        ]
+        assert (
+            "Number of warmup records exceeds the maximum (1000)"
+            in version["status"]["error_message"]
+        )
 
 
 def test_warmup_of_a_tfbn_export_runs_and_is_measured(server, bn_export):
@@ -582,7 +749,9 @@ def test_warmup_of_a_tfbn_export_runs_and_is_measured(server, bn_export):
     # loaded the version, and the Prometheus page counts one OK warm-up for its path.
     _, _, result = bn_export
     page = requests.get(server.rest_url + "/monitoring/prometheus/metrics", timeout=30).text
-    line = next(ln for ln in page.splitlines()
-                if ln.startswith(":tensorflow:serving:model_warmup_latency_count")
-                and result.path in ln)
+    line = next(
+        ln
+        for ln in page.splitlines()
+        if ln.startswith(":tensorflow:serving:model_warmup_latency_count") and result.path in ln
+    )
     assert 'status="OK"' in line and line.endswith(" 1.0")

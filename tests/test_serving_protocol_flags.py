@@ -67,8 +67,12 @@ def _predict(target, model="default", x=2.0, timeout=30):
     try:
         req = predict_pb2.PredictRequest()
         req.model_spec.name = model
-        req.inputs["x"].CopyFrom(_tensor.to_tensor_proto(np.array([x], np.float32), typed_fields=True))
-        resp = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(req, timeout=timeout)
+        req.inputs["x"].CopyFrom(
+            _tensor.to_tensor_proto(np.array([x], np.float32), typed_fields=True)
+        )
+        resp = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+            req, timeout=timeout
+        )
         return list(resp.outputs["y"].float_val), resp.model_spec.version.value
     finally:
         channel.close()
@@ -81,6 +85,7 @@ def _free_port() -> int:
 
 
 # --- the flag table -----------------------------------------------------------------------
+
 
 def test_the_table_has_exactly_tensorflow_model_servers_flags():
     assert len(TF_SERVING_FLAGS) == 48
@@ -103,19 +108,31 @@ def test_every_flag_is_accepted_with_its_default_value_and_its_spellings():
     for flag in _flags.FLAGS:
         assert getattr(args, flag.name) == flag.default, flag.name
     # TensorFlow's flag spellings: bare boolean, true/false/1/0, and `--flag value`.
-    args = _serve_args(["--enable_batching", "--enable_model_warmup=false", "--prefer_tflite_model=1",
-                        "--flush_filesystem_caches", "0", "--port", "9000"])
+    args = _serve_args(
+        [
+            "--enable_batching",
+            "--enable_model_warmup=false",
+            "--prefer_tflite_model=1",
+            "--flush_filesystem_caches",
+            "0",
+            "--port",
+            "9000",
+        ]
+    )
     assert args.enable_batching is True and args.enable_model_warmup is False
     assert args.prefer_tflite_model is True and args.flush_filesystem_caches is False
     assert args.port == 9000
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--no_such_flag=1"], "unrecognized arguments: --no_such_flag=1"),
-    (["--enable_batching=maybe"], "expected true, false, 1 or 0; got 'maybe'"),
-    (["--port=http"], "expected an integer; got 'http'"),
-    (["--port=4294967296"], "expected a 32-bit integer"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--no_such_flag=1"], "unrecognized arguments: --no_such_flag=1"),
+        (["--enable_batching=maybe"], "expected true, false, 1 or 0; got 'maybe'"),
+        (["--port=http"], "expected an integer; got 'http'"),
+        (["--port=4294967296"], "expected a 32-bit integer"),
+    ],
+)
 def test_bad_flags_are_errors(capsys, argv, message):
     with pytest.raises(SystemExit) as info:
         _serve_args(argv)
@@ -124,13 +141,24 @@ def test_bad_flags_are_errors(capsys, argv, message):
 
 
 def test_flags_without_effect_are_logged_once_each():
-    args = _serve_args(["--per_process_gpu_memory_fraction=0.5", "--ssl_config_file=/etc/ssl.conf",
-                        "--enable_grpc_healthcheck_service", "--xla_cpu_compilation_enabled",
-                        "--port=8500", "--enable_model_warmup=true"])
+    args = _serve_args(
+        [
+            "--per_process_gpu_memory_fraction=0.5",
+            "--ssl_config_file=/etc/ssl.conf",
+            "--enable_grpc_healthcheck_service",
+            "--xla_cpu_compilation_enabled",
+            "--port=8500",
+            "--enable_model_warmup=true",
+        ]
+    )
     lines = []
     names = _flags.log_ignored(args, emit=lines.append)
-    assert names == ["ssl_config_file", "per_process_gpu_memory_fraction",
-                     "xla_cpu_compilation_enabled", "enable_grpc_healthcheck_service"]
+    assert names == [
+        "ssl_config_file",
+        "per_process_gpu_memory_fraction",
+        "xla_cpu_compilation_enabled",
+        "enable_grpc_healthcheck_service",
+    ]
     assert len(lines) == 4
     assert all("accepted, has no effect in the development server" in ln for ln in lines)
     assert lines[0].startswith("--ssl_config_file=/etc/ssl.conf: accepted")
@@ -139,9 +167,12 @@ def test_flags_without_effect_are_logged_once_each():
 
 def test_grpc_channel_argument_parsing():
     assert _flags.parse_grpc_channel_arguments(
-        "grpc.max_connection_age_ms=2000,grpc.lb_policy_name=grpclb,grpc.so_reuseaddr=1") == [
-        ("grpc.max_connection_age_ms", 2000), ("grpc.lb_policy_name", "grpclb"),
-        ("grpc.so_reuseaddr", 1)]
+        "grpc.max_connection_age_ms=2000,grpc.lb_policy_name=grpclb,grpc.so_reuseaddr=1"
+    ) == [
+        ("grpc.max_connection_age_ms", 2000),
+        ("grpc.lb_policy_name", "grpclb"),
+        ("grpc.so_reuseaddr", 1),
+    ]
     assert _flags.parse_grpc_channel_arguments("") == []
     with pytest.raises(ValueError, match="expected key=value items"):
         _flags.parse_grpc_channel_arguments("grpc.max_connection_age_ms")
@@ -152,15 +183,21 @@ def test_grpc_channel_argument_parsing():
 
 # --- TF Serving's own test command line, run against `tfbn serve` -------------------------
 
+
 class _Proc:
     """`tfbn serve ARGS` in a subprocess; stops it with SIGTERM (SIGKILL after 30 s)."""
 
     def __init__(self, argv, ready_timeout=120):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
         self.stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tfbn.cli", "serve", *argv],
-                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True,
-                                     env=env, cwd=str(ROOT))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tfbn.cli", "serve", *argv],
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            env=env,
+            cwd=str(ROOT),
+        )
         self.lines = []
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
@@ -198,20 +235,27 @@ def test_tf_serving_test_command_line_runs_unchanged(tmp_path):
         f"--grpc_socket_path={sock} --model_name=default --model_base_path={HALF_PLUS_TWO} "
         f"--monitoring_config_file={TESTDATA}/monitoring_config.txt "
         "--grpc_channel_arguments=grpc.max_connection_age_ms=2000,grpc.lb_policy_name=grpclb,"
-        "grpc.so_reuseaddr=1")
+        "grpc.so_reuseaddr=1"
+    )
     server = _Proc(argv)
     try:
         assert _predict(f"localhost:{port}") == ([3.0], 123)
         assert _predict(f"unix:{sock}") == ([3.0], 123)  # testPredictUDS
         rest = f"http://localhost:{rest_port}"
-        r = requests.post(rest + "/v1/models/default:classify", timeout=30,
-                          json={"signature_name": "classify_x_to_y", "examples": [{"x": 2.0}]})
+        r = requests.post(
+            rest + "/v1/models/default:classify",
+            timeout=30,
+            json={"signature_name": "classify_x_to_y", "examples": [{"x": 2.0}]},
+        )
         assert r.json() == {"results": [[["", 3.0]]]}
         page = requests.get(rest + "/monitoring/prometheus/metrics", timeout=30)
         assert page.status_code == 200 and "# TYPE" in page.text  # testPrometheusEndpoint
         assert page.headers["Content-Type"].startswith("text/plain")
-        assert re.search(r':tensorflow:serving:request_count_total\{model_name="default",'
-                         r'status="OK"\} [1-9]', page.text), page.text
+        assert re.search(
+            r':tensorflow:serving:request_count_total\{model_name="default",'
+            r'status="OK"\} [1-9]',
+            page.text,
+        ), page.text
     finally:
         assert server.stop() == 0
     assert not os.path.exists(sock)
@@ -219,39 +263,79 @@ def test_tf_serving_test_command_line_runs_unchanged(tmp_path):
 
 def test_bad_model_config_fails_with_tf_servings_message():
     proc = subprocess.run(
-        [sys.executable, "-m", "tfbn.cli", "serve", f"--model_config_file={TESTDATA}/bad_model_config.txt"],
-        capture_output=True, text=True, timeout=120, cwd=str(ROOT),
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        [
+            sys.executable,
+            "-m",
+            "tfbn.cli",
+            "serve",
+            f"--model_config_file={TESTDATA}/bad_model_config.txt",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(ROOT),
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
     assert proc.returncode != 0
     assert "Error parsing text-format tensorflow.serving.ModelServerConfig" in proc.stderr
 
 
 def test_unknown_flag_and_ignored_flag_on_the_command_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tfbn.cli", "serve", "--model_base_path=x",
-                           "--not_a_tf_serving_flag=1"],
-                          capture_output=True, text=True, timeout=120, cwd=str(ROOT))
-    assert proc.returncode == 2 and "unrecognized arguments: --not_a_tf_serving_flag=1" in proc.stderr
-    server = _Proc([f"--port={_free_port()}", f"--model_base_path={HALF_PLUS_TWO}",
-                    "--per_process_gpu_memory_fraction=0.4", "--skip_initialize_tpu",
-                    "--file_system_poll_wait_seconds=0"])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tfbn.cli",
+            "serve",
+            "--model_base_path=x",
+            "--not_a_tf_serving_flag=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(ROOT),
+    )
+    assert (
+        proc.returncode == 2 and "unrecognized arguments: --not_a_tf_serving_flag=1" in proc.stderr
+    )
+    server = _Proc(
+        [
+            f"--port={_free_port()}",
+            f"--model_base_path={HALF_PLUS_TWO}",
+            "--per_process_gpu_memory_fraction=0.4",
+            "--skip_initialize_tpu",
+            "--file_system_poll_wait_seconds=0",
+        ]
+    )
     try:
         assert server.stop() == 0
     finally:
         server.stop()
     err = server.err()
-    assert err.count("--per_process_gpu_memory_fraction=0.4: accepted, has no effect in the "
-                     "development server") == 1
+    assert (
+        err.count(
+            "--per_process_gpu_memory_fraction=0.4: accepted, has no effect in the "
+            "development server"
+        )
+        == 1
+    )
     assert err.count("--skip_initialize_tpu=True: accepted, has no effect") == 1
 
 
 def test_version_flag():
-    proc = subprocess.run([sys.executable, "-m", "tfbn.cli", "serve", "--version"],
-                          capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfbn.cli", "serve", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(ROOT),
+    )
     assert proc.returncode == 0
     assert "TensorFlow Library: 2." in proc.stdout and "not TF Serving" in proc.stdout
 
 
 # --- examples/tf_serving_docker.md ----------------------------------------------------------
+
 
 def _docker_doc():
     return (ROOT / "examples" / "tf_serving_docker.md").read_text()
@@ -262,8 +346,9 @@ def _tf_serving_argument_lists(text):
     entry point plus what follows the image name in each `docker run`, and each
     `tensorflow_model_server ...` line."""
     lists = []
-    entry = re.search(r"`tensorflow_model_server (--port=8500\s+--rest_api_port=8501[^`]*)`",
-                      text, re.S)
+    entry = re.search(
+        r"`tensorflow_model_server (--port=8500\s+--rest_api_port=8501[^`]*)`", text, re.S
+    )
     assert entry, "the entry point's command line is documented"
     base = shlex.split(entry.group(1))
     for block in re.findall(r"```sh\n(.*?)```", text, re.S):
@@ -271,7 +356,7 @@ def _tf_serving_argument_lists(text):
         for line in joined.splitlines():
             words = shlex.split(line) if line.strip() else []
             if words[:2] == ["docker", "run"] and "tensorflow/serving" in words:
-                lists.append(base + words[words.index("tensorflow/serving") + 1:])
+                lists.append(base + words[words.index("tensorflow/serving") + 1 :])
             elif words[:1] == ["tensorflow_model_server"]:
                 lists.append(words[1:])
     return lists
@@ -287,31 +372,41 @@ def test_docker_walkthrough_argument_lists_run_against_tfbn_serve(tmp_path):
     shutil.copytree(models["frozen"], model_dir)
     config = tmp_path / "config"
     config.mkdir()
-    for name, start in (("batching.config", "max_batch_size"),
-                        ("models.config", "model_config_list"),
-                        ("monitoring.config", "prometheus_config")):
+    for name, start in (
+        ("batching.config", "max_batch_size"),
+        ("models.config", "model_config_list"),
+        ("monitoring.config", "prometheus_config"),
+    ):
         body = re.search(rf"```\n({start}.*?)```", text, re.S).group(1)
         (config / name).write_text(body.replace('"/models/digits"', json.dumps(str(model_dir))))
     for argv in lists:
         # The image's environment (MODEL_NAME=digits, MODEL_BASE_PATH=/models), then only
         # the container's paths and the two ports change: every flag and value stays.
-        argv = [a.replace("${MODEL_NAME}", "digits").replace("${MODEL_BASE_PATH}", "/models")
-                .replace("=/models/digits", f"={model_dir}").replace("=/config/", f"={config}/")
-                for a in argv]
+        argv = [
+            a.replace("${MODEL_NAME}", "digits")
+            .replace("${MODEL_BASE_PATH}", "/models")
+            .replace("=/models/digits", f"={model_dir}")
+            .replace("=/config/", f"={config}/")
+            for a in argv
+        ]
         port, rest = _free_port(), _free_port()
         argv = [a.replace("=8500", f"={port}").replace("=8501", f"={rest}") for a in argv]
         _serve_args(argv)  # the real parser takes them as they are
         server = _Proc(argv)
         try:
             if any(a.startswith("--monitoring_config_file") for a in argv):
-                page = requests.get(f"http://127.0.0.1:{rest}/monitoring/prometheus/metrics",
-                                    timeout=30)
+                page = requests.get(
+                    f"http://127.0.0.1:{rest}/monitoring/prometheus/metrics", timeout=30
+                )
                 assert page.status_code == 200 and "# TYPE" in page.text
             r = requests.get(f"http://127.0.0.1:{rest}/v1/models/digits", timeout=30)
             assert r.json()["model_version_status"][0]["state"] == "AVAILABLE", r.text
             x = np.zeros((1, 4), np.float32).tolist()
-            r = requests.post(f"http://127.0.0.1:{rest}/v1/models/digits:predict",
-                              json={"instances": x}, timeout=30)
+            r = requests.post(
+                f"http://127.0.0.1:{rest}/v1/models/digits:predict",
+                json={"instances": x},
+                timeout=30,
+            )
             assert r.status_code == 200, r.text
         finally:
             assert server.stop() == 0
@@ -319,10 +414,12 @@ def test_docker_walkthrough_argument_lists_run_against_tfbn_serve(tmp_path):
 
 # --- config re-poll -------------------------------------------------------------------------
 
+
 def _write_config(path, entries):
     body = "".join(
         f'  config {{ name: "{name}" base_path: "{base}" model_platform: "tensorflow" {extra} }}\n'
-        for name, base, extra in entries)
+        for name, base, extra in entries
+    )
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         f.write("model_config_list {\n" + body + "}\n")
@@ -351,30 +448,69 @@ def test_model_config_file_is_re_read_while_serving(tmp_path):
     two_versions = os.path.join(TESTDATA, "saved_model_half_plus_two_2_versions")
     _write_config(path, [("half_plus_two", HALF_PLUS_TWO, "")])
     models = _config.load_model_config_file(path)
-    with DevServer(models, port=0, rest_api_port=0, file_system_poll_wait_seconds=0,
-                   model_config_file=path, model_config_file_poll_wait_seconds=0.2) as srv:
+    with DevServer(
+        models,
+        port=0,
+        rest_api_port=0,
+        file_system_poll_wait_seconds=0,
+        model_config_file=path,
+        model_config_file_poll_wait_seconds=0.2,
+    ) as srv:
         assert _predict(srv.grpc_target, "half_plus_two") == ([3.0], 123)
         # Replace the model by another one (TF Serving's testModelConfigReload).
         _write_config(path, [("half_plus_three", HALF_PLUS_THREE, "")])
         assert _wait_for(lambda: _predict(srv.grpc_target, "half_plus_three") == ([4.0], 123))
         assert _wait_for(lambda: _status(srv, "half_plus_two")[0] == 404)
         # Add a model with a version policy and a label on a version it will load.
-        _write_config(path, [("half_plus_three", HALF_PLUS_THREE, ""),
-                             ("two", two_versions, "model_version_policy { all {} }")])
-        assert _wait_for(lambda: len(_status(srv, "two")[1].get("model_version_status", [])) == 2
-                         and all(s["state"] == "AVAILABLE"
-                                 for s in _status(srv, "two")[1]["model_version_status"]))
-        _write_config(path, [("half_plus_three", HALF_PLUS_THREE, ""),
-                             ("two", two_versions,
-                              'model_version_policy { all {} } version_labels { key: "stable" '
-                              "value: 123 }")])
-        assert _wait_for(lambda: requests.post(
-            f"{srv.rest_url}/v1/models/two/labels/stable:predict", json={"instances": [1.0]},
-            timeout=30).status_code == 200)
+        _write_config(
+            path,
+            [
+                ("half_plus_three", HALF_PLUS_THREE, ""),
+                ("two", two_versions, "model_version_policy { all {} }"),
+            ],
+        )
+        assert _wait_for(
+            lambda: (
+                len(_status(srv, "two")[1].get("model_version_status", [])) == 2
+                and all(
+                    s["state"] == "AVAILABLE"
+                    for s in _status(srv, "two")[1]["model_version_status"]
+                )
+            )
+        )
+        _write_config(
+            path,
+            [
+                ("half_plus_three", HALF_PLUS_THREE, ""),
+                (
+                    "two",
+                    two_versions,
+                    'model_version_policy { all {} } version_labels { key: "stable" value: 123 }',
+                ),
+            ],
+        )
+        assert _wait_for(
+            lambda: (
+                requests.post(
+                    f"{srv.rest_url}/v1/models/two/labels/stable:predict",
+                    json={"instances": [1.0]},
+                    timeout=30,
+                ).status_code
+                == 200
+            )
+        )
         # Back to the latest version only: 123 is unloaded.
         _write_config(path, [("two", two_versions, "")])
-        assert _wait_for(lambda: [s["version"] for s in _status(srv, "two")[1]["model_version_status"]
-                                  if s["state"] == "AVAILABLE"] == ["124"])
+        assert _wait_for(
+            lambda: (
+                [
+                    s["version"]
+                    for s in _status(srv, "two")[1]["model_version_status"]
+                    if s["state"] == "AVAILABLE"
+                ]
+                == ["124"]
+            )
+        )
         # A file that does not parse leaves the served models alone.
         Path(path).write_text("model_config_list { nonsense")
         time.sleep(0.6)
@@ -384,9 +520,14 @@ def test_model_config_file_is_re_read_while_serving(tmp_path):
 def test_zero_poll_period_reads_the_config_once(tmp_path):
     path = str(tmp_path / "models.config")
     _write_config(path, [("half_plus_two", HALF_PLUS_TWO, "")])
-    with DevServer(_config.load_model_config_file(path), port=0, rest_api_port=None,
-                   file_system_poll_wait_seconds=0, model_config_file=path,
-                   model_config_file_poll_wait_seconds=0) as srv:
+    with DevServer(
+        _config.load_model_config_file(path),
+        port=0,
+        rest_api_port=None,
+        file_system_poll_wait_seconds=0,
+        model_config_file=path,
+        model_config_file_poll_wait_seconds=0,
+    ) as srv:
         _write_config(path, [("half_plus_three", HALF_PLUS_THREE, "")])
         time.sleep(1.0)  # TF Serving's testModelConfigReloadWithZeroPollPeriod waits poll + 1 s
         assert _predict(srv.grpc_target, "half_plus_two") == ([3.0], 123)
@@ -395,26 +536,38 @@ def test_zero_poll_period_reads_the_config_once(tmp_path):
 
 # --- monitoring ---------------------------------------------------------------------------
 
+
 def test_monitoring_config_parsing():
     cfg = _metrics.load_monitoring_config(os.path.join(TESTDATA, "monitoring_config.txt"))
     assert cfg == _metrics.MonitoringConfig(enable=True, path="/monitoring/prometheus/metrics")
-    assert _metrics.parse_monitoring_config("prometheus_config { enable: true }").path == \
-        _metrics.DEFAULT_PATH
+    assert (
+        _metrics.parse_monitoring_config("prometheus_config { enable: true }").path
+        == _metrics.DEFAULT_PATH
+    )
     assert _metrics.parse_monitoring_config("").enable is False
-    with pytest.raises(ValueError, match="Error parsing text-format tensorflow.serving.MonitoringConfig"):
+    with pytest.raises(
+        ValueError, match="Error parsing text-format tensorflow.serving.MonitoringConfig"
+    ):
         _metrics.parse_monitoring_config("prometheus_config { enabled: true }")
 
 
 def test_prometheus_metrics_count_requests_per_model_api_and_entrypoint():
     mon = _metrics.MonitoringConfig(enable=True, path="/metrics/custom")
-    with DevServer([_config.ModelConfig("default", HALF_PLUS_TWO)], port=0, rest_api_port=0,
-                   monitoring=mon, file_system_poll_wait_seconds=0) as srv:
+    with DevServer(
+        [_config.ModelConfig("default", HALF_PLUS_TWO)],
+        port=0,
+        rest_api_port=0,
+        monitoring=mon,
+        file_system_poll_wait_seconds=0,
+    ) as srv:
         for _ in range(3):
             _predict(srv.grpc_target)
-        requests.post(srv.rest_url + "/v1/models/default:predict", json={"instances": [1.0]},
-                      timeout=30)
-        requests.post(srv.rest_url + "/v1/models/default:predict", json={"instances": "bad"},
-                      timeout=30)
+        requests.post(
+            srv.rest_url + "/v1/models/default:predict", json={"instances": [1.0]}, timeout=30
+        )
+        requests.post(
+            srv.rest_url + "/v1/models/default:predict", json={"instances": "bad"}, timeout=30
+        )
         with pytest.raises(grpc.RpcError):
             _predict(srv.grpc_target, model="missing")
         page = requests.get(srv.rest_url + "/metrics/custom", timeout=30).text
@@ -431,20 +584,34 @@ def test_prometheus_metrics_count_requests_per_model_api_and_entrypoint():
         assert samples[f'{latency}{{API="Predict",entrypoint="GRPC",model_name="default"}}'] == 3
         assert samples[f'{latency}{{API="predict",entrypoint="REST",model_name="default"}}'] == 1
         assert "# TYPE :tensorflow:serving:request_latency histogram" in page
-        assert requests.get(srv.rest_url + "/monitoring/prometheus/metrics",
-                            timeout=30).status_code == 404
-    with DevServer([_config.ModelConfig("default", HALF_PLUS_TWO)], port=None, rest_api_port=0,
-                   file_system_poll_wait_seconds=0) as srv:  # no monitoring file: no endpoint
-        assert requests.get(srv.rest_url + "/monitoring/prometheus/metrics",
-                            timeout=30).status_code == 404
+        assert (
+            requests.get(srv.rest_url + "/monitoring/prometheus/metrics", timeout=30).status_code
+            == 404
+        )
+    with DevServer(
+        [_config.ModelConfig("default", HALF_PLUS_TWO)],
+        port=None,
+        rest_api_port=0,
+        file_system_poll_wait_seconds=0,
+    ) as srv:  # no monitoring file: no endpoint
+        assert (
+            requests.get(srv.rest_url + "/monitoring/prometheus/metrics", timeout=30).status_code
+            == 404
+        )
 
 
 # --- gRPC: Unix socket and channel arguments ---------------------------------------------
 
+
 def test_grpc_on_a_unix_socket_only(tmp_path):
     sock = str(tmp_path / "grpc.sock")
-    with DevServer([_config.ModelConfig("default", HALF_PLUS_TWO)], port=None, rest_api_port=None,
-                   grpc_socket_path=sock, file_system_poll_wait_seconds=0) as srv:
+    with DevServer(
+        [_config.ModelConfig("default", HALF_PLUS_TWO)],
+        port=None,
+        rest_api_port=None,
+        grpc_socket_path=sock,
+        file_system_poll_wait_seconds=0,
+    ) as srv:
         assert srv.grpc_port is None
         assert _predict(f"unix:{sock}") == ([3.0], 123)
     assert not os.path.exists(sock)
@@ -453,8 +620,13 @@ def test_grpc_on_a_unix_socket_only(tmp_path):
 def test_grpc_channel_arguments_reach_the_server():
     # A receive limit given as a channel argument overrides the server's own.
     args = _flags.parse_grpc_channel_arguments("grpc.max_receive_message_length=512")
-    with DevServer([_config.ModelConfig("default", HALF_PLUS_TWO)], port=0, rest_api_port=None,
-                   grpc_channel_arguments=args, file_system_poll_wait_seconds=0) as srv:
+    with DevServer(
+        [_config.ModelConfig("default", HALF_PLUS_TWO)],
+        port=0,
+        rest_api_port=None,
+        grpc_channel_arguments=args,
+        file_system_poll_wait_seconds=0,
+    ) as srv:
         assert _predict(srv.grpc_target) == ([3.0], 123)
         channel = grpc.insecure_channel(srv.grpc_target)
         req = predict_pb2.PredictRequest()
@@ -468,19 +640,33 @@ def test_grpc_channel_arguments_reach_the_server():
 
 # --- REST timeout and threads ---------------------------------------------------------------
 
+
 def test_rest_api_timeout_answers_504():
     slow = _config.BatchingParameters(max_batch_size=64, batch_timeout_micros=3_000_000)
-    with DevServer([_config.ModelConfig("default", HALF_PLUS_TWO)], port=None, rest_api_port=0,
-                   batching=slow, rest_api_timeout_in_ms=200, file_system_poll_wait_seconds=0) as srv:
+    with DevServer(
+        [_config.ModelConfig("default", HALF_PLUS_TWO)],
+        port=None,
+        rest_api_port=0,
+        batching=slow,
+        rest_api_timeout_in_ms=200,
+        file_system_poll_wait_seconds=0,
+    ) as srv:
         t0 = time.monotonic()
-        r = requests.post(srv.rest_url + "/v1/models/default:predict", json={"instances": [1.0]},
-                          timeout=30)
+        r = requests.post(
+            srv.rest_url + "/v1/models/default:predict", json={"instances": [1.0]}, timeout=30
+        )
         assert r.status_code == 504, r.text
         assert time.monotonic() - t0 < 2.5  # answered at the deadline, not after the batch
-    with DevServer([_config.ModelConfig("default", HALF_PLUS_TWO)], port=None, rest_api_port=0,
-                   rest_api_timeout_in_ms=5000, file_system_poll_wait_seconds=0) as srv:
-        r = requests.post(srv.rest_url + "/v1/models/default:predict", json={"instances": [1.0]},
-                          timeout=30)
+    with DevServer(
+        [_config.ModelConfig("default", HALF_PLUS_TWO)],
+        port=None,
+        rest_api_port=0,
+        rest_api_timeout_in_ms=5000,
+        file_system_poll_wait_seconds=0,
+    ) as srv:
+        r = requests.post(
+            srv.rest_url + "/v1/models/default:predict", json={"instances": [1.0]}, timeout=30
+        )
         assert r.status_code == 200
 
 
@@ -489,14 +675,20 @@ def test_rest_api_num_threads_caps_concurrent_requests(threads, batch_sizes):
     # Two concurrent single-row requests within one 1.5 s batching window: with two REST
     # threads they meet in one batch of 2; with one thread the second waits its turn.
     window = _config.BatchingParameters(max_batch_size=2, batch_timeout_micros=1_500_000)
-    with DevServer([_config.ModelConfig("default", HALF_PLUS_TWO)], port=None, rest_api_port=0,
-                   batching=window, rest_api_num_threads=threads,
-                   file_system_poll_wait_seconds=0) as srv:
+    with DevServer(
+        [_config.ModelConfig("default", HALF_PLUS_TWO)],
+        port=None,
+        rest_api_port=0,
+        batching=window,
+        rest_api_num_threads=threads,
+        file_system_poll_wait_seconds=0,
+    ) as srv:
         codes = []
 
         def call():
-            r = requests.post(srv.rest_url + "/v1/models/default:predict",
-                              json={"instances": [1.0]}, timeout=30)
+            r = requests.post(
+                srv.rest_url + "/v1/models/default:predict", json={"instances": [1.0]}, timeout=30
+            )
             codes.append(r.status_code)
 
         workers = [threading.Thread(target=call) for _ in range(2)]
@@ -510,6 +702,7 @@ def test_rest_api_num_threads_caps_concurrent_requests(threads, batch_sizes):
 
 
 # --- load options: tags, thread pools ---------------------------------------------------------
+
 
 def test_saved_model_tags_select_the_meta_graph(tmp_path):
     from tensorflow.core.protobuf import saved_model_pb2
@@ -525,21 +718,35 @@ def test_saved_model_tags_select_the_meta_graph(tmp_path):
     with DevServer(cfg, port=None, rest_api_port=0, file_system_poll_wait_seconds=0) as srv:
         (st,) = _status(srv, "default")[1]["model_version_status"]
         assert st["state"] == "END"
-        assert "Could not find meta graph def matching supplied tags: { serve }" in \
-               st["status"]["error_message"]
+        assert (
+            "Could not find meta graph def matching supplied tags: { serve }"
+            in st["status"]["error_message"]
+        )
     tags = _flags.parse_saved_model_tags("serve,custom")
-    with DevServer(cfg, port=0, rest_api_port=None, file_system_poll_wait_seconds=0,
-                   load_options=LoadOptions(saved_model_tags=tags)) as srv:
+    with DevServer(
+        cfg,
+        port=0,
+        rest_api_port=None,
+        file_system_poll_wait_seconds=0,
+        load_options=LoadOptions(saved_model_tags=tags),
+    ) as srv:
         assert _predict(srv.grpc_target) == ([3.0], 123)
 
 
 def test_thread_pool_flags_configure_tensorflow():
-    code = ("from tfbn.serving._loading import configure_threads; import tensorflow as tf; "
-            "print(configure_threads(3, 2, 0), tf.config.threading.get_intra_op_parallelism_threads(), "
-            "tf.config.threading.get_inter_op_parallelism_threads()); "
-            "print(configure_threads(0, 0, 0))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    code = (
+        "from tfbn.serving._loading import configure_threads; import tensorflow as tf; "
+        "print(configure_threads(3, 2, 0), tf.config.threading.get_intra_op_parallelism_threads(), "
+        "tf.config.threading.get_inter_op_parallelism_threads()); "
+        "print(configure_threads(0, 0, 0))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["(3, 2) 3 2", "(0, 0)"]
     with pytest.raises(ValueError, match="You cannot configure all"):
@@ -547,20 +754,27 @@ def test_thread_pool_flags_configure_tensorflow():
     with pytest.raises(ValueError, match="must be >= 0"):
         configure_threads(-1, 0, 0)
     # session parallelism alone sizes both pools of the TF1 Sessions.
-    code = ("from tfbn.serving._loading import configure_threads; print(configure_threads(0, 0, 2))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    code = "from tfbn.serving._loading import configure_threads; print(configure_threads(0, 0, 2))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
     assert out.stdout.strip() == "(2, 2)", out.stderr
 
 
 def test_session_threads_reach_tf1_sessions():
     from tfbn.serving._servable import Servable
 
-    servable = Servable("default", 123, os.path.join(HALF_PLUS_TWO, "00000123"),
-                        session_threads=(2, 1))
+    servable = Servable(
+        "default", 123, os.path.join(HALF_PLUS_TWO, "00000123"), session_threads=(2, 1)
+    )
     try:
-        assert servable.call("serving_default", {"x": np.array([[2.0]], np.float32)}, ["y"])["y"] \
-            .tolist() == [[3.0]]
+        assert servable.call("serving_default", {"x": np.array([[2.0]], np.float32)}, ["y"])[
+            "y"
+        ].tolist() == [[3.0]]
         config = servable._session.session._config  # noqa: SLF001 - the Session's ConfigProto
         assert (config.intra_op_parallelism_threads, config.inter_op_parallelism_threads) == (2, 1)
     finally:
@@ -572,18 +786,31 @@ def test_cli_maps_flags_onto_the_server(monkeypatch):
     from tfbn.serving import server
 
     monkeypatch.setattr(server, "serve", lambda models, **kw: seen.update(models=models, **kw) or 0)
-    argv = ["serve", f"--model_base_path={HALF_PLUS_TWO}", "--grpc_socket_path=/tmp/x.sock",
-            "--rest_api_num_threads=3", "--rest_api_timeout_in_ms=1234", "--prefer_tflite_model",
-            "--enable_model_warmup=false", "--num_request_iterations_for_warmup=4",
-            "--saved_model_tags=serve,gpu", "--enable_signature_method_name_check",
-            "--allow_version_labels_for_unavailable_models",
-            f"--monitoring_config_file={TESTDATA}/monitoring_config.txt",
-            "--grpc_channel_arguments=grpc.max_connection_age_ms=2000", "--grpc_max_threads=5"]
+    argv = [
+        "serve",
+        f"--model_base_path={HALF_PLUS_TWO}",
+        "--grpc_socket_path=/tmp/x.sock",
+        "--rest_api_num_threads=3",
+        "--rest_api_timeout_in_ms=1234",
+        "--prefer_tflite_model",
+        "--enable_model_warmup=false",
+        "--num_request_iterations_for_warmup=4",
+        "--saved_model_tags=serve,gpu",
+        "--enable_signature_method_name_check",
+        "--allow_version_labels_for_unavailable_models",
+        f"--monitoring_config_file={TESTDATA}/monitoring_config.txt",
+        "--grpc_channel_arguments=grpc.max_connection_age_ms=2000",
+        "--grpc_max_threads=5",
+    ]
     assert cli.main(argv) == 0
     opts = seen["load_options"]
-    assert (opts.prefer_tflite_model, opts.enable_model_warmup, opts.num_request_iterations_for_warmup,
-            opts.saved_model_tags, opts.enable_signature_method_name_check) == \
-           (True, False, 4, ("serve", "gpu"), True)
+    assert (
+        opts.prefer_tflite_model,
+        opts.enable_model_warmup,
+        opts.num_request_iterations_for_warmup,
+        opts.saved_model_tags,
+        opts.enable_signature_method_name_check,
+    ) == (True, False, 4, ("serve", "gpu"), True)
     assert seen["grpc_socket_path"] == "/tmp/x.sock" and seen["rest_api_num_threads"] == 3
     assert seen["rest_api_timeout_in_ms"] == 1234 and seen["grpc_workers"] == 5
     assert seen["allow_version_labels_for_unavailable_models"] is True
@@ -602,23 +829,35 @@ def test_handle_reload_config_request_over_grpc():
     from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
     from tensorflow_serving.config import model_server_config_pb2
 
-    with DevServer([_config.ModelConfig("half_plus_two", HALF_PLUS_TWO)], port=0, rest_api_port=None,
-                   file_system_poll_wait_seconds=0) as srv:
+    with DevServer(
+        [_config.ModelConfig("half_plus_two", HALF_PLUS_TWO)],
+        port=0,
+        rest_api_port=None,
+        file_system_poll_wait_seconds=0,
+    ) as srv:
         channel = grpc.insecure_channel(srv.grpc_target)
         stub = model_service_pb2_grpc.ModelServiceStub(channel)
         req = model_management_pb2.ReloadConfigRequest()
-        cfg = req.config.model_config_list.config.add(name="half_plus_three", base_path=HALF_PLUS_THREE,
-                                                      model_platform="tensorflow")
+        cfg = req.config.model_config_list.config.add(
+            name="half_plus_three", base_path=HALF_PLUS_THREE, model_platform="tensorflow"
+        )
         assert cfg.name == "half_plus_three"
         resp = stub.HandleReloadConfigRequest(req, timeout=60)
         assert resp.status.error_code == 0
-        assert _predict(srv.grpc_target, "half_plus_three") == ([4.0], 123)  # loaded before the answer
+        assert _predict(srv.grpc_target, "half_plus_three") == (
+            [4.0],
+            123,
+        )  # loaded before the answer
         with pytest.raises(grpc.RpcError) as info:
             _predict(srv.grpc_target, "half_plus_two")
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(grpc.RpcError) as info:
-            stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(
-                config=model_server_config_pb2.ModelServerConfig()), timeout=60)
+            stub.HandleReloadConfigRequest(
+                model_management_pb2.ReloadConfigRequest(
+                    config=model_server_config_pb2.ModelServerConfig()
+                ),
+                timeout=60,
+            )
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "Only ModelConfigList is currently supported" in info.value.details()
         channel.close()
@@ -628,14 +867,21 @@ def test_profiler_service_writes_a_trace(tmp_path):
     # TF Serving's test_profiler_service_with_valid_trace_request, with our own client calls.
     from tensorflow.python.profiler import profiler_client
 
-    with DevServer([_config.ModelConfig("default", HALF_PLUS_TWO)], port=0, rest_api_port=0,
-                   file_system_poll_wait_seconds=0) as srv:
+    with DevServer(
+        [_config.ModelConfig("default", HALF_PLUS_TWO)],
+        port=0,
+        rest_api_port=0,
+        file_system_poll_wait_seconds=0,
+    ) as srv:
         stop = threading.Event()
 
         def traffic():
             while not stop.is_set():
-                requests.post(srv.rest_url + "/v1/models/default:predict",
-                              json={"instances": [2.0, 3.0, 4.0]}, timeout=30)
+                requests.post(
+                    srv.rest_url + "/v1/models/default:predict",
+                    json={"instances": [2.0, 3.0, 4.0]},
+                    timeout=30,
+                )
 
         worker = threading.Thread(target=traffic)
         worker.start()
@@ -647,7 +893,12 @@ def test_profiler_service_writes_a_trace(tmp_path):
     traces = list((tmp_path / "logs").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     # Off: the profiler service is not there.
-    with DevServer([_config.ModelConfig("default", HALF_PLUS_TWO)], port=0, rest_api_port=None,
-                   file_system_poll_wait_seconds=0, enable_profiler=False) as srv:
+    with DevServer(
+        [_config.ModelConfig("default", HALF_PLUS_TWO)],
+        port=0,
+        rest_api_port=None,
+        file_system_poll_wait_seconds=0,
+        enable_profiler=False,
+    ) as srv:
         with pytest.raises(Exception, match="(?i)unimplemented|unavailable|no trace"):
             profiler_client.trace(srv.grpc_target, str(tmp_path / "off"), 100, "", 1)

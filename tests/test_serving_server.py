@@ -57,16 +57,23 @@ def server():
         _config.ModelConfig("matrix", MATRIX),
     ]
     # Labels in the first config need the flag, as in TF Serving.
-    with DevServer(models, port=0, rest_api_port=0, max_request_bytes=64 * 1024,
-                   allow_version_labels_for_unavailable_models=True) as srv:
+    with DevServer(
+        models,
+        port=0,
+        rest_api_port=0,
+        max_request_bytes=64 * 1024,
+        allow_version_labels_for_unavailable_models=True,
+    ) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def stubs(server):
     channel = grpc.insecure_channel(server.grpc_target)
-    yield (prediction_service_pb2_grpc.PredictionServiceStub(channel),
-           model_service_pb2_grpc.ModelServiceStub(channel))
+    yield (
+        prediction_service_pb2_grpc.PredictionServiceStub(channel),
+        model_service_pb2_grpc.ModelServiceStub(channel),
+    )
     channel.close()
 
 
@@ -80,6 +87,7 @@ def get(server, path):
 
 
 # --- REST conformance: the answers TF Serving's own tests assert -----------------------
+
 
 @pytest.mark.parametrize("model", ["default", "tf2"])
 def test_rest_predict_row_format(server, model):
@@ -96,16 +104,26 @@ def test_rest_predict_columnar_format(server):
     assert r.status_code == 200 and r.json() == {"outputs": [3.0, 3.5, 4.0]}
     r = post(server, "/v1/models/default:predict", {"inputs": {"x": [[2.0], [3.0]]}})
     assert r.json() == {"outputs": [[3.0], [3.5]]}
-    r = post(server, "/v1/models/default:predict",
-             {"signature_name": "serving_default", "instances": [{"x": [1.0]}, {"x": [5.0]}]})
+    r = post(
+        server,
+        "/v1/models/default:predict",
+        {"signature_name": "serving_default", "instances": [{"x": [1.0]}, {"x": [5.0]}]},
+    )
     assert r.json() == {"predictions": [[2.5], [4.5]]}
 
 
 def test_rest_status_json(server):
     r = get(server, "/v1/models/default")
     assert r.status_code == 200
-    assert r.json() == {"model_version_status": [
-        {"version": "123", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+    assert r.json() == {
+        "model_version_status": [
+            {
+                "version": "123",
+                "state": "AVAILABLE",
+                "status": {"error_code": "OK", "error_message": ""},
+            }
+        ]
+    }
     assert get(server, "/v1/models/default/versions/123").json() == r.json()
 
 
@@ -115,7 +133,9 @@ def test_rest_metadata_equals_tf_serving_json(server):
     r = get(server, "/v1/models/default/metadata")
     assert r.status_code == 200
     assert r.json() == expected  # dict equality: order-insensitive
-    with open(os.path.join(TESTDATA, "saved_model_half_plus_two_tf2_2_versions_metadata.json")) as f:
+    with open(
+        os.path.join(TESTDATA, "saved_model_half_plus_two_tf2_2_versions_metadata.json")
+    ) as f:
         tf2 = json.load(f)
     got = get(server, "/v1/models/tf2/metadata").json()
     # That file describes the TF2 two-version export (other tensor names); the signatures,
@@ -124,8 +144,9 @@ def test_rest_metadata_equals_tf_serving_json(server):
     assert set(got_sigs) == set(want_sigs)
     for key, sig in want_sigs.items():
         for side in ("inputs", "outputs"):
-            assert {a: (t["dtype"], t["tensor_shape"]) for a, t in got_sigs[key][side].items()} == \
-                   {a: (t["dtype"], t["tensor_shape"]) for a, t in sig[side].items()}
+            assert {a: (t["dtype"], t["tensor_shape"]) for a, t in got_sigs[key][side].items()} == {
+                a: (t["dtype"], t["tensor_shape"]) for a, t in sig[side].items()
+            }
     assert got["model_spec"] == {"name": "tf2", "signature_name": "", "version": "123"}
 
 
@@ -133,7 +154,10 @@ def test_two_versions_serves_latest_and_pins_versions(server):
     status = get(server, "/v1/models/two").json()["model_version_status"]
     assert [(s["version"], s["state"]) for s in status] == [("124", "AVAILABLE")]
     assert get(server, "/v1/models/two/metadata").json()["model_spec"]["version"] == "124"
-    assert get(server, "/v1/models/two/labels/stable/metadata").json()["model_spec"]["version"] == "124"
+    assert (
+        get(server, "/v1/models/two/labels/stable/metadata").json()["model_spec"]["version"]
+        == "124"
+    )
     r = post(server, "/v1/models/two/versions/124:predict", {"instances": [1.0]})
     assert r.json() == {"predictions": [2.5]}
     r = post(server, "/v1/models/two/versions/123:predict", {"instances": [1.0]})
@@ -166,36 +190,91 @@ def test_batching_fixture_matrix_model(server):
 
 # --- REST errors: TF Serving's messages and HTTP statuses ------------------------------
 
-@pytest.mark.parametrize("path,body,status,message", [
-    ("/v1/models/nosuch:predict", {"instances": [1.0]}, 404,
-     "Servable not found for request: Latest(nosuch)"),
-    ("/v1/models/default/versions/999:predict", {"instances": [1.0]}, 404,
-     "Servable not found for request: Specific(default, 999)"),
-    ("/v1/models/two/labels/canary:predict", {"instances": [1.0]}, 400,
-     "Unrecognized servable version label: canary"),
-    ("/v1/models/default:predict", b"{not json", 400, "JSON Parse error"),
-    ("/v1/models/default:predict", b"", 400, "JSON Parse error: The document is empty"),
-    ("/v1/models/default:predict", b"[1, 2]", 400, "Is not object"),
-    ("/v1/models/default:predict", {"instances": ["a", "b"]}, 400,
-     'Failed to process element: 0 of \'instances\' list. Error: INVALID_ARGUMENT: JSON Value: "a" '
-     "Type: String is not of expected type: float"),
-    ("/v1/models/default:predict", {"inputs": [[1.0], [True]]}, 400,
-     "JSON Value: true Type: True is not of expected type: float"),
-    ("/v1/models/default:predict", {"instances": [{"y": 1.0}]}, 400,
-     "JSON object: does not have named input: y"),
-    ("/v1/models/default:predict", {"inputs": {"y": [1.0]}}, 400, "Missing named input: x in 'inputs' object."),
-    ("/v1/models/default:predict", {"instances": [1.0], "inputs": [1.0]}, 400,
-     "expecting only one of 'inputs' or 'instances' keys to exist"),
-    ("/v1/models/default:predict", {"instances": []}, 400, "No values in 'instances' array"),
-    ("/v1/models/default:predict", {"foo": 1}, 400, "Missing 'inputs' or 'instances' key"),
-    ("/v1/models/default:predict", {"instances": [[1.0], [1.0, 2.0]]}, 400, "Expecting shape [1] but got: [2]"),
-    ("/v1/models/default:predict", {"signature_name": "nope", "instances": [1.0]}, 400,
-     'Serving signature name: "nope" not found in signature def'),
-    ("/v1/models/default:predict", {"signature_name": 7, "instances": [1.0]}, 400,
-     "'signature_name' key must be a string value."),
-    ("/v1/models/default:regress", {"examples": []}, 400, "'examples' value is an empty array"),
-    ("/v1/models/default/metadata:predict", {"instances": [1.0]}, 400, "Malformed request: POST"),
-])
+
+@pytest.mark.parametrize(
+    "path,body,status,message",
+    [
+        (
+            "/v1/models/nosuch:predict",
+            {"instances": [1.0]},
+            404,
+            "Servable not found for request: Latest(nosuch)",
+        ),
+        (
+            "/v1/models/default/versions/999:predict",
+            {"instances": [1.0]},
+            404,
+            "Servable not found for request: Specific(default, 999)",
+        ),
+        (
+            "/v1/models/two/labels/canary:predict",
+            {"instances": [1.0]},
+            400,
+            "Unrecognized servable version label: canary",
+        ),
+        ("/v1/models/default:predict", b"{not json", 400, "JSON Parse error"),
+        ("/v1/models/default:predict", b"", 400, "JSON Parse error: The document is empty"),
+        ("/v1/models/default:predict", b"[1, 2]", 400, "Is not object"),
+        (
+            "/v1/models/default:predict",
+            {"instances": ["a", "b"]},
+            400,
+            "Failed to process element: 0 of 'instances' list. Error: INVALID_ARGUMENT: JSON Value: \"a\" "
+            "Type: String is not of expected type: float",
+        ),
+        (
+            "/v1/models/default:predict",
+            {"inputs": [[1.0], [True]]},
+            400,
+            "JSON Value: true Type: True is not of expected type: float",
+        ),
+        (
+            "/v1/models/default:predict",
+            {"instances": [{"y": 1.0}]},
+            400,
+            "JSON object: does not have named input: y",
+        ),
+        (
+            "/v1/models/default:predict",
+            {"inputs": {"y": [1.0]}},
+            400,
+            "Missing named input: x in 'inputs' object.",
+        ),
+        (
+            "/v1/models/default:predict",
+            {"instances": [1.0], "inputs": [1.0]},
+            400,
+            "expecting only one of 'inputs' or 'instances' keys to exist",
+        ),
+        ("/v1/models/default:predict", {"instances": []}, 400, "No values in 'instances' array"),
+        ("/v1/models/default:predict", {"foo": 1}, 400, "Missing 'inputs' or 'instances' key"),
+        (
+            "/v1/models/default:predict",
+            {"instances": [[1.0], [1.0, 2.0]]},
+            400,
+            "Expecting shape [1] but got: [2]",
+        ),
+        (
+            "/v1/models/default:predict",
+            {"signature_name": "nope", "instances": [1.0]},
+            400,
+            'Serving signature name: "nope" not found in signature def',
+        ),
+        (
+            "/v1/models/default:predict",
+            {"signature_name": 7, "instances": [1.0]},
+            400,
+            "'signature_name' key must be a string value.",
+        ),
+        ("/v1/models/default:regress", {"examples": []}, 400, "'examples' value is an empty array"),
+        (
+            "/v1/models/default/metadata:predict",
+            {"instances": [1.0]},
+            400,
+            "Malformed request: POST",
+        ),
+    ],
+)
 def test_rest_errors(server, path, body, status, message):
     r = post(server, path, body)
     assert r.status_code == status, r.text
@@ -204,14 +283,17 @@ def test_rest_errors(server, path, body, status, message):
     assert http_status(grpc.StatusCode.NOT_FOUND) == 404  # the mapping itself, for the record
 
 
-@pytest.mark.parametrize("path,status,message", [
-    ("/v1/models/nosuch", 404, "Could not find any versions of model nosuch"),
-    ("/v1/models/default/versions/9", 404, "Could not find version 9 of model default"),
-    ("/v1/models/nosuch/metadata", 404, "Servable not found for request: Latest(nosuch)"),
-    ("/v1/models", 400, "Missing model name in request."),
-    ("/v1/models/default:predict", 400, "Malformed request: GET /v1/models/default:predict"),
-    ("/v2/models/default", 404, "Not found"),
-])
+@pytest.mark.parametrize(
+    "path,status,message",
+    [
+        ("/v1/models/nosuch", 404, "Could not find any versions of model nosuch"),
+        ("/v1/models/default/versions/9", 404, "Could not find version 9 of model default"),
+        ("/v1/models/nosuch/metadata", 404, "Servable not found for request: Latest(nosuch)"),
+        ("/v1/models", 400, "Missing model name in request."),
+        ("/v1/models/default:predict", 400, "Malformed request: GET /v1/models/default:predict"),
+        ("/v2/models/default", 404, "Not found"),
+    ],
+)
 def test_rest_get_errors(server, path, status, message):
     r = get(server, path)
     assert r.status_code == status and message in r.json()["error"]
@@ -222,12 +304,17 @@ def test_rest_oversize_body_is_refused_and_server_keeps_serving(server):
     assert len(body) > server.max_request_bytes
     r = post(server, "/v1/models/default:predict", body)
     assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]
-    assert post(server, "/v1/models/default:predict", {"instances": [1.0]}).json() == {"predictions": [2.5]}
+    assert post(server, "/v1/models/default:predict", {"instances": [1.0]}).json() == {
+        "predictions": [2.5]
+    }
 
 
 def test_malformed_http_and_json_do_not_stop_the_server(server):
-    for raw in (b"GARBAGE\r\n\r\n", b"POST /v1/models/default:predict HTTP/1.1\r\nContent-Length: x\r\n\r\n",
-                b"\x00\xff\r\n\r\n"):
+    for raw in (
+        b"GARBAGE\r\n\r\n",
+        b"POST /v1/models/default:predict HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+        b"\x00\xff\r\n\r\n",
+    ):
         with socket.create_connection(("127.0.0.1", server.rest_port), timeout=5) as s:
             s.sendall(raw)
             reply = s.recv(4096)
@@ -238,6 +325,7 @@ def test_malformed_http_and_json_do_not_stop_the_server(server):
 
 
 # --- gRPC conformance ------------------------------------------------------------------
+
 
 def _float_tensor(values, shape=None):
     t = predict_pb2.PredictRequest().inputs["x"]
@@ -295,26 +383,35 @@ def test_grpc_errors(stubs):
     req = predict_pb2.PredictRequest()
     req.model_spec.name = "nosuch"
     req.inputs["x"].CopyFrom(_float_tensor([1.0]))
-    assert _predict_error(stubs, req) == (grpc.StatusCode.NOT_FOUND,
-                                          "Servable not found for request: Latest(nosuch)")
+    assert _predict_error(stubs, req) == (
+        grpc.StatusCode.NOT_FOUND,
+        "Servable not found for request: Latest(nosuch)",
+    )
     req.model_spec.name = "default"
     req.model_spec.version.value = 7
-    assert _predict_error(stubs, req) == (grpc.StatusCode.NOT_FOUND,
-                                          "Servable not found for request: Specific(default, 7)")
+    assert _predict_error(stubs, req) == (
+        grpc.StatusCode.NOT_FOUND,
+        "Servable not found for request: Specific(default, 7)",
+    )
     req.model_spec.ClearField("version")
     req.inputs["z"].CopyFrom(_float_tensor([1.0]))
     code, msg = _predict_error(stubs, req)
-    assert code is grpc.StatusCode.INVALID_ARGUMENT and msg.startswith("input size does not match signature")
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and msg.startswith(
+        "input size does not match signature"
+    )
     del req.inputs["x"]
     assert _predict_error(stubs, req) == (
         grpc.StatusCode.INVALID_ARGUMENT,
-        "input tensor alias not found in signature: z. Inputs expected to be in the set {x}.")
+        "input tensor alias not found in signature: z. Inputs expected to be in the set {x}.",
+    )
     del req.inputs["z"]
     req.inputs["x"].dtype = types_pb2.DT_STRING
     req.inputs["x"].string_val.append(b"a")
     req.inputs["x"].tensor_shape.dim.add().size = 1
-    assert _predict_error(stubs, req) == (grpc.StatusCode.INVALID_ARGUMENT,
-                                          "Expects arg[0] to be float but string is provided")
+    assert _predict_error(stubs, req) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "Expects arg[0] to be float but string is provided",
+    )
     req.inputs["x"].CopyFrom(_float_tensor([1.0]))
     req.output_filter.append("nope")
     code, msg = _predict_error(stubs, req)
@@ -325,8 +422,10 @@ def test_grpc_errors(stubs):
     assert msg == 'Serving signature name: "missing" not found in signature def'
     with pytest.raises(grpc.RpcError) as err:
         stubs[0].Classify(classification_pb2.ClassificationRequest(), timeout=5)
-    assert (err.value.code(), err.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT,
-                                                       "Missing ModelSpec")
+    assert (err.value.code(), err.value.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "Missing ModelSpec",
+    )
 
 
 def test_grpc_oversize_message(server, stubs):
@@ -341,22 +440,30 @@ def test_grpc_oversize_message(server, stubs):
 
 # --- versions, polling, config files -----------------------------------------------------
 
-@pytest.mark.parametrize("batching", [None, _config.BatchingParameters(
-    max_batch_size=4, batch_timeout_micros=2000)], ids=["plain", "batching"])
+
+@pytest.mark.parametrize(
+    "batching",
+    [None, _config.BatchingParameters(max_batch_size=4, batch_timeout_micros=2000)],
+    ids=["plain", "batching"],
+)
 def test_new_versions_are_picked_up_without_failing_requests(tmp_path, batching):
     """In-flight requests finish on the version they started on (it is unloaded after)."""
     base = str(tmp_path / "hp")
     copy_version(os.path.join(HALF_PLUS_TWO, "00000123"), base, 1)
     models = [_config.ModelConfig("m", base)]
-    with DevServer(models, port=None, rest_api_port=0, file_system_poll_wait_seconds=0.1,
-                   batching=batching) as srv:
+    with DevServer(
+        models, port=None, rest_api_port=0, file_system_poll_wait_seconds=0.1, batching=batching
+    ) as srv:
         errors, answers, stop = [], set(), threading.Event()
 
         def hammer():
             with requests.Session() as s:
                 while not stop.is_set():
-                    r = s.post(srv.rest_url + "/v1/models/m:predict",
-                               data=b'{"instances": [2.0]}', timeout=10)
+                    r = s.post(
+                        srv.rest_url + "/v1/models/m:predict",
+                        data=b'{"instances": [2.0]}',
+                        timeout=10,
+                    )
                     if r.status_code != 200:
                         errors.append(r.text)
                     else:
@@ -368,8 +475,12 @@ def test_new_versions_are_picked_up_without_failing_requests(tmp_path, batching)
         try:
             time.sleep(0.3)
             copy_version(os.path.join(HALF_PLUS_THREE, "00000123"), base, 2)
-            _wait_for(lambda: post(srv, "/v1/models/m:predict", {"instances": [2.0]}).json()
-                      == {"predictions": [4.0]})
+            _wait_for(
+                lambda: (
+                    post(srv, "/v1/models/m:predict", {"instances": [2.0]}).json()
+                    == {"predictions": [4.0]}
+                )
+            )
             # a broken newer version: loading fails, version 2 keeps serving
             os.makedirs(os.path.join(base, "3"))
             with open(os.path.join(base, "3", "saved_model.pb"), "wb") as f:
@@ -386,7 +497,9 @@ def test_new_versions_are_picked_up_without_failing_requests(tmp_path, batching)
         assert status["3"]["state"] == "END" and status["3"]["status"]["error_code"] != "OK"
         assert status["2"]["state"] == "AVAILABLE"
         assert status["1"]["state"] == "END" and status["1"]["status"]["error_code"] == "OK"
-        assert post(srv, "/v1/models/m:predict", {"instances": [2.0]}).json() == {"predictions": [4.0]}
+        assert post(srv, "/v1/models/m:predict", {"instances": [2.0]}).json() == {
+            "predictions": [4.0]
+        }
 
 
 def _wait_for(cond, timeout=30.0):
@@ -400,8 +513,11 @@ def _wait_for(cond, timeout=30.0):
 
 def test_model_config_file_and_specific_versions(tmp_path):
     with open(os.path.join(TESTDATA, "good_model_config.txt")) as f:
-        text = f.read().replace("${TEST_HALF_PLUS_TWO_DIR}", HALF_PLUS_TWO).replace(
-            "${TEST_HALF_PLUS_THREE_DIR}", HALF_PLUS_THREE)
+        text = (
+            f.read()
+            .replace("${TEST_HALF_PLUS_TWO_DIR}", HALF_PLUS_TWO)
+            .replace("${TEST_HALF_PLUS_THREE_DIR}", HALF_PLUS_THREE)
+        )
     cfg = tmp_path / "models.config"
     cfg.write_text(text)
     models = _config.load_model_config_file(cfg)
@@ -409,9 +525,11 @@ def test_model_config_file_and_specific_versions(tmp_path):
     spec = _config.parse_model_config(
         f'model_config_list {{ config {{ name: "two" base_path: "{TWO_VERSIONS}" '
         "model_version_policy { specific { versions: 123 } } "
-        'version_labels { key: "old" value: 123 } } }')
-    with DevServer(models + spec, port=0, rest_api_port=None,
-                   allow_version_labels_for_unavailable_models=True) as srv:
+        'version_labels { key: "old" value: 123 } } }'
+    )
+    with DevServer(
+        models + spec, port=0, rest_api_port=None, allow_version_labels_for_unavailable_models=True
+    ) as srv:
         channel = grpc.insecure_channel(srv.grpc_target)
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         for name, expected in (("half_plus_two", 3.0), ("half_plus_three", 4.0), ("two", 3.0)):
@@ -425,21 +543,30 @@ def test_model_config_file_and_specific_versions(tmp_path):
 
 
 def test_bad_config_files_are_rejected_with_tf_serving_messages(tmp_path):
-    with pytest.raises(ValueError, match="Error parsing text-format tensorflow.serving.ModelServerConfig"):
+    with pytest.raises(
+        ValueError, match="Error parsing text-format tensorflow.serving.ModelServerConfig"
+    ):
         _config.load_model_config_file(os.path.join(TESTDATA, "bad_model_config.txt"))
     params = _config.load_batching_parameters(os.path.join(TESTDATA, "batching_config.txt"))
-    assert (params.max_batch_size, params.batch_timeout_micros, params.num_batch_threads,
-            params.max_enqueued_batches) == (128, 0, 8, 1000000)
+    assert (
+        params.max_batch_size,
+        params.batch_timeout_micros,
+        params.num_batch_threads,
+        params.max_enqueued_batches,
+    ) == (128, 0, 8, 1000000)
     with pytest.raises(ValueError, match="no field named"):
         _config.parse_batching_parameters("max_batch_sizes { value: 1 }")
     with pytest.raises(ValueError, match="must equal max_batch_size"):
         _config.parse_batching_parameters("max_batch_size { value: 8 } allowed_batch_sizes: 4")
     with pytest.raises(ValueError, match="increase monotonically"):
-        _config.parse_batching_parameters("max_batch_size { value: 8 } allowed_batch_sizes: 8 "
-                                          "allowed_batch_sizes: 4 allowed_batch_sizes: 8")
+        _config.parse_batching_parameters(
+            "max_batch_size { value: 8 } allowed_batch_sizes: 8 "
+            "allowed_batch_sizes: 4 allowed_batch_sizes: 8"
+        )
 
 
 # --- batching emulation -----------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def bn_models(tmp_path_factory):
@@ -449,8 +576,9 @@ def bn_models(tmp_path_factory):
 def test_batching_pads_with_copies_of_a_real_row(bn_models):
     from tfbn.serving.server import Servable, _Batcher
 
-    params = _config.BatchingParameters(max_batch_size=8, batch_timeout_micros=0,
-                                        allowed_batch_sizes=(4, 8))
+    params = _config.BatchingParameters(
+        max_batch_size=8, batch_timeout_micros=0, allowed_batch_sizes=(4, 8)
+    )
     servable = Servable("m", 1, os.path.join(bn_models["training"], "1"))
     x = examples(3)[INPUT]
     direct = servable.call("serving_default", {INPUT: np.concatenate([x, x[:1]])}, [OUTPUT])[OUTPUT]
@@ -460,7 +588,9 @@ def test_batching_pads_with_copies_of_a_real_row(bn_models):
         assert servable.batcher.batch_sizes == {4: 1}
         # training-mode BN saw the padded batch of 4: rows 0..2 of [x, x[0]]
         np.testing.assert_array_equal(out[OUTPUT], direct[:3])
-        with pytest.raises(ServingError, match="Task size 9 is larger than maximum input batch size 8"):
+        with pytest.raises(
+            ServingError, match="Task size 9 is larger than maximum input batch size 8"
+        ):
             servable.run("serving_default", {INPUT: examples(9)[INPUT]})
     finally:
         servable.close()
@@ -469,20 +599,26 @@ def test_batching_pads_with_copies_of_a_real_row(bn_models):
 def test_server_side_batching_mixes_concurrent_requests(bn_models):
     from tfbn.serving.client import GrpcClient
 
-    params = _config.BatchingParameters(max_batch_size=8, batch_timeout_micros=100_000,
-                                        allowed_batch_sizes=(2, 4, 8), num_batch_threads=2)
-    models = [_config.ModelConfig("training", bn_models["training"]),
-              _config.ModelConfig("frozen", bn_models["frozen"])]
+    params = _config.BatchingParameters(
+        max_batch_size=8,
+        batch_timeout_micros=100_000,
+        allowed_batch_sizes=(2, 4, 8),
+        num_batch_threads=2,
+    )
+    models = [
+        _config.ModelConfig("training", bn_models["training"]),
+        _config.ModelConfig("frozen", bn_models["frozen"]),
+    ]
     x = examples(8)[INPUT]
     with DevServer(models, port=0, rest_api_port=None, batching=params) as srv:
         for name in ("training", "frozen"):
             client = GrpcClient(srv.grpc_target, name, timeout=10)
-            alone = [client.predict({INPUT: x[i:i + 1]})[OUTPUT] for i in range(8)]
+            alone = [client.predict({INPUT: x[i : i + 1]})[OUTPUT] for i in range(8)]
             barrier = threading.Barrier(8)
 
             def one(i, client=client, barrier=barrier):
                 barrier.wait()
-                return client.predict({INPUT: x[i:i + 1]})[OUTPUT]
+                return client.predict({INPUT: x[i : i + 1]})[OUTPUT]
 
             with __import__("concurrent.futures").futures.ThreadPoolExecutor(8) as pool:
                 together = list(pool.map(one, range(8)))
@@ -495,10 +631,15 @@ def test_server_side_batching_mixes_concurrent_requests(bn_models):
 
 # --- lifecycle ---------------------------------------------------------------------------
 
+
 def test_binds_localhost_and_shuts_down_cleanly():
     before = {t.name for t in threading.enumerate()}
-    srv = DevServer([_config.ModelConfig("default", HALF_PLUS_TWO)], port=0, rest_api_port=0,
-                    file_system_poll_wait_seconds=0.05).start()
+    srv = DevServer(
+        [_config.ModelConfig("default", HALF_PLUS_TWO)],
+        port=0,
+        rest_api_port=0,
+        file_system_poll_wait_seconds=0.05,
+    ).start()
     assert srv.host == "127.0.0.1"
     rest_port, grpc_port = srv.rest_port, srv.grpc_port
     with requests.Session() as s:  # an idle keep-alive connection must not block stop()
@@ -517,10 +658,22 @@ def test_binds_localhost_and_shuts_down_cleanly():
 def test_cli_serve_runs_and_stops_on_sigterm():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tfbn.cli", "serve", "--port=0", "--model_name=hp",
-         f"--model_base_path={HALF_PLUS_TWO}", "--file_system_poll_wait_seconds=0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        [
+            sys.executable,
+            "-m",
+            "tfbn.cli",
+            "serve",
+            "--port=0",
+            "--model_name=hp",
+            f"--model_base_path={HALF_PLUS_TWO}",
+            "--file_system_poll_wait_seconds=0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     try:
         target, lines = None, []
         deadline = time.monotonic() + 90
@@ -550,14 +703,27 @@ def test_bench_example_runs(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, os.path.join(root, "examples", "bench_serving.py"), "--requests", "50",
-         "--examples", "64", "--json", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=root,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        [
+            sys.executable,
+            os.path.join(root, "examples", "bench_serving.py"),
+            "--requests",
+            "50",
+            "--examples",
+            "64",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert {(r["backend"], r["batch"]) for r in result["throughput"]} == {
-        (b, n) for b in ("in-process", "rest", "grpc") for n in (1, 64)}
+        (b, n) for b in ("in-process", "rest", "grpc") for n in (1, 64)
+    }
     assert [m["transport"] for m in result["memory"]] == ["rest", "grpc"]
     assert "| grpc | 64 |" in proc.stdout
 
@@ -568,15 +734,13 @@ def test_wrong_shape_is_invalid_argument_and_the_server_keeps_serving(bn_models)
         assert r.status_code == 400 and r.json()["error"]
         req = predict_pb2.PredictRequest()
         req.model_spec.name = "m"
-        req.inputs[INPUT].CopyFrom(_tensor.to_tensor_proto(
-            np.zeros((2, 5), np.float32)))
+        req.inputs[INPUT].CopyFrom(_tensor.to_tensor_proto(np.zeros((2, 5), np.float32)))
         with grpc.insecure_channel(srv.grpc_target) as channel:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
             with pytest.raises(grpc.RpcError) as err:
                 stub.Predict(req, timeout=5)
             assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-            req.inputs[INPUT].CopyFrom(_tensor.to_tensor_proto(
-                np.zeros((2, 4), np.float32)))
+            req.inputs[INPUT].CopyFrom(_tensor.to_tensor_proto(np.zeros((2, 4), np.float32)))
             assert stub.Predict(req, timeout=5).outputs[OUTPUT].tensor_shape.dim[0].size == 2
         r = post(srv, "/v1/models/m:predict", {"instances": [[1.0, 2.0, 3.0, 4.0]]})
         assert r.status_code == 200 and len(r.json()["predictions"][0]) == 2

@@ -9,7 +9,9 @@ from tfbn import stats
 RNG = np.random.default_rng(0)
 
 
-@pytest.mark.parametrize("shape,axes", [((7, 5), [0]), ((3, 4, 5, 6), [0, 1, 2]), ((4, 6, 3), [0, 2])])
+@pytest.mark.parametrize(
+    "shape,axes", [((7, 5), [0]), ((3, 4, 5, 6), [0, 1, 2]), ((4, 6, 3), [0, 2])]
+)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_moments_match_float64(shape, axes, dtype):
     x = RNG.normal(2.0, 3.0, size=shape)
@@ -51,9 +53,7 @@ def test_empty_moments_are_zero_not_nan():
 
 def test_moment_sums_merge_exactly():
     parts = [RNG.normal(1e4, 2.0, size=(n, 3)) for n in (5, 3, 0, 8)]
-    sums = sum(
-        stats.moment_sums(*stats.moments(tf.constant(p, tf.float32), [0])) for p in parts
-    )
+    sums = sum(stats.moment_sums(*stats.moments(tf.constant(p, tf.float32), [0])) for p in parts)
     mean, var, count = stats.moments_from_sums(sums)
     full = np.concatenate(parts).astype("float32").astype("float64")
     np.testing.assert_allclose(mean, full.mean(0), rtol=1e-7)
@@ -63,7 +63,9 @@ def test_moment_sums_merge_exactly():
 
 def test_bessel_correction():
     var = tf.constant([2.0, 2.0, 2.0])
-    np.testing.assert_allclose(stats.bessel_correction(var, tf.constant([4.0, 1.0, 0.0])), [8 / 3, 2, 2])
+    np.testing.assert_allclose(
+        stats.bessel_correction(var, tf.constant([4.0, 1.0, 0.0])), [8 / 3, 2, 2]
+    )
 
 
 def test_running_mean_worked_example():
@@ -95,10 +97,15 @@ def test_fold_scale_offset_worked_example():
     # x = [2, 4, 6, 8], gamma = 2, beta = 1, eps = 1e-5 -> [-1.683, 0.106, 1.894, 3.683]
     x = np.array([2.0, 4.0, 6.0, 8.0])
     scale, offset = stats.fold_scale_offset(
-        tf.constant(2.0, tf.float64), tf.constant(1.0, tf.float64),
-        tf.constant(x.mean()), tf.constant(x.var()), 1e-5,
+        tf.constant(2.0, tf.float64),
+        tf.constant(1.0, tf.float64),
+        tf.constant(x.mean()),
+        tf.constant(x.var()),
+        1e-5,
     )
-    np.testing.assert_allclose(x * scale.numpy() + offset.numpy(), [-1.683, 0.106, 1.894, 3.683], atol=5e-4)
+    np.testing.assert_allclose(
+        x * scale.numpy() + offset.numpy(), [-1.683, 0.106, 1.894, 3.683], atol=5e-4
+    )
 
 
 def test_fold_without_gamma_beta():

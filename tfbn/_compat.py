@@ -46,8 +46,9 @@ def _print_defaults_keyword() -> str:
     return "including_default_value_fields"  # protobuf 4.25 (TensorFlow 2.16)
 
 
-def message_to_dict(message, *, preserving_proto_field_name: bool = False,
-                    print_default_fields: bool = False) -> dict:
+def message_to_dict(
+    message, *, preserving_proto_field_name: bool = False, print_default_fields: bool = False
+) -> dict:
     """`json_format.MessageToDict` with the same output on protobuf 4.25 to 7.x.
 
     Args:
@@ -137,7 +138,9 @@ def check_not_legacy_keras(obj, name: str = "model") -> None:
             layer's (possibly nested) inputs.
         name: The argument's name, for the message.
     """
-    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else (obj,)
+    items = (
+        obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else (obj,)
+    )
     for item in items:
         if _is_legacy_keras(item):
             raise TypeError(

@@ -21,9 +21,16 @@ import tensorflow as tf
 from tfbn.layers import BatchNormalization
 
 DEFAULT_SHAPES = (
-    (32, 56, 56, 64), (4096, 1024), (64, 256, 128), (8, 16, 32, 32, 32),
+    (32, 56, 56, 64),
+    (4096, 1024),
+    (64, 256, 128),
+    (8, 16, 32, 32, 32),
     # small tensors, where fixed per-call costs dominate
-    (256, 64), (32, 128), (1024, 256), (32, 8, 8, 64), (16, 14, 14, 128),
+    (256, 64),
+    (32, 128),
+    (1024, 256),
+    (32, 8, 8, 64),
+    (16, 14, 14, 128),
 )
 IMPLEMENTATIONS = ("tfbn", "keras", "keras_xla", "raw_fused")
 
@@ -84,8 +91,15 @@ def _raw_fused_steps(x: tf.Tensor, momentum: float = 0.99, epsilon: float = 1e-3
         with tf.GradientTape() as tape:
             tape.watch(x4)
             y, m, v, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-                x=x4, scale=gamma, offset=beta, mean=mean, variance=var, epsilon=epsilon,
-                exponential_avg_factor=1.0 - momentum, data_format="NHWC", is_training=True,
+                x=x4,
+                scale=gamma,
+                offset=beta,
+                mean=mean,
+                variance=var,
+                epsilon=epsilon,
+                exponential_avg_factor=1.0 - momentum,
+                data_format="NHWC",
+                is_training=True,
             )
             loss = tf.reduce_sum(y * upstream)
         mean.assign(m)
@@ -96,8 +110,14 @@ def _raw_fused_steps(x: tf.Tensor, momentum: float = 0.99, epsilon: float = 1e-3
     @tf.function
     def infer():
         y, _, _, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-            x=x4, scale=gamma, offset=beta, mean=mean, variance=var, epsilon=epsilon,
-            data_format="NHWC", is_training=False,
+            x=x4,
+            scale=gamma,
+            offset=beta,
+            mean=mean,
+            variance=var,
+            epsilon=epsilon,
+            data_format="NHWC",
+            is_training=False,
         )
         return tf.reduce_sum(y)
 
@@ -163,14 +183,17 @@ def main(shapes=DEFAULT_SHAPES, repeats: int = 20, json_path: str | None = None)
     return rows
 
 
-
 # ------------------------------------------------------------------ sync --
 
 SYNC_SHAPES = ((8, 56, 56, 64), (16, 28, 28, 128), (256, 1024))  # per replica
 SYNC_IMPLEMENTATIONS = ("tfbn_sync", "tfbn_local", "keras_sync", "keras_local", "tfbn_sync_unfused")
 COLLECTIVE_OPS = (
-    "CollectiveReduceV2", "CollectiveReduce", "NcclAllReduce", "CollectiveGatherV2",
-    "CollectiveBcastSendV2", "CollectiveAllToAllV2",
+    "CollectiveReduceV2",
+    "CollectiveReduce",
+    "NcclAllReduce",
+    "CollectiveGatherV2",
+    "CollectiveBcastSendV2",
+    "CollectiveAllToAllV2",
 )
 
 
@@ -304,10 +327,10 @@ def run_sync_benchmark(
         raise RuntimeError(f"expected {replicas} replicas, got {strategy.num_replicas_in_sync}")
     rows = []
     for shape in shapes:
-        steps = {name: _sync_train_step(strategy, _sync_layer(name), shape) for name in implementations}
-        collectives = {
-            name: count_collectives(fn, replicas=replicas) for name, fn in steps.items()
+        steps = {
+            name: _sync_train_step(strategy, _sync_layer(name), shape) for name in implementations
         }
+        collectives = {name: count_collectives(fn, replicas=replicas) for name, fn in steps.items()}
         times = _interleaved_medians(steps, repeats)
         base = times.get("tfbn_sync", next(iter(times.values())))
         for name in implementations:
@@ -353,8 +376,12 @@ def format_sync_table(rows: list[dict]) -> str:
             f"| {tuple(r['shape'])} | {r['impl']} | {r['train_ms']:.2f} | "
             f"{r['vs_tfbn_sync']:.2f} | {r['collectives_per_layer_step']:g} |"
         )
-    lines += ["", "| per-replica shape | keras sync / tfbn sync (target >= 2) "
-              "| tfbn sync / tfbn local (target <= 1.15) |", "|---|---:|---:|"]
+    lines += [
+        "",
+        "| per-replica shape | keras sync / tfbn sync (target >= 2) "
+        "| tfbn sync / tfbn local (target <= 1.15) |",
+        "|---|---:|---:|",
+    ]
     for s in sync_summary(rows):
         lines.append(
             f"| {tuple(s['shape'])} | {s.get('keras_sync_over_tfbn_sync', float('nan')):.2f} | "
@@ -371,11 +398,17 @@ def main_sync(
     if json_path:
         with open(json_path, "w") as f:
             json.dump(
-                {"tf": tf.__version__, "keras": keras.__version__, "rows": rows,
-                 "summary": sync_summary(rows)},
-                f, indent=2,
+                {
+                    "tf": tf.__version__,
+                    "keras": keras.__version__,
+                    "rows": rows,
+                    "summary": sync_summary(rows),
+                },
+                f,
+                indent=2,
             )
     return rows
+
 
 if __name__ == "__main__":  # pragma: no cover
     np.set_printoptions(precision=3)
@@ -410,7 +443,8 @@ def _resnet(size: int = 32, classes: int = 10) -> keras.Model:
             r = layers.BatchNormalization()(r)
             if stride != 1 or h.shape[-1] != filters:
                 h = layers.BatchNormalization()(
-                    layers.Conv2D(filters, 1, stride, use_bias=False)(h))
+                    layers.Conv2D(filters, 1, stride, use_bias=False)(h)
+                )
             h = layers.ReLU()(layers.Add()([h, r]))
     h = layers.GlobalAveragePooling2D()(h)
     return keras.Model(inputs, layers.Dense(classes)(h), name="resnet_small")
@@ -444,9 +478,13 @@ def _model_spec(name: str) -> tuple[Callable[[], keras.Model], int]:
         "mobilenetv2": (lambda: _mobilenetv2(32), 32),
         "resnet50": (lambda: apps.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10), 64),
         "mobilenetv2_app": (
-            lambda: apps.MobileNetV2(weights=None, input_shape=(96, 96, 3), classes=10), 96),
+            lambda: apps.MobileNetV2(weights=None, input_shape=(96, 96, 3), classes=10),
+            96,
+        ),
         "efficientnetb0": (
-            lambda: apps.EfficientNetB0(weights=None, input_shape=(64, 64, 3), classes=10), 64),
+            lambda: apps.EfficientNetB0(weights=None, input_shape=(64, 64, 3), classes=10),
+            64,
+        ),
     }
     if name not in specs:
         raise ValueError(f"Unknown bench model {name!r}; accepted: {', '.join(MODEL_NAMES)}")
@@ -460,12 +498,15 @@ def _variant(model: keras.Model, variant: str) -> keras.Model:
     if variant in ("keras", "keras_local"):
         return model
     if variant == "keras_sync":
+
         def replace(layer):
             if isinstance(layer, keras.layers.BatchNormalization):
                 return keras.layers.BatchNormalization.from_config(
-                    {**layer.get_config(), "synchronized": True})
+                    {**layer.get_config(), "synchronized": True}
+                )
             return None
     elif variant == "passthrough":
+
         def replace(layer):
             if isinstance(layer, keras.layers.BatchNormalization):
                 return _PassThrough(name=layer.name)
@@ -476,7 +517,8 @@ def _variant(model: keras.Model, variant: str) -> keras.Model:
         def replace(layer):
             if isinstance(layer, keras.layers.BatchNormalization):
                 return BatchNormalization.from_config(
-                    {**batch_norm_config(layer), "synchronized": synchronized})
+                    {**batch_norm_config(layer), "synchronized": synchronized}
+                )
             return None
 
     return rewrite_layers(model, replace, transfer=lambda old, new: None)[0]
@@ -492,9 +534,11 @@ def _fit_step(name: str, variant: str, batch: int, jit: bool, strategy=None):
     with scope:
         keras.utils.set_random_seed(0)
         model = _variant(build(), variant)
-        model.compile(keras.optimizers.SGD(0.01, momentum=0.9),
-                      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      jit_compile=jit)
+        model.compile(
+            keras.optimizers.SGD(0.01, momentum=0.9),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=jit,
+        )
     return lambda: model.train_on_batch(x, y)
 
 
@@ -528,9 +572,15 @@ def _time_variants(builders: dict[str, Callable], repeats: int) -> dict[str, flo
     return times
 
 
-def run_model_benchmark(models=DEFAULT_MODELS, batch: int = 16, repeats: int = 10,
-                        replicas: int = 4, jit=(False, True), single: bool = True,
-                        mirrored: bool = True) -> dict:
+def run_model_benchmark(
+    models=DEFAULT_MODELS,
+    batch: int = 16,
+    repeats: int = 10,
+    replicas: int = 4,
+    jit=(False, True),
+    single: bool = True,
+    mirrored: bool = True,
+) -> dict:
     """Whole-model training steps: the single-device table (issue: BN cost) and the
     MirroredStrategy table over `replicas` logical CPUs (global batch `batch`)."""
     strategy = _mirrored_strategy(replicas) if mirrored else None
@@ -538,26 +588,40 @@ def run_model_benchmark(models=DEFAULT_MODELS, batch: int = 16, repeats: int = 1
     for name in models:
         _model_spec(name)
         if single:
-            t = _time_variants({v: (lambda v=v, n=name: _fit_step(n, v, batch, False))
-                                for v in SINGLE_VARIANTS}, repeats)
+            t = _time_variants(
+                {v: (lambda v=v, n=name: _fit_step(n, v, batch, False)) for v in SINGLE_VARIANTS},
+                repeats,
+            )
             row = {"model": name, **{f"{v}_ms": _ms(t[v]) for v in SINGLE_VARIANTS}}
             if all(isinstance(t[v], float) for v in SINGLE_VARIANTS):
                 bn_keras, bn_tfbn = t["keras"] - t["passthrough"], t["tfbn"] - t["passthrough"]
-                row.update(step_keras_over_tfbn=t["keras"] / t["tfbn"],
-                           bn_cost_keras_over_tfbn=bn_keras / bn_tfbn if bn_tfbn > 0 else None,
-                           bn_share_keras=bn_keras / t["keras"], bn_share_tfbn=bn_tfbn / t["tfbn"])
+                row.update(
+                    step_keras_over_tfbn=t["keras"] / t["tfbn"],
+                    bn_cost_keras_over_tfbn=bn_keras / bn_tfbn if bn_tfbn > 0 else None,
+                    bn_share_keras=bn_keras / t["keras"],
+                    bn_share_tfbn=bn_tfbn / t["tfbn"],
+                )
             out["single"].append(row)
         if mirrored:
             for compiled in jit:
                 t = _time_variants(
-                    {v: (lambda v=v, n=name, c=compiled: _fit_step(n, v, batch, c, strategy))
-                     for v in MIRRORED_VARIANTS}, repeats)
-                row = {"model": name, "jit_compile": compiled,
-                       **{f"{v}_ms": _ms(t[v]) for v in MIRRORED_VARIANTS}}
+                    {
+                        v: (lambda v=v, n=name, c=compiled: _fit_step(n, v, batch, c, strategy))
+                        for v in MIRRORED_VARIANTS
+                    },
+                    repeats,
+                )
+                row = {
+                    "model": name,
+                    "jit_compile": compiled,
+                    **{f"{v}_ms": _ms(t[v]) for v in MIRRORED_VARIANTS},
+                }
                 if all(isinstance(t[v], float) for v in MIRRORED_VARIANTS):
-                    row.update(keras_sync_over_tfbn_sync=t["keras_sync"] / t["tfbn_sync"],
-                               keras_local_over_tfbn_local=t["keras_local"] / t["tfbn_local"],
-                               tfbn_sync_over_tfbn_local=t["tfbn_sync"] / t["tfbn_local"])
+                    row.update(
+                        keras_sync_over_tfbn_sync=t["keras_sync"] / t["tfbn_sync"],
+                        keras_local_over_tfbn_local=t["keras_local"] / t["tfbn_local"],
+                        tfbn_sync_over_tfbn_local=t["tfbn_sync"] / t["tfbn_local"],
+                    )
                 out["mirrored"].append(row)
     return out
 
@@ -582,12 +646,16 @@ def format_model_tables(result: dict) -> str:
             "|---|---:|---:|---:|---:|---:|---|",
         ]
         for r in result["single"]:
-            share = (f"{r['bn_share_keras']:.0%} / {r['bn_share_tfbn']:.0%}"
-                     if "bn_share_keras" in r else "-")
+            share = (
+                f"{r['bn_share_keras']:.0%} / {r['bn_share_tfbn']:.0%}"
+                if "bn_share_keras" in r
+                else "-"
+            )
             lines.append(
                 f"| {r['model']} | {_fmt(r['keras_ms'], '.1f')} | {_fmt(r['tfbn_ms'], '.1f')} | "
                 f"{_fmt(r['passthrough_ms'], '.1f')} | {_fmt(r.get('step_keras_over_tfbn'), '.2f')}x"
-                f" | {_fmt(r.get('bn_cost_keras_over_tfbn'), '.2f')}x | {share} |")
+                f" | {_fmt(r.get('bn_cost_keras_over_tfbn'), '.2f')}x | {share} |"
+            )
     if result["mirrored"]:
         lines += [
             "",
@@ -604,12 +672,19 @@ def format_model_tables(result: dict) -> str:
                 + " | ".join(_fmt(r[f"{v}_ms"], ".1f") for v in MIRRORED_VARIANTS)
                 + f" | {_fmt(r.get('keras_sync_over_tfbn_sync'), '.2f')}"
                 f" | {_fmt(r.get('keras_local_over_tfbn_local'), '.2f')}"
-                f" | {_fmt(r.get('tfbn_sync_over_tfbn_local'), '.2f')} |")
+                f" | {_fmt(r.get('tfbn_sync_over_tfbn_local'), '.2f')} |"
+            )
     return "\n".join(lines)
 
 
-def main_model(models=DEFAULT_MODELS, batch: int = 16, repeats: int = 10, replicas: int = 4,
-               json_path: str | None = None, mirrored: bool = True) -> dict:
+def main_model(
+    models=DEFAULT_MODELS,
+    batch: int = 16,
+    repeats: int = 10,
+    replicas: int = 4,
+    json_path: str | None = None,
+    mirrored: bool = True,
+) -> dict:
     result = run_model_benchmark(models, batch, repeats, replicas, mirrored=mirrored)
     print(format_model_tables(result))
     if json_path:

@@ -150,9 +150,7 @@ def recalibrate(
     }
     layers = [layer for layer in all_layers if layer.name not in skipped]
     if not layers:
-        raise ValueError(
-            f"No BN layer of model '{model.name}' uses running statistics: {skipped}"
-        )
+        raise ValueError(f"No BN layer of model '{model.name}' uses running statistics: {skipped}")
     recorder = _Recorder(layers)
     snapshot = _snapshot(layers)
     replicas = distribute.strategy_replicas(strategy)
@@ -252,8 +250,11 @@ def _assign(layer, sums: np.ndarray, batches: int) -> None:
     layer.moving_variance.assign(tf.cast(variance, layer.moving_variance.dtype))
     if getattr(layer, "renorm", False):  # Keras's and tfbn's renorm state, kept consistent
         eps = tf.constant(layer.epsilon, tf.float64)
-        for var, value in ((layer.moving_stddev, tf.sqrt(variance + eps)),
-                           (layer.renorm_mean, mean), (layer.renorm_stddev, tf.sqrt(biased + eps))):
+        for var, value in (
+            (layer.moving_stddev, tf.sqrt(variance + eps)),
+            (layer.renorm_mean, mean),
+            (layer.renorm_stddev, tf.sqrt(biased + eps)),
+        ):
             var.assign(tf.cast(value, var.dtype))  # fmt: skip
     if getattr(layer, "num_batches_tracked", None) is not None:
         layer.num_batches_tracked.assign(batches)

@@ -99,8 +99,7 @@ def _check_momentum(value, t: int, per: str) -> float:
         momentum = float("nan")
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(
-            f"The momentum schedule must return a float in [0, 1]. Received: {value!r} "
-            f"at {per} {t}"
+            f"The momentum schedule must return a float in [0, 1]. Received: {value!r} at {per} {t}"
         )
     return momentum
 
@@ -231,7 +230,9 @@ class BatchNormMomentumScheduler(keras.callbacks.Callback):
         if self.per == "epoch":
             self._apply(epoch)
             if self.verbose:
-                print(f"\nEpoch {epoch + 1}: BatchNormMomentumScheduler set momentum to {self._current:.6g}.")
+                print(
+                    f"\nEpoch {epoch + 1}: BatchNormMomentumScheduler set momentum to {self._current:.6g}."
+                )
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.per == "step":
@@ -303,7 +304,9 @@ class BatchNormStatsCallback(keras.callbacks.Callback):
                     finite = values[np.isfinite(values)]
                     write_histogram(f"{tag}/{name}", finite, step, self.buckets)
                     if finite.size != values.size:
-                        write_scalar(f"{tag}/{name}/nonfinite_values", values.size - finite.size, step)
+                        write_scalar(
+                            f"{tag}/{name}/nonfinite_values", values.size - finite.size, step
+                        )
                 for name in ("num_batches_tracked", "num_skipped_updates"):
                     counter = getattr(layer, name, None)
                     if counter is not None:
@@ -391,7 +394,9 @@ def plot_running_stats(
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:  # pragma: no cover - matplotlib is an extra
-        raise ImportError("plot_running_stats needs matplotlib: pip install tfbn[examples]") from err
+        raise ImportError(
+            "plot_running_stats needs matplotlib: pip install tfbn[examples]"
+        ) from err
     arrays = [np.asarray(b) for b in batches]
     if not arrays:
         raise ValueError("`batches` is empty: there is nothing to plot.")
@@ -437,7 +442,10 @@ def plot_running_stats(
     figure = Figure(figsize=(8, 6), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, 1, sharex=True)
-    for ax, key, name in ((axes[0], "mean", "running mean"), (axes[1], "variance", "running variance")):
+    for ax, key, name in (
+        (axes[0], "mean", "running mean"),
+        (axes[1], "variance", "running variance"),
+    ):
         ax.plot(steps, result[f"static_{key}"], label=f"static momentum {static_momentum}")
         ax.plot(steps, result[f"scheduled_{key}"], label=f"scheduled ({label})")
         ax.axhline(result[f"population_{key}"], color="k", linestyle="--", label="population")

@@ -83,7 +83,8 @@ def _batch_sizes(text: str) -> tuple[int | None, ...]:
             size = 0
         if size <= 0:
             raise argparse.ArgumentTypeError(
-                f"batch sizes are positive integers or 'all', comma-separated; got {text!r}")
+                f"batch sizes are positive integers or 'all', comma-separated; got {text!r}"
+            )
         sizes.append(size)
     return tuple(sizes)
 
@@ -116,9 +117,15 @@ def one_of(*options: Option) -> OneOf:
     return OneOf(options)
 
 
-JSON = opt("--json", dest="json_path", nargs="?", const="-", metavar="PATH",
-           help="write the report as JSON to PATH; '-' or --json alone: print the JSON to "
-                "stdout instead of the table")
+JSON = opt(
+    "--json",
+    dest="json_path",
+    nargs="?",
+    const="-",
+    metavar="PATH",
+    help="write the report as JSON to PATH; '-' or --json alone: print the JSON to "
+    "stdout instead of the table",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,8 +148,10 @@ class _DeprecatedAlias(argparse.Action):
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.canonical}",
-              file=sys.stderr)
+        print(
+            f"{parser.prog}: warning: {option_string} is deprecated; use {self.canonical}",
+            file=sys.stderr,
+        )
         setattr(namespace, self.dest, values)
 
 
@@ -150,16 +159,26 @@ def _add_option(container, option: Option) -> None:
     action = container.add_argument(*option.flags, **option.kwargs)
     if not option.deprecated:
         return
-    kwargs = {k: v for k, v in option.kwargs.items()
-              if k in ("type", "nargs", "const", "choices", "metavar")}
-    container.add_argument(*option.deprecated, dest=action.dest, action=_DeprecatedAlias,
-                           canonical=option.flags[0], default=argparse.SUPPRESS,
-                           help=argparse.SUPPRESS, **kwargs)
+    kwargs = {
+        k: v
+        for k, v in option.kwargs.items()
+        if k in ("type", "nargs", "const", "choices", "metavar")
+    }
+    container.add_argument(
+        *option.deprecated,
+        dest=action.dest,
+        action=_DeprecatedAlias,
+        canonical=option.flags[0],
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
+        **kwargs,
+    )
 
 
 def _add_command(sub, command: Command, parents) -> None:
-    p = sub.add_parser(command.name, help=command.help, description=command.description,
-                       parents=parents)
+    p = sub.add_parser(
+        command.name, help=command.help, description=command.description, parents=parents
+    )
     for item in command.options:
         if isinstance(item, OneOf):
             group = p.add_mutually_exclusive_group()
@@ -225,14 +244,24 @@ def _run_bench(args) -> int:
         if args.models:
             if not args.single_only:
                 bench.split_cpu(args.replicas)
-            return bench.main_model(tuple(m for ms in args.models for m in ms.split(",")),
-                                    args.batch, args.repeats, args.replicas, json_path,
-                                    not args.single_only)
+            return bench.main_model(
+                tuple(m for ms in args.models for m in ms.split(",")),
+                args.batch,
+                args.repeats,
+                args.replicas,
+                json_path,
+                not args.single_only,
+            )
         if args.sync:
-            return bench.main_sync(tuple(args.shapes) if args.shapes else bench.SYNC_SHAPES,
-                                   args.repeats, args.replicas, json_path)
-        return bench.main(tuple(args.shapes) if args.shapes else bench.DEFAULT_SHAPES,
-                          args.repeats, json_path)
+            return bench.main_sync(
+                tuple(args.shapes) if args.shapes else bench.SYNC_SHAPES,
+                args.repeats,
+                args.replicas,
+                json_path,
+            )
+        return bench.main(
+            tuple(args.shapes) if args.shapes else bench.DEFAULT_SHAPES, args.repeats, json_path
+        )
 
     if args.json_path != "-":
         run(args.json_path)
@@ -251,25 +280,50 @@ BENCH = Command(
     help="time tfbn against keras.layers.BatchNormalization and the raw fused op",
     description="Training-step and inference timings (medians, ratios vs tfbn, one run).",
     options=(
-        opt("--shape", type=_shape, action="append", dest="shapes",
-            help="input shape (repeatable); default: the four README shapes"),
-        opt("--repeats", type=_positive_int, default=20,
-            help="timed calls per implementation (default 20)"),
+        opt(
+            "--shape",
+            type=_shape,
+            action="append",
+            dest="shapes",
+            help="input shape (repeatable); default: the four README shapes",
+        ),
+        opt(
+            "--repeats",
+            type=_positive_int,
+            default=20,
+            help="timed calls per implementation (default 20)",
+        ),
         JSON,
-        opt("--sync", action="store_true",
+        opt(
+            "--sync",
+            action="store_true",
             help="synchronised BN under MirroredStrategy on logical CPU replicas: tfbn "
-                 "sync/local vs Keras synchronized=True/local (--shape is per replica)"),
-        opt("--replicas", type=_positive_int, default=4,
+            "sync/local vs Keras synchronized=True/local (--shape is per replica)",
+        ),
+        opt(
+            "--replicas",
+            type=_positive_int,
+            default=4,
             help="with --sync or --model: logical CPU devices (replicas) to split the CPU "
-                 "into (default 4)"),
-        opt("--model", dest="models", action="append",
+            "into (default 4)",
+        ),
+        opt(
+            "--model",
+            dest="models",
+            action="append",
             help="whole-model training steps of this model (repeatable): resnet, "
-                 "mobilenetv2 (small), resnet50, mobilenetv2_app, efficientnetb0 "
-                 "(Keras Applications); single device and MirroredStrategy"),
-        opt("--batch", type=_positive_int, default=16,
-            help="with --model: global batch size (default 16)"),
-        opt("--single-only", action="store_true",
-            help="with --model: only the single-device table"),
+            "mobilenetv2 (small), resnet50, mobilenetv2_app, efficientnetb0 "
+            "(Keras Applications); single device and MirroredStrategy",
+        ),
+        opt(
+            "--batch",
+            type=_positive_int,
+            default=16,
+            help="with --model: global batch size (default 16)",
+        ),
+        opt(
+            "--single-only", action="store_true", help="with --model: only the single-device table"
+        ),
     ),
     run=_run_bench,
     validate=_validate_bench,
@@ -289,8 +343,11 @@ def _batching(args):
 
     if not args.enable_batching:
         return None
-    return (_config.load_batching_parameters(args.batching_parameters_file)
-            if args.batching_parameters_file else _config.BatchingParameters())
+    return (
+        _config.load_batching_parameters(args.batching_parameters_file)
+        if args.batching_parameters_file
+        else _config.BatchingParameters()
+    )
 
 
 def _validate_serve(args) -> None:
@@ -306,31 +363,45 @@ def _run_serve(args) -> int:
     if args.version:
         import tensorflow as tf
 
-        print(f"tfbn development server {_version()} (not TF Serving)\n"
-              f"TensorFlow Library: {tf.__version__}")
+        print(
+            f"tfbn development server {_version()} (not TF Serving)\n"
+            f"TensorFlow Library: {tf.__version__}"
+        )
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     _flags.log_ignored(args)
     # The thread pools must be sized before TensorFlow runs its first op.
-    intra, inter = _loading.configure_threads(args.tensorflow_intra_op_parallelism,
-                                              args.tensorflow_inter_op_parallelism,
-                                              args.tensorflow_session_parallelism)
+    intra, inter = _loading.configure_threads(
+        args.tensorflow_intra_op_parallelism,
+        args.tensorflow_inter_op_parallelism,
+        args.tensorflow_session_parallelism,
+    )
     from tfbn.serving import _metrics, server
 
     models = server.models_from_flags(args.model_name, args.model_base_path, args.model_config_file)
-    monitoring = (_metrics.load_monitoring_config(args.monitoring_config_file)
-                  if args.monitoring_config_file else None)
+    monitoring = (
+        _metrics.load_monitoring_config(args.monitoring_config_file)
+        if args.monitoring_config_file
+        else None
+    )
     load_options = _loading.LoadOptions(
         saved_model_tags=_flags.parse_saved_model_tags(args.saved_model_tags),
         prefer_tflite_model=args.prefer_tflite_model,
         enable_model_warmup=args.enable_model_warmup,
         num_request_iterations_for_warmup=args.num_request_iterations_for_warmup,
         enable_signature_method_name_check=args.enable_signature_method_name_check,
-        session_intra_op_threads=intra, session_inter_op_threads=inter)
+        session_intra_op_threads=intra,
+        session_inter_op_threads=inter,
+    )
     try:
         return server.serve(
-            models, port=args.port, rest_api_port=args.rest_api_port or None,
-            host=args.host, batching=_batching(args),
+            models,
+            port=args.port,
+            rest_api_port=args.rest_api_port or None,
+            host=args.host,
+            batching=_batching(args),
             file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
             max_request_bytes=args.max_request_bytes,
             ready=lambda line: print(line, flush=True),
@@ -343,33 +414,48 @@ def _run_serve(args) -> int:
             grpc_channel_arguments=_flags.parse_grpc_channel_arguments(args.grpc_channel_arguments),
             rest_api_num_threads=args.rest_api_num_threads,
             rest_api_timeout_in_ms=args.rest_api_timeout_in_ms,
-            monitoring=monitoring, load_options=load_options,
+            monitoring=monitoring,
+            load_options=load_options,
             allow_version_labels_for_unavailable_models=(
-                args.allow_version_labels_for_unavailable_models),
+                args.allow_version_labels_for_unavailable_models
+            ),
             model_config_file=args.model_config_file or None,
             model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
-            enable_profiler=args.enable_profiler)
+            enable_profiler=args.enable_profiler,
+        )
     except server.ServingError as err:  # e.g. a version label no version can satisfy
         print(f"tfbn serve: Failed to start server. Error: {err}", file=sys.stderr)
         return 1
 
 
-ENABLE_BATCHING = opt("--enable_batching", type=_flag_bool, nargs="?", const=True, default=False,
-                      metavar="BOOL", help="emulate TF Serving's server-side batching")
-BATCHING_PARAMETERS_FILE = opt("--batching_parameters_file", metavar="FILE",
-                               help="BatchingParameters text proto (with --enable_batching)")
+ENABLE_BATCHING = opt(
+    "--enable_batching",
+    type=_flag_bool,
+    nargs="?",
+    const=True,
+    default=False,
+    metavar="BOOL",
+    help="emulate TF Serving's server-side batching",
+)
+BATCHING_PARAMETERS_FILE = opt(
+    "--batching_parameters_file",
+    metavar="FILE",
+    help="BatchingParameters text proto (with --enable_batching)",
+)
 
 SERVE = Command(
     "serve",
     help="run the TF-Serving-protocol development server (not TF Serving)",
     description="A development server speaking TF Serving's gRPC and REST protocols over "
-                "SavedModels, with every flag of tensorflow_model_server 2.21 (names and "
-                "defaults); flags with no meaning here are accepted and logged once. For local "
-                "checks and tests, not production. Binds 127.0.0.1 unless --host says "
-                "otherwise. Needs the 'serving' extra.",
+    "SavedModels, with every flag of tensorflow_model_server 2.21 (names and "
+    "defaults); flags with no meaning here are accepted and logged once. For local "
+    "checks and tests, not production. Binds 127.0.0.1 unless --host says "
+    "otherwise. Needs the 'serving' extra.",
     # tensorflow_model_server's flags, from the one table in tfbn.serving._flags (TensorFlow-free)
-    options=tuple(opt(option, deprecated=old, **kwargs)
-                  for option, kwargs, old in _serving_flags.argument_specs()),
+    options=tuple(
+        opt(option, deprecated=old, **kwargs)
+        for option, kwargs, old in _serving_flags.argument_specs()
+    ),
     run=_run_serve,
     validate=_validate_serve,
 )
@@ -398,14 +484,29 @@ def _run_check(args) -> int:
     report, code, error = None, 2, None
     try:
         report = invariance.run_check(
-            args.model_path, rest=args.rest, grpc=args.grpc, model_name=args.model_name,
-            version=args.model_version, label=args.model_version_label,
-            signature_name=args.signature_name, golden=args.golden, inputs_file=args.inputs_file,
-            num_examples=args.num_examples, batch_sizes=args.batch_sizes, orders=args.orders,
-            atol=args.atol, rtol=args.rtol, concurrent=args.concurrent,
-            concurrent_rounds=args.concurrent_rounds, batching=_batching(args),
-            timeout=args.timeout, seed=args.seed, allow_nonfinite=args.allow_nonfinite,
-            max_batch_size=args.max_batch_size, progress=False if args.quiet else None)
+            args.model_path,
+            rest=args.rest,
+            grpc=args.grpc,
+            model_name=args.model_name,
+            version=args.model_version,
+            label=args.model_version_label,
+            signature_name=args.signature_name,
+            golden=args.golden,
+            inputs_file=args.inputs_file,
+            num_examples=args.num_examples,
+            batch_sizes=args.batch_sizes,
+            orders=args.orders,
+            atol=args.atol,
+            rtol=args.rtol,
+            concurrent=args.concurrent,
+            concurrent_rounds=args.concurrent_rounds,
+            batching=_batching(args),
+            timeout=args.timeout,
+            seed=args.seed,
+            allow_nonfinite=args.allow_nonfinite,
+            max_batch_size=args.max_batch_size,
+            progress=False if args.quiet else None,
+        )
         code = 0 if report.passed else 1
     except (TFServingError, invariance.CheckError) as err:
         code, error = 1, f"the server failed: {err}"
@@ -414,16 +515,28 @@ def _run_check(args) -> int:
     if error is not None:
         print(f"tfbn check: {error}", file=sys.stderr)
     if args.json_path:
-        doc = report.to_dict() if report is not None else {
-            "passed": False, "verdict": "server_error" if code == 1 else "usage_error",
-            "summary": error, "error": error, "rows": []}
+        doc = (
+            report.to_dict()
+            if report is not None
+            else {
+                "passed": False,
+                "verdict": "server_error" if code == 1 else "usage_error",
+                "summary": error,
+                "error": error,
+                "rows": [],
+            }
+        )
         doc["exit_code"] = code
         doc["compared"] = {
             "backend": "rest" if args.rest else "grpc" if args.grpc else "in-process",
-            "target": args.rest or args.grpc or args.model_path, "model_name": args.model_name,
-            "model_version": args.model_version, "model_version_label": args.model_version_label,
-            "signature_name": args.signature_name, "golden": args.golden,
-            "inputs": args.inputs_file}
+            "target": args.rest or args.grpc or args.model_path,
+            "model_name": args.model_name,
+            "model_version": args.model_version,
+            "model_version_label": args.model_version_label,
+            "signature_name": args.signature_name,
+            "golden": args.golden,
+            "inputs": args.inputs_file,
+        }
         text = json.dumps(doc, indent=1)
         if args.json_path == "-":
             print(text)
@@ -436,64 +549,123 @@ def _run_check(args) -> int:
 
 
 def _quiet(what: str) -> Option:
-    return opt("--quiet", action="store_true",
-               help=f"no progress on stderr ({what}; shown after 2 s, only on a terminal)")
+    return opt(
+        "--quiet",
+        action="store_true",
+        help=f"no progress on stderr ({what}; shown after 2 s, only on a terminal)",
+    )
 
 
 CHECK = Command(
     "check",
     help="check that predictions do not depend on the batch (deployment gate)",
     description="Re-runs the same examples in batches of several sizes and orders (and, with "
-                "--concurrent, as simultaneous single-row requests) and compares every answer "
-                "with the golden outputs (else the full-batch answer). Exits 0 if invariant, "
-                "1 if not (or the server failed), 2 on bad usage. --grpc needs the 'serving' "
-                "extra.",
+    "--concurrent, as simultaneous single-row requests) and compares every answer "
+    "with the golden outputs (else the full-batch answer). Exits 0 if invariant, "
+    "1 if not (or the server failed), 2 on bad usage. --grpc needs the 'serving' "
+    "extra.",
     options=(
-        opt("model_path", nargs="?",
-            help="SavedModel version directory or base path (in-process backend)"),
+        opt(
+            "model_path",
+            nargs="?",
+            help="SavedModel version directory or base path (in-process backend)",
+        ),
         one_of(
             opt("--rest", metavar="URL", help="TF Serving REST API, e.g. http://localhost:8501"),
             opt("--grpc", metavar="HOST:PORT", help="TF Serving gRPC API, e.g. localhost:8500"),
         ),
         opt("--model_name", help="served model name (with --rest / --grpc)"),
         one_of(
-            opt("--model-version", type=int, metavar="N", deprecated=("--model_version",),
-                help="pin a version on the server"),
-            opt("--model-version-label", metavar="LABEL", deprecated=("--model_version_label",),
-                help="pin a version label on the server"),
+            opt(
+                "--model-version",
+                type=int,
+                metavar="N",
+                deprecated=("--model_version",),
+                help="pin a version on the server",
+            ),
+            opt(
+                "--model-version-label",
+                metavar="LABEL",
+                deprecated=("--model_version_label",),
+                help="pin a version label on the server",
+            ),
         ),
-        opt("--signature-name", default="serving_default", deprecated=("--signature_name",),
-            help="signature to call (default serving_default)"),
-        opt("--golden", metavar="PATH",
-            help="golden .npz or version directory (default: the model's own)"),
+        opt(
+            "--signature-name",
+            default="serving_default",
+            deprecated=("--signature_name",),
+            help="signature to call (default serving_default)",
+        ),
+        opt(
+            "--golden",
+            metavar="PATH",
+            help="golden .npz or version directory (default: the model's own)",
+        ),
         opt("--inputs", dest="inputs_file", metavar="NPZ", help=".npz of named input arrays"),
-        opt("--num-examples", type=_positive_int, default=64, deprecated=("--num_examples",),
-            help="synthetic examples when there is no golden file or --inputs (default 64)"),
-        opt("--batch-sizes", type=_batch_sizes, default=(1, 2, 3, 7, None),
+        opt(
+            "--num-examples",
+            type=_positive_int,
+            default=64,
+            deprecated=("--num_examples",),
+            help="synthetic examples when there is no golden file or --inputs (default 64)",
+        ),
+        opt(
+            "--batch-sizes",
+            type=_batch_sizes,
+            default=(1, 2, 3, 7, None),
             deprecated=("--batch_sizes",),
-            help="comma-separated, 'all' for one request (default 1,2,3,7,all)"),
+            help="comma-separated, 'all' for one request (default 1,2,3,7,all)",
+        ),
         opt("--orders", type=_positive_int, default=3, help="orders per batch size (default 3)"),
-        opt("--atol", type=float, default=0.0,
-            help="absolute slack added to rtol * max|reference| (default 0)"),
-        opt("--rtol", type=float, default=None,
+        opt(
+            "--atol",
+            type=float,
+            default=0.0,
+            help="absolute slack added to rtol * max|reference| (default 0)",
+        ),
+        opt(
+            "--rtol",
+            type=float,
+            default=None,
             help="max |answer - reference| / max |reference| per output (default: the export "
-                 "gate's, from the golden file; else 1.95e-3 for float16 and 1.56e-2 for "
-                 "bfloat16 outputs; else 1e-4)"),
-        opt("--allow-nonfinite", action="store_true", deprecated=("--allow_nonfinite",),
-            help="count identical NaN/Inf answers as equal instead of failing"),
-        opt("--max-batch-size", type=_positive_int, default=None, deprecated=("--max_batch_size",),
+            "gate's, from the golden file; else 1.95e-3 for float16 and 1.56e-2 for "
+            "bfloat16 outputs; else 1e-4)",
+        ),
+        opt(
+            "--allow-nonfinite",
+            action="store_true",
+            deprecated=("--allow_nonfinite",),
+            help="count identical NaN/Inf answers as equal instead of failing",
+        ),
+        opt(
+            "--max-batch-size",
+            type=_positive_int,
+            default=None,
+            deprecated=("--max_batch_size",),
             help="largest request the server accepts (default: the batching parameters', or "
-                 "what the server says when it refuses a batch)"),
-        opt("--concurrent", action="store_true",
-            help="also send all examples as simultaneous single-row requests"),
-        opt("--concurrent-rounds", type=_positive_int, default=1,
+            "what the server says when it refuses a batch)",
+        ),
+        opt(
+            "--concurrent",
+            action="store_true",
+            help="also send all examples as simultaneous single-row requests",
+        ),
+        opt(
+            "--concurrent-rounds",
+            type=_positive_int,
+            default=1,
             deprecated=("--concurrent_rounds",),
-            help="how many times to repeat the --concurrent burst (default 1)"),
+            help="how many times to repeat the --concurrent burst (default 1)",
+        ),
         ENABLE_BATCHING,
         BATCHING_PARAMETERS_FILE,
         opt("--timeout", type=float, default=10.0, help="seconds per request (default 10)"),
-        opt("--seed", type=int, default=0,
-            help="seed for the orders and the synthetic examples (default 0)"),
+        opt(
+            "--seed",
+            type=int,
+            default=0,
+            help="seed for the orders and the synthetic examples (default 0)",
+        ),
         JSON,
         _quiet("requests sent / planned"),
     ),
@@ -526,11 +698,11 @@ INSPECT = Command(
     "inspect",
     help="report on a model: BN statistics table (.keras) or training-mode lint (SavedModel)",
     description="For a .keras file: a table of every BatchNormalization layer (momentum, "
-                "epsilon, batches tracked, min/median/max of moving mean, variance, gamma, "
-                "beta) flagging never-updated statistics, NaN/Inf, dead channels and "
-                "variance collapse. For a SavedModel directory (or TF Serving base path): "
-                "BatchNorm in training mode, state updates and random ops on the serving "
-                "path. Exit 0 if nothing was found, 1 otherwise, 2 on bad usage.",
+    "epsilon, batches tracked, min/median/max of moving mean, variance, gamma, "
+    "beta) flagging never-updated statistics, NaN/Inf, dead channels and "
+    "variance collapse. For a SavedModel directory (or TF Serving base path): "
+    "BatchNorm in training mode, state updates and random ops on the serving "
+    "path. Exit 0 if nothing was found, 1 otherwise, 2 on bad usage.",
     options=(
         opt("path", nargs="?", help="a .keras model file, a SavedModel directory or a base path"),
         JSON,
@@ -560,15 +732,23 @@ LINT = Command(
     "lint",
     help="find model wiring that keeps BatchNormalization from working (.keras)",
     description="Bias before BN, BN in/after recurrent layers, BN after dropout, and, "
-                "given the training batch size, BN statistics over fewer than 8 examples "
-                "per replica (unsynchronised BN under a strategy). Each finding says why "
-                "and what to do. Exit 0 if nothing was found, 1 otherwise, 2 on bad usage.",
+    "given the training batch size, BN statistics over fewer than 8 examples "
+    "per replica (unsynchronised BN under a strategy). Each finding says why "
+    "and what to do. Exit 0 if nothing was found, 1 otherwise, 2 on bad usage.",
     options=(
         opt("path", nargs="?", help="a .keras model file"),
-        opt("--batch-size", type=int, deprecated=("--batch_size",),
-            help="global training batch size (enables the small-batch checks)"),
-        opt("--replicas", type=int, default=1,
-            help="replicas in sync under a tf.distribute strategy (default 1)"),
+        opt(
+            "--batch-size",
+            type=int,
+            deprecated=("--batch_size",),
+            help="global training batch size (enables the small-batch checks)",
+        ),
+        opt(
+            "--replicas",
+            type=int,
+            default=1,
+            help="replicas in sync under a tf.distribute strategy (default 1)",
+        ),
         JSON,
     ),
     run=_run_lint,
@@ -614,33 +794,60 @@ EXPORT = Command(
     "export",
     help="export a .keras model as a TF Serving SavedModel version (BN folded, gated)",
     description="Folds BatchNorm into the preceding kernels (other BN frozen), writes "
-                "BASE_PATH/VERSION/ with a serving_default signature named after the model's "
-                "inputs and outputs, warm-up requests and a golden file, and renames it into "
-                "place only after parity with Keras, batch-size invariance and the lint "
-                "passed. Exit 0 on success, 1 if the gate failed (nothing written), 2 on bad "
-                "usage.",
+    "BASE_PATH/VERSION/ with a serving_default signature named after the model's "
+    "inputs and outputs, warm-up requests and a golden file, and renames it into "
+    "place only after parity with Keras, batch-size invariance and the lint "
+    "passed. Exit 0 on success, 1 if the gate failed (nothing written), 2 on bad "
+    "usage.",
     options=(
         opt("model", help="a .keras model file"),
         opt("base_path", help="the model's base path (TF Serving model_base_path)"),
-        opt("--model-version", metavar="N", deprecated=("--version",),
+        opt(
+            "--model-version",
+            metavar="N",
+            deprecated=("--version",),
             help="integer version in [0, 2**63 - 1], TF Serving's int64 (default: one more "
-                 "than the highest existing)"),
+            "than the highest existing)",
+        ),
         opt("--overwrite", action="store_true", help="replace an existing version"),
-        opt("--no-fold", dest="fold", action="store_false",
-            help="export the model as it is (inference mode) instead of folding BN"),
-        opt("--samples", metavar="FILE",
+        opt(
+            "--no-fold",
+            dest="fold",
+            action="store_false",
+            help="export the model as it is (inference mode) instead of folding BN",
+        ),
+        opt(
+            "--samples",
+            metavar="FILE",
             help="sample inputs: .npy (one input) or .npz keyed by input name "
-                 "(default: N(0,1) rows)"),
-        opt("--model_name", deprecated=("--model-name",),
-            help="model name in the warm-up requests (default: base dir name)"),
-        opt("--rtol", type=float, default=None,
+            "(default: N(0,1) rows)",
+        ),
+        opt(
+            "--model_name",
+            deprecated=("--model-name",),
+            help="model name in the warm-up requests (default: base dir name)",
+        ),
+        opt(
+            "--rtol",
+            type=float,
+            default=None,
             help="gate tolerance, max |export - reference| / max |reference| (default: the "
-                 "compute dtype's: 1e-4 float32, 1.95e-3 float16, 1.56e-2 bfloat16)"),
-        opt("--allow", action="append", default=[], metavar="CHECK",
+            "compute dtype's: 1e-4 float32, 1.95e-3 float16, 1.56e-2 bfloat16)",
+        ),
+        opt(
+            "--allow",
+            action="append",
+            default=[],
+            metavar="CHECK",
             help="lift one refusal (repeatable): never_updated, nonfinite, negative_variance "
-                 "(BN statistics) or nonfinite_outputs"),
-        opt("--no-statistics-signature", dest="statistics_signature", action="store_false",
-            help="leave out the BN statistics probe signatures used by `tfbn drift`"),
+            "(BN statistics) or nonfinite_outputs",
+        ),
+        opt(
+            "--no-statistics-signature",
+            dest="statistics_signature",
+            action="store_false",
+            help="leave out the BN statistics probe signatures used by `tfbn drift`",
+        ),
         _quiet("the gate's steps"),
     ),
     run=_run_export,
@@ -662,15 +869,23 @@ def _run_drift(args) -> int:
 
     try:
         report = drift.run_drift(
-            args.model_path, inputs=args.inputs, rest=args.rest, grpc=args.grpc,
-            model_name=args.model_name, version=args.model_version,
-            label=args.model_version_label, keras_model=args.keras_model,
+            args.model_path,
+            inputs=args.inputs,
+            rest=args.rest,
+            grpc=args.grpc,
+            model_name=args.model_name,
+            version=args.model_version,
+            label=args.model_version_label,
+            keras_model=args.keras_model,
             batch_size=drift.DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size,
             threshold=drift.DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
-            timeout=args.timeout)
+            timeout=args.timeout,
+        )
     except TFServingError as err:
-        print(f"tfbn drift: error: the server did not answer the statistics request: {err}",
-              file=sys.stderr)
+        print(
+            f"tfbn drift: error: the server did not answer the statistics request: {err}",
+            file=sys.stderr,
+        )
         return 2
     _emit(report, args.json_path)
     if args.png_path:
@@ -678,43 +893,72 @@ def _run_drift(args) -> int:
     return 1 if report.drift else 0
 
 
-TRAFFIC = opt("--inputs", nargs="+", required=True, metavar="FILE",
-              help="traffic: .npz (arrays by input name), .npy (one-input models) or TFRecord "
-                   "PredictionLog files (warm-up file, request log)")
+TRAFFIC = opt(
+    "--inputs",
+    nargs="+",
+    required=True,
+    metavar="FILE",
+    help="traffic: .npz (arrays by input name), .npy (one-input models) or TFRecord "
+    "PredictionLog files (warm-up file, request log)",
+)
 
 DRIFT = Command(
     "drift",
     help="do the BN running statistics still describe live traffic? (drift report)",
     description="Sends traffic to the export's tfbn_batch_norm_statistics signature (in "
-                "process, or a live TF Serving over REST/gRPC), adds up every BN layer's input "
-                "moments and compares them with its running statistics: per layer the mean "
-                "|standardised shift|, the largest channels, the log variance ratio and a "
-                "score (RMS over channels of sqrt(2 KL)); a layer drifts above --threshold. "
-                "Exit 0 if the statistics describe the traffic, 1 on drift, 2 on bad usage or "
-                "when nothing could be measured.",
+    "process, or a live TF Serving over REST/gRPC), adds up every BN layer's input "
+    "moments and compares them with its running statistics: per layer the mean "
+    "|standardised shift|, the largest channels, the log variance ratio and a "
+    "score (RMS over channels of sqrt(2 KL)); a layer drifts above --threshold. "
+    "Exit 0 if the statistics describe the traffic, 1 on drift, 2 on bad usage or "
+    "when nothing could be measured.",
     options=(
-        opt("model_path", nargs="?", metavar="MODEL",
-            help="SavedModel version directory or base path, or a .keras model (in process)"),
+        opt(
+            "model_path",
+            nargs="?",
+            metavar="MODEL",
+            help="SavedModel version directory or base path, or a .keras model (in process)",
+        ),
         one_of(
             opt("--rest", metavar="URL", help="TF Serving REST API, e.g. http://localhost:8501"),
             opt("--grpc", metavar="HOST:PORT", help="TF Serving gRPC API, e.g. localhost:8500"),
         ),
         opt("--model_name", help="served model name (with --rest / --grpc)"),
         one_of(
-            opt("--model-version", type=int, metavar="N", deprecated=("--model_version",),
-                help="pin a version on the server"),
-            opt("--model-version-label", metavar="LABEL", deprecated=("--model_version_label",),
-                help="pin a version label on the server"),
+            opt(
+                "--model-version",
+                type=int,
+                metavar="N",
+                deprecated=("--model_version",),
+                help="pin a version on the server",
+            ),
+            opt(
+                "--model-version-label",
+                metavar="LABEL",
+                deprecated=("--model_version_label",),
+                help="pin a version label on the server",
+            ),
         ),
         TRAFFIC,
-        opt("--keras", dest="keras_model", metavar="MODEL.keras",
+        opt(
+            "--keras",
+            dest="keras_model",
+            metavar="MODEL.keras",
             help="compute the statistics from this .keras model in process when the "
-                 "SavedModel / served model has no statistics signature"),
-        opt("--batch-size", type=int, deprecated=("--batch_size",),
-            help="examples per request (default tfbn.serving.drift.DEFAULT_BATCH_SIZE, 32)"),
-        opt("--threshold", type=float,
+            "SavedModel / served model has no statistics signature",
+        ),
+        opt(
+            "--batch-size",
+            type=int,
+            deprecated=("--batch_size",),
+            help="examples per request (default tfbn.serving.drift.DEFAULT_BATCH_SIZE, 32)",
+        ),
+        opt(
+            "--threshold",
+            type=float,
             help="a layer drifts when its score exceeds this "
-                 "(default tfbn.serving.drift.DEFAULT_THRESHOLD, 0.5)"),
+            "(default tfbn.serving.drift.DEFAULT_THRESHOLD, 0.5)",
+        ),
         opt("--timeout", type=float, default=10.0, help="seconds per request (default 10)"),
         opt("--png", dest="png_path", metavar="PATH", help="also plot the report here"),
         JSON,
@@ -749,16 +993,21 @@ RECALIBRATE = Command(
     "recalibrate",
     help="set every BN layer's running statistics from traffic (precise BN) and save",
     description="Recomputes every BatchNormalization layer's moving mean and variance as the "
-                "exact statistics of its inputs over the traffic (tfbn.recalibrate, one pass "
-                "per layer in forward order, inference mode), and saves the model to --out. "
-                "Export it as a new version with `tfbn export`. Exit 0 on success, 2 on bad "
-                "usage.",
+    "exact statistics of its inputs over the traffic (tfbn.recalibrate, one pass "
+    "per layer in forward order, inference mode), and saves the model to --out. "
+    "Export it as a new version with `tfbn export`. Exit 0 on success, 2 on bad "
+    "usage.",
     options=(
         opt("model", help="a .keras model file"),
         TRAFFIC,
         opt("--out", required=True, metavar="NEW.keras", help="where to save the model"),
-        opt("--batch-size", type=_positive_int, default=64, deprecated=("--batch_size",),
-            help="examples per batch (default 64)"),
+        opt(
+            "--batch-size",
+            type=_positive_int,
+            default=64,
+            deprecated=("--batch_size",),
+            help="examples per batch (default 64)",
+        ),
     ),
     run=_run_recalibrate,
     validate=_validate_recalibrate,
@@ -784,7 +1033,7 @@ GPU_CHECK = Command(
     "gpu-check",
     help="check tfbn's GPU assumptions on this machine's GPUs (PASS/FAIL table + JSON)",
     description="Fused vs unfused vs Keras on the GPU, cuDNN epsilon floor, NCCL sync parity "
-                "and collective counts, XLA fit, benchmarks. Exit 0 without a GPU.",
+    "and collective counts, XLA fit, benchmarks. Exit 0 without a GPU.",
     options=(),
     add_options=_gpu_check_flags,
     run=_run_gpu_check,
@@ -811,16 +1060,30 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="show TensorFlow's start-up and warning logs (hidden by default)")
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show TensorFlow's start-up and warning logs (hidden by default)",
+    )
     parser = argparse.ArgumentParser(
-        prog="tfbn", description="Batch Normalization for TensorFlow/Keras 3, to TF Serving.",
+        prog="tfbn",
+        description="Batch Normalization for TensorFlow/Keras 3, to TF Serving.",
         parents=[common],
     )
-    parser.add_argument("--version", action="version", version=f"tfbn {_version()}",
-                        help="print tfbn's version and exit")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                help="run `tfbn COMMAND --help` for its options")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"tfbn {_version()}",
+        help="print tfbn's version and exit",
+    )
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        help="run `tfbn COMMAND --help` for its options",
+    )
     for command in COMMANDS:
         _add_command(sub, command, [common])
     return parser
@@ -865,12 +1128,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tfbn {args.command}: error: {err}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as err:
-        extra = next((e for e, mods in _EXTRAS.items()
-                      if (err.name or "").split(".")[0] in mods), None)
+        extra = next(
+            (e for e, mods in _EXTRAS.items() if (err.name or "").split(".")[0] in mods), None
+        )
         if extra is None:
             raise
-        print(f"tfbn {args.command}: error: {err.name} is not installed: "
-              f"pip install 'tfbn[{extra}]'", file=sys.stderr)
+        print(
+            f"tfbn {args.command}: error: {err.name} is not installed: pip install 'tfbn[{extra}]'",
+            file=sys.stderr,
+        )
         return 2
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError) as err:
         print(f"tfbn {args.command}: error: {err}", file=sys.stderr)

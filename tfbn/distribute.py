@@ -369,11 +369,14 @@ def multi_worker_strategy(
 
     Must run before anything initialises TensorFlow's runtime, as the strategy itself.
     """
-    for name, value in (("connect_timeout", connect_timeout),
-                        ("collective_timeout", collective_timeout)):
+    for name, value in (
+        ("connect_timeout", connect_timeout),
+        ("collective_timeout", collective_timeout),
+    ):
         if value is not None and not value > 0:
-            raise ValueError(f"`{name}` must be a positive number of seconds or None. "
-                             f"Received: {name}={value!r}")
+            raise ValueError(
+                f"`{name}` must be a positive number of seconds or None. Received: {name}={value!r}"
+            )
     task, peers = cluster_peers()
     if collective_timeout is not None and "communication_options" not in kwargs:
         kwargs["communication_options"] = tf.distribute.experimental.CommunicationOptions(
@@ -384,8 +387,14 @@ def multi_worker_strategy(
         # A process, not a thread: the constructor holds the GIL while it waits.
         watchdog = subprocess.Popen(
             # Run by path: `-m tfbn._watchdog` would import tfbn, hence TensorFlow.
-            [sys.executable, _watchdog.__file__, str(os.getpid()), str(connect_timeout),
-             f"{task.get('type')} {task.get('index')}", json.dumps(peers)],
+            [
+                sys.executable,
+                _watchdog.__file__,
+                str(os.getpid()),
+                str(connect_timeout),
+                f"{task.get('type')} {task.get('index')}",
+                json.dumps(peers),
+            ],
             stdin=subprocess.PIPE,
         )
     try:

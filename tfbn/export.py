@@ -133,10 +133,13 @@ class GateReport:
         for name, errs in self.invariance.items():
             got = ", ".join(f"batches of {b}: {e:.2e}" for b, e in errs.items())
             lines.append(f"batch-size invariance, '{name}': {got}")
-        lines.append("statistics: " + ("OK" if not self.statistics else
-                                       f"{len(self.statistics)} finding(s)"))
-        lines.append("outputs: " + ("finite" if not self.nonfinite else
-                                    "NaN/Inf in " + ", ".join(self.nonfinite)))
+        lines.append(
+            "statistics: " + ("OK" if not self.statistics else f"{len(self.statistics)} finding(s)")
+        )
+        lines.append(
+            "outputs: "
+            + ("finite" if not self.nonfinite else "NaN/Inf in " + ", ".join(self.nonfinite))
+        )
         if self.lint is not None:
             lines.append(
                 "lint: " + ("OK" if self.lint.ok else f"{len(self.lint.findings)} finding(s)")
@@ -158,7 +161,9 @@ class GateReport:
             "reference": self.reference,
             "parity": self.parity,
             "truth": self.truth,
-            "invariance": {k: {str(b): e for b, e in v.items()} for k, v in self.invariance.items()},
+            "invariance": {
+                k: {str(b): e for b, e in v.items()} for k, v in self.invariance.items()
+            },
             "statistics": self.statistics,
             "nonfinite_outputs": self.nonfinite,
             "lint": None if self.lint is None else self.lint.to_dict(),
@@ -439,8 +444,9 @@ def _statistics_findings(model: keras.Model) -> list[tuple[str, str]]:
     return found
 
 
-def _gate(export_dir, samples, model_out, truth, out_names, closeness, fold_margin,
-          allow, stat_findings) -> tuple[GateReport, dict[str, np.ndarray]]:
+def _gate(
+    export_dir, samples, model_out, truth, out_names, closeness, fold_margin, allow, stat_findings
+) -> tuple[GateReport, dict[str, np.ndarray]]:
     """Runs every check; returns the report and the export's full-batch outputs."""
     mixed = truth is not None
     report = GateReport(
@@ -466,8 +472,11 @@ def _gate(export_dir, samples, model_out, truth, out_names, closeness, fold_marg
     full = predict(0, rows)
     allow_nonfinite = NONFINITE_OUTPUTS in allow
     for name in out_names:
-        where = [w for w, arr in (("Keras model", model_out[name]), ("export", full[name]))
-                 if not np.all(np.isfinite(np.asarray(arr, np.float64)))]
+        where = [
+            w
+            for w, arr in (("Keras model", model_out[name]), ("export", full[name]))
+            if not np.all(np.isfinite(np.asarray(arr, np.float64)))
+        ]
         if where:
             report.nonfinite.append(f"'{name}' ({' and '.join(where)})")
             if not allow_nonfinite:
@@ -500,8 +509,9 @@ def _gate(export_dir, samples, model_out, truth, out_names, closeness, fold_marg
     for size in INVARIANCE_BATCH_SIZES:
         parts = [predict(lo, lo + size) for lo in range(0, rows, size)]
         for name in out_names:
-            cmp = closeness.compare(np.concatenate([p[name] for p in parts]), full[name],
-                                    allow_nonfinite=True)
+            cmp = closeness.compare(
+                np.concatenate([p[name] for p in parts]), full[name], allow_nonfinite=True
+            )
             report.invariance.setdefault(name, {})[size] = cmp.error
             if cmp.ratio > 1:
                 report.problems.append(
@@ -539,7 +549,9 @@ def _exchange(a: str, b: str) -> None:
 
     Raises OSError (ENOSYS/EINVAL) where the kernel, C library or file system cannot."""
     if not sys.platform.startswith("linux"):
-        raise OSError(errno.ENOSYS, f"atomic exchange needs Linux renameat2 (this is {sys.platform})")
+        raise OSError(
+            errno.ENOSYS, f"atomic exchange needs Linux renameat2 (this is {sys.platform})"
+        )
     libc = ctypes.CDLL(None, use_errno=True)
     fn = getattr(libc, "renameat2", None)
     if fn is None:
@@ -575,8 +587,10 @@ def _replace_version(new_dir: str, target: str, overwrite: bool) -> None:
 def _sigterm_as_interrupt():
     """Within the block, SIGTERM raises KeyboardInterrupt (so cleanup runs as on Ctrl-C),
     where the process has the default SIGTERM handler and this is the main thread."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
         yield
         return
 
@@ -702,17 +716,45 @@ def export_saved_model(
     from tfbn.progress import progress_bar
 
     with progress_bar(len(EXPORT_STEPS), "tfbn export", progress, unit="step") as bar:
-        return _export(model, base_path, version, specs, out_names, samples, fold, overwrite,
-                       extra_signatures, model_name, closeness, allow, fold_margin, bar,
-                       statistics_signature)
+        return _export(
+            model,
+            base_path,
+            version,
+            specs,
+            out_names,
+            samples,
+            fold,
+            overwrite,
+            extra_signatures,
+            model_name,
+            closeness,
+            allow,
+            fold_margin,
+            bar,
+            statistics_signature,
+        )
 
 
 EXPORT_STEPS = ("statistics", "fold", "reference", "save", "gate", "version")
 
 
-def _export(model, base_path, version, specs, out_names, samples, fold, overwrite,
-            extra_signatures, model_name, closeness, allow, fold_margin, bar,
-            statistics_signature) -> ExportResult:
+def _export(
+    model,
+    base_path,
+    version,
+    specs,
+    out_names,
+    samples,
+    fold,
+    overwrite,
+    extra_signatures,
+    model_name,
+    closeness,
+    allow,
+    fold_margin,
+    bar,
+    statistics_signature,
+) -> ExportResult:
     def step(name):
         bar.set_postfix_str(name, refresh=False)
         bar.update(1)

@@ -97,8 +97,11 @@ def _compare_layers(make_a, make_b, shape, axis, dtype, steps=2, seed=0) -> floa
         got = tf.function(lambda x, dy: _train_step(a, x, dy))(x, dy)
         want = tf.function(lambda x, dy: _train_step(b, x, dy))(x, dy)
         worst = max(worst, *(_rel_diff(g, w) for g, w in zip(got, want, strict=True)))
-    worst = max(worst, _rel_diff(a.moving_mean, b.moving_mean),
-                _rel_diff(a.moving_variance, b.moving_variance))
+    worst = max(
+        worst,
+        _rel_diff(a.moving_mean, b.moving_mean),
+        _rel_diff(a.moving_variance, b.moving_variance),
+    )
     x, _ = _data(shape, dtype, seed + 99)
     return max(worst, _rel_diff(a(x, training=False), b(x, training=False)))
 
@@ -120,16 +123,27 @@ def check_fused(layout: str, dtype: str) -> Callable[[str], Check]:
         shape, axis = _shape_axis(layout)
         tol = TOLERANCE[dtype]
         with tf.device(device):
-            unfused = _compare_layers(lambda: tfbn.BatchNormalization(axis=axis),
-                                      lambda: tfbn.BatchNormalization(axis=axis, fused=False),
-                                      shape, axis, dtype)
-            keras_diff = _compare_layers(lambda: tfbn.BatchNormalization(axis=axis),
-                                         lambda: keras.layers.BatchNormalization(axis=axis),
-                                         shape, axis, dtype)
+            unfused = _compare_layers(
+                lambda: tfbn.BatchNormalization(axis=axis),
+                lambda: tfbn.BatchNormalization(axis=axis, fused=False),
+                shape,
+                axis,
+                dtype,
+            )
+            keras_diff = _compare_layers(
+                lambda: tfbn.BatchNormalization(axis=axis),
+                lambda: keras.layers.BatchNormalization(axis=axis),
+                shape,
+                axis,
+                dtype,
+            )
         ok = unfused <= tol and keras_diff <= tol
-        return Check(f"fused_{layout}_{dtype}", "PASS" if ok else "FAIL",
-                     f"vs unfused {unfused:.1e}, vs Keras {keras_diff:.1e} (tolerance {tol:g})",
-                     data={"vs_unfused": unfused, "vs_keras": keras_diff, "tolerance": tol})
+        return Check(
+            f"fused_{layout}_{dtype}",
+            "PASS" if ok else "FAIL",
+            f"vs unfused {unfused:.1e}, vs Keras {keras_diff:.1e} (tolerance {tol:g})",
+            data={"vs_unfused": unfused, "vs_keras": keras_diff, "tolerance": tol},
+        )
 
     return run
 
@@ -155,16 +169,24 @@ def check_epsilon_floor(layout: str, dtype: str) -> Callable[[str], Check]:
                 x, dy = _data(shape, dtype, loc=0.0, scale=1e-3)
                 got = tf.function(lambda x, dy, a=a: _train_step(a, x, dy))(x, dy)
                 want = tf.function(lambda x, dy, b=b: _train_step(b, x, dy))(x, dy)
-                out = max(_rel_diff(got[0], want[0]),
-                          _rel_diff(a(x, training=False), b(x, training=False)))
-                stats = max(_rel_diff(a.moving_mean, b.moving_mean),
-                            _rel_diff(a.moving_variance, b.moving_variance))
+                out = max(
+                    _rel_diff(got[0], want[0]),
+                    _rel_diff(a(x, training=False), b(x, training=False)),
+                )
+                stats = max(
+                    _rel_diff(a.moving_mean, b.moving_mean),
+                    _rel_diff(a.moving_variance, b.moving_variance),
+                )
                 diffs[str(eps)] = {"outputs": out, "moving_stats": stats}
         ok = all(d["outputs"] <= tol and d["moving_stats"] <= 1e-6 for d in diffs.values())
         worst = max(d["outputs"] for d in diffs.values())
-        return Check(f"epsilon_floor_{layout}_{dtype}", "PASS" if ok else "FAIL",
-                     f"epsilon {EPSILONS}: fused='auto' vs fused=False, worst output diff "
-                     f"{worst:.1e} (tolerance {tol:g}, statistics 1e-6)", data=diffs)
+        return Check(
+            f"epsilon_floor_{layout}_{dtype}",
+            "PASS" if ok else "FAIL",
+            f"epsilon {EPSILONS}: fused='auto' vs fused=False, worst output diff "
+            f"{worst:.1e} (tolerance {tol:g}, statistics 1e-6)",
+            data=diffs,
+        )
 
     return run
 
@@ -178,18 +200,33 @@ def check_raw_epsilon(device) -> Check:
     ones, zeros = tf.ones([8]), tf.zeros([8])
     try:
         with tf.device(device):
-            y = tf.raw_ops.FusedBatchNormV3(x=x, scale=ones, offset=zeros, mean=zeros,
-                                            variance=ones, epsilon=1e-7, is_training=True)[0]
+            y = tf.raw_ops.FusedBatchNormV3(
+                x=x,
+                scale=ones,
+                offset=zeros,
+                mean=zeros,
+                variance=ones,
+                epsilon=1e-7,
+                is_training=True,
+            )[0]
     except tf.errors.OpError as error:
-        return Check("raw_fused_epsilon_1e-7", "PASS", f"the raw op refuses it: {error.message[:200]}",
-                     data={"behaviour": "error"})
+        return Check(
+            "raw_fused_epsilon_1e-7",
+            "PASS",
+            f"the raw op refuses it: {error.message[:200]}",
+            data={"behaviour": "error"},
+        )
     xn = np.asarray(x, np.float64)
     var = xn.var((0, 1, 2))
     expected = {e: (xn - xn.mean((0, 1, 2))) / np.sqrt(var + e) for e in (1e-7, 1e-5)}
     diffs = {str(e): _rel_diff(y, v) for e, v in expected.items()}
     behaviour = "passes 1e-7 through" if diffs["1e-07"] < diffs["1e-05"] else "clamps to ~1e-5"
-    return Check("raw_fused_epsilon_1e-7", "PASS", f"the raw op {behaviour} ({diffs})",
-                 data={"behaviour": behaviour, "diffs": diffs})
+    return Check(
+        "raw_fused_epsilon_1e-7",
+        "PASS",
+        f"the raw op {behaviour} ({diffs})",
+        data={"behaviour": behaviour, "diffs": diffs},
+    )
 
 
 def check_one_value(device) -> Check:
@@ -203,14 +240,23 @@ def check_one_value(device) -> Check:
         layer.build((1, 1, 1, 4))
         y = layer(tf.fill([1, 1, 1, 4], 3.0), training=False)
         # Training needs > 1 value per channel (PyTorch's rule); the kernel itself:
-        out = tf.raw_ops.FusedBatchNormV3(x=tf.fill([1, 1, 1, 4], 3.0), scale=tf.ones([4]),
-                                          offset=tf.ones([4]), mean=tf.zeros([4]),
-                                          variance=tf.ones([4]), epsilon=1e-3, is_training=True)
+        out = tf.raw_ops.FusedBatchNormV3(
+            x=tf.fill([1, 1, 1, 4], 3.0),
+            scale=tf.ones([4]),
+            offset=tf.ones([4]),
+            mean=tf.zeros([4]),
+            variance=tf.ones([4]),
+            epsilon=1e-3,
+            is_training=True,
+        )
     var = np.asarray(out[2])
     ok = np.all(var == 0) and np.all(np.isfinite(np.asarray(out[0]))) and np.all(np.isfinite(y))
-    return Check("one_value_per_channel", "PASS" if ok else "FAIL",
-                 f"fused kernel batch variance {var.tolist()} (expected 0), output finite",
-                 data={"variance": var.tolist()})
+    return Check(
+        "one_value_per_channel",
+        "PASS" if ok else "FAIL",
+        f"fused kernel batch variance {var.tolist()} (expected 0), output finite",
+        data={"variance": var.tolist()},
+    )
 
 
 def check_mirrored(gpus: list[str]) -> Callable[[str], Check]:
@@ -223,8 +269,9 @@ def check_mirrored(gpus: list[str]) -> Callable[[str], Check]:
         from tfbn import bench
 
         if len(gpus) < 2:
-            return Check("mirrored_sync_parity", "SKIP",
-                         f"needs 2 or more GPUs; {len(gpus)} visible")
+            return Check(
+                "mirrored_sync_parity", "SKIP", f"needs 2 or more GPUs; {len(gpus)} visible"
+            )
         strategy = tf.distribute.MirroredStrategy(gpus)
         replicas = strategy.num_replicas_in_sync
         rng = np.random.default_rng(0)
@@ -236,12 +283,14 @@ def check_mirrored(gpus: list[str]) -> Callable[[str], Check]:
             model = keras.Sequential([keras.Input(shape[1:]), *layers])
         for layer in layers:
             layer.set_weights(weights)
-        ref = keras.Sequential([keras.Input(shape[1:]), tfbn.BatchNormalization(),
-                                tfbn.BatchNormalization()])
+        ref = keras.Sequential(
+            [keras.Input(shape[1:]), tfbn.BatchNormalization(), tfbn.BatchNormalization()]
+        )
         for layer in ref.layers:
             layer.set_weights(weights)
         x = strategy.experimental_distribute_values_from_function(
-            lambda ctx: tf.constant(xs[ctx.replica_id_in_sync_group]))
+            lambda ctx: tf.constant(xs[ctx.replica_id_in_sync_group])
+        )
 
         def step(x):
             with tf.GradientTape() as tape:
@@ -258,14 +307,20 @@ def check_mirrored(gpus: list[str]) -> Callable[[str], Check]:
             yr = ref(xr, training=True)
         dxr = tape.gradient(tf.reduce_sum(yr * yr), xr)
         local = lambda v: np.concatenate(strategy.experimental_local_results(v))  # noqa: E731
-        diff = max(_rel_diff(local(y), yr), _rel_diff(local(dx), dxr),
-                   _rel_diff(model.layers[-1].moving_mean, ref.layers[-1].moving_mean))
+        diff = max(
+            _rel_diff(local(y), yr),
+            _rel_diff(local(dx), dxr),
+            _rel_diff(model.layers[-1].moving_mean, ref.layers[-1].moving_mean),
+        )
         per_layer = {k: v / len(layers) for k, v in counts.items()}
         ok = diff <= 1e-4 and per_layer == {"all_reduce": 2, "to_one_device": 0, "broadcast": 0}
-        return Check("mirrored_sync_parity", "PASS" if ok else "FAIL",
-                     f"{replicas} GPUs: diff vs one device {diff:.1e} (tolerance 1e-4); per layer "
-                     f"and step {per_layer} (expected 2 all-reduces, nothing else)",
-                     data={"diff": diff, "per_layer": per_layer, "replicas": replicas})
+        return Check(
+            "mirrored_sync_parity",
+            "PASS" if ok else "FAIL",
+            f"{replicas} GPUs: diff vs one device {diff:.1e} (tolerance 1e-4); per layer "
+            f"and step {per_layer} (expected 2 all-reduces, nothing else)",
+            data={"diff": diff, "per_layer": per_layer, "replicas": replicas},
+        )
 
     return run
 
@@ -294,8 +349,9 @@ def check_xla_fit(device) -> Check:
     with tf.device(device):
         keras.utils.set_random_seed(0)
         model = _small_cnn(tfbn, keras)
-        model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      jit_compile=True)
+        model.compile(
+            "adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True
+        )
         history = model.fit(x, y, batch_size=16, epochs=2, verbose=0)
         eager = np.asarray(model(x[:8], training=False))
         compiled = np.asarray(model.predict(x[:8], verbose=0))
@@ -304,9 +360,13 @@ def check_xla_fit(device) -> Check:
     moved = not np.allclose(np.asarray(bn.moving_mean), 0)
     diff = _rel_diff(compiled, eager)
     ok = bool(np.all(np.isfinite(losses))) and moved and diff <= 1e-4
-    return Check("xla_fit", "PASS" if ok else "FAIL",
-                 f"losses {[round(v, 4) for v in losses]}, statistics moved {moved}, "
-                 f"XLA predict vs eager {diff:.1e}", data={"losses": losses, "diff": diff})
+    return Check(
+        "xla_fit",
+        "PASS" if ok else "FAIL",
+        f"losses {[round(v, 4) for v in losses]}, statistics moved {moved}, "
+        f"XLA predict vs eager {diff:.1e}",
+        data={"losses": losses, "diff": diff},
+    )
 
 
 def check_mixed_float16_fit(device) -> Check:
@@ -322,17 +382,25 @@ def check_mixed_float16_fit(device) -> Check:
     with tf.device(device):
         keras.utils.set_random_seed(0)
         model = _small_cnn(tfbn, keras, policy="mixed_float16")
-        model.compile(keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam()),
-                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(
+            keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam()),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
         history = model.fit(x, y, batch_size=16, epochs=2, verbose=0)
         out = np.asarray(model(x[:8], training=False))
     losses = history.history["loss"]
     bn = model.layers[2]
-    ok = (bool(np.all(np.isfinite(losses))) and bool(np.all(np.isfinite(out)))
-          and bn.moving_mean.dtype == "float32")
-    return Check("mixed_float16_fit", "PASS" if ok else "FAIL",
-                 f"losses {[round(v, 4) for v in losses]}, statistics {bn.moving_mean.dtype}",
-                 data={"losses": losses})
+    ok = (
+        bool(np.all(np.isfinite(losses)))
+        and bool(np.all(np.isfinite(out)))
+        and bn.moving_mean.dtype == "float32"
+    )
+    return Check(
+        "mixed_float16_fit",
+        "PASS" if ok else "FAIL",
+        f"losses {[round(v, 4) for v in losses]}, statistics {bn.moving_mean.dtype}",
+        data={"losses": losses},
+    )
 
 
 def check_bench(repeats: int) -> Callable[[str], Check]:
@@ -344,10 +412,14 @@ def check_bench(repeats: int) -> Callable[[str], Check]:
         with tf.device(device):
             rows = bench.run_benchmark(bench.DEFAULT_SHAPES, repeats, ("tfbn", "keras"))
         slower = [r for r in rows if r["impl"] == "keras" and r["train_vs_tfbn"] < 1.0]
-        return Check("bench_layer", "FAIL" if slower else "PASS",
-                     "tfbn never slower than Keras's layer" if not slower else
-                     f"Keras faster on {[tuple(r['shape']) for r in slower]}",
-                     data={"rows": rows, "table": bench.format_table(rows)})
+        return Check(
+            "bench_layer",
+            "FAIL" if slower else "PASS",
+            "tfbn never slower than Keras's layer"
+            if not slower
+            else f"Keras faster on {[tuple(r['shape']) for r in slower]}",
+            data={"rows": rows, "table": bench.format_table(rows)},
+        )
 
     return run
 
@@ -376,8 +448,9 @@ def checks(gpus: list[str], bench_repeats: int) -> list[tuple[str, Callable[[str
     return out
 
 
-def run_checks(device: str | None = None, bench_repeats: int = 10,
-               only: list[str] | None = None) -> dict:
+def run_checks(
+    device: str | None = None, bench_repeats: int = 10, only: list[str] | None = None
+) -> dict:
     """Runs every check on the first GPU (or on `device`, e.g. "/CPU:0" to test the
     script itself); without a GPU (and no `device`) every check is SKIPPED."""
     import tensorflow as tf
@@ -400,8 +473,10 @@ def run_checks(device: str | None = None, bench_repeats: int = 10,
     target = device or (gpus[0] if gpus else None)
     skip_reason = None
     if target is None:
-        skip_reason = ("no GPU visible to TensorFlow (tf.config.list_logical_devices('GPU') is "
-                       f"empty; built with CUDA: {environment['built_with_cuda']})")
+        skip_reason = (
+            "no GPU visible to TensorFlow (tf.config.list_logical_devices('GPU') is "
+            f"empty; built with CUDA: {environment['built_with_cuda']})"
+        )
     results = []
     for name, check in checks(gpus, bench_repeats):
         if only and name not in only:
@@ -413,8 +488,12 @@ def run_checks(device: str | None = None, bench_repeats: int = 10,
         try:
             result = check(target)
         except Exception as error:  # a crashing check is a failed check, not a crashed script
-            result = Check(name, "FAIL", f"{type(error).__name__}: {error}"[:500],
-                           data={"traceback": traceback.format_exc()[-4000:]})
+            result = Check(
+                name,
+                "FAIL",
+                f"{type(error).__name__}: {error}"[:500],
+                data={"traceback": traceback.format_exc()[-4000:]},
+            )
         result.seconds = time.perf_counter() - start
         results.append(result)
     return {"environment": environment, "device": target, "checks": [asdict(r) for r in results]}
@@ -427,8 +506,9 @@ def format_table(report: dict) -> str:
         lines.append(f"| {c['name']} | {c['status']} | {c['seconds']:.1f} | {detail} |")
     counts = {s: sum(c["status"] == s for c in report["checks"]) for s in ("PASS", "FAIL", "SKIP")}
     lines.append("")
-    lines.append(f"device: {report['device'] or 'none'}; " +
-                 ", ".join(f"{n} {s}" for s, n in counts.items()))
+    lines.append(
+        f"device: {report['device'] or 'none'}; " + ", ".join(f"{n} {s}" for s, n in counts.items())
+    )
     return "\n".join(lines)
 
 
@@ -440,12 +520,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", help="also write the report as JSON here")
-    parser.add_argument("--bench-repeats", type=int, default=10,
-                        help="timed calls per implementation in the bench check (0: skip it)")
+    parser.add_argument(
+        "--bench-repeats",
+        type=int,
+        default=10,
+        help="timed calls per implementation in the bench check (0: skip it)",
+    )
     parser.add_argument("--only", action="append", help="run only this check (repeatable)")
-    parser.add_argument("--device", metavar="DEVICE",
-                        help="run the checks on this device instead of the GPUs, e.g. /CPU:0 "
-                             "(to test the script itself on a machine without a GPU)")
+    parser.add_argument(
+        "--device",
+        metavar="DEVICE",
+        help="run the checks on this device instead of the GPUs, e.g. /CPU:0 "
+        "(to test the script itself on a machine without a GPU)",
+    )
 
 
 def run_from_args(args) -> int:

@@ -113,8 +113,10 @@ def next_version(base_path: str | os.PathLike) -> int:
     """One more than the highest version under `base_path` (1 for an empty base path)."""
     latest = latest_version(base_path)
     if latest is not None and latest >= MAX_VERSION:
-        raise ValueError(f"{os.fspath(base_path)!r} already holds version 2**63 - 1; "
-                         "pass an explicit free version")
+        raise ValueError(
+            f"{os.fspath(base_path)!r} already holds version 2**63 - 1; "
+            "pass an explicit free version"
+        )
     return 1 if latest is None else latest + 1
 
 

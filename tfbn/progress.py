@@ -19,5 +19,13 @@ def progress_bar(total: int | None, desc: str, enabled: bool | None = None, unit
     stream = sys.stderr
     if enabled is None:
         enabled = bool(getattr(stream, "isatty", lambda: False)())
-    return tqdm(total=total, desc=desc, unit=unit, file=stream, disable=not enabled,
-                delay=DELAY, leave=False, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=stream,
+        disable=not enabled,
+        delay=DELAY,
+        leave=False,
+        dynamic_ncols=True,
+    )

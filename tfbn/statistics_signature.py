@@ -219,9 +219,15 @@ class StatisticsProbe:
         self._order = order
         self.layers = [
             ProbedLayer(
-                key=output_key(i, t.served.name), name=t.served.name, kind=t.kind,
-                folded_into=t.folded_into, channels=int(t.mean.size), epsilon=t.epsilon,
-                mean=t.mean, variance=t.variance, observed=t.observed,
+                key=output_key(i, t.served.name),
+                name=t.served.name,
+                kind=t.kind,
+                folded_into=t.folded_into,
+                channels=int(t.mean.size),
+                epsilon=t.epsilon,
+                mean=t.mean,
+                variance=t.variance,
+                observed=t.observed,
             )  # fmt: skip
             for i, t in enumerate(order)
         ]
@@ -237,8 +243,9 @@ class StatisticsProbe:
     def reference(self) -> dict[str, np.ndarray]:
         """`{key: float64 [3, C]}`: moving mean, moving variance and epsilon per channel."""
         return {
-            layer.key: np.stack([layer.mean, layer.variance,
-                                 np.full(layer.mean.shape, layer.epsilon)])  # fmt: skip
+            layer.key: np.stack(
+                [layer.mean, layer.variance, np.full(layer.mean.shape, layer.epsilon)]
+            )  # fmt: skip
             for layer in self.layers
         }
 
@@ -280,9 +287,9 @@ class StatisticsProbe:
         }
 
 
-def statistics_signatures(model: keras.Model, served_model: keras.Model, specs) -> tuple[
-    dict, dict | None
-]:
+def statistics_signatures(
+    model: keras.Model, served_model: keras.Model, specs
+) -> tuple[dict, dict | None]:
     """What `tfbn.export.export_saved_model` adds: `({name: ConcreteFunction}, asset)`.
 
     `({}, None)` for a model without a BN layer with running statistics (there is

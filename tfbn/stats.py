@@ -420,6 +420,7 @@ def renorm_scale_offset(
         offset = offset + tf.cast(beta, r.dtype)
     return scale, offset
 
+
 def example_moment_sums(
     x: tf.Tensor, channel_axes: list[int], weights: tf.Tensor | None = None
 ) -> tf.Tensor:
@@ -437,7 +438,9 @@ def example_moment_sums(
     rank = len(x.shape)
     channel_axes = sorted(a % rank for a in channel_axes)
     if 0 in channel_axes:
-        raise ValueError(f"`channel_axes` must not include the batch axis. Received: {channel_axes}")
+        raise ValueError(
+            f"`channel_axes` must not include the batch axis. Received: {channel_axes}"
+        )
     dims = [x.shape[a] for a in channel_axes]
     if any(d is None for d in dims):
         raise ValueError(f"The channel dimensions must be known. Received shape: {x.shape}")

@@ -101,13 +101,13 @@ def _numeric(array: np.ndarray) -> bool:
 class Comparison:
     """One output compared with its reference."""
 
-    error: float           # max |got - ref| / max |ref|
-    max_abs: float         # max |got - ref|
-    ratio: float           # max |got - ref| / (atol + rtol max |ref|); <= 1 is close
+    error: float  # max |got - ref| / max |ref|
+    max_abs: float  # max |got - ref|
+    ratio: float  # max |got - ref| / (atol + rtol max |ref|); <= 1 is close
     row_ratios: np.ndarray  # the same ratio per example (axis 0)
-    nonfinite: bool        # non-finite values in got or ref
+    nonfinite: bool  # non-finite values in got or ref
     passed: bool
-    reason: str = ""       # why it failed, when it did
+    reason: str = ""  # why it failed, when it did
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +123,14 @@ class Closeness:
         for name in ("rtol", "atol"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
-                raise ValueError(f"`{name}` must be a finite number >= 0. Received: {name}={value!r}")
+                raise ValueError(
+                    f"`{name}` must be a finite number >= 0. Received: {name}={value!r}"
+                )
         if self.rtol == 0 and self.atol == 0:
-            raise ValueError("`rtol` and `atol` cannot both be 0: nothing but bit-identical "
-                             "outputs would pass, and rounding differs between kernels")
+            raise ValueError(
+                "`rtol` and `atol` cannot both be 0: nothing but bit-identical "
+                "outputs would pass, and rounding differs between kernels"
+            )
 
     @classmethod
     def for_dtype(cls, dtype, rtol: float | None = None, atol: float = 0.0) -> Closeness:
@@ -145,15 +149,21 @@ class Closeness:
         rows = len(ref) if ref.ndim else 1
         if got.shape != ref.shape:
             inf = np.full(rows, np.inf)
-            return Comparison(np.inf, np.inf, np.inf, inf, False, False,
-                              f"shape {got.shape} differs from the reference's {ref.shape}")
+            return Comparison(
+                np.inf,
+                np.inf,
+                np.inf,
+                inf,
+                False,
+                False,
+                f"shape {got.shape} differs from the reference's {ref.shape}",
+            )
         if not (_numeric(ref) and _numeric(got)):
             same = (got == ref).reshape(rows, -1).all(axis=1) if ref.size else np.ones(rows, bool)
             ratios = np.where(same, 0.0, np.inf)
             ok = bool(same.all())
             bad = 0.0 if ok else np.inf
-            return Comparison(bad, bad, bad, ratios, False, ok,
-                              "" if ok else "values differ")
+            return Comparison(bad, bad, bad, ratios, False, ok, "" if ok else "values differ")
         g = got.astype(np.float64).reshape(rows, -1)
         r = ref.astype(np.float64).reshape(rows, -1)
         g_fin, r_fin = np.isfinite(g), np.isfinite(r)

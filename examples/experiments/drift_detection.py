@@ -93,7 +93,9 @@ def probe_input(probe) -> str:
 def recalibrated(model, x_recal) -> keras.Model:
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
-    tfbn.recalibrate(clone, [x_recal[i:i + 64] for i in range(0, len(x_recal), 64)], progress=False)
+    tfbn.recalibrate(
+        clone, [x_recal[i : i + 64] for i in range(0, len(x_recal), 64)], progress=False
+    )
     return clone
 
 
@@ -157,10 +159,20 @@ def plot(rows, path):
                      label=f"{family}: shifted")  # fmt: skip
         axes[0].plot(x, [r["acc_recalibrated"] for r in sel], "^--", color=colors[family],
                      label=f"{family}: recalibrated")  # fmt: skip
-        axes[1].plot([r["acc_clean"] - r["acc_shifted"] for r in sel],
-                     [r["score_shifted"] for r in sel], "o", color=colors[family], label=family)
-        axes[1].plot([r["acc_clean"] - r["acc_recalibrated"] for r in sel],
-                     [r["score_recalibrated"] for r in sel], "^", color=colors[family], alpha=0.5)
+        axes[1].plot(
+            [r["acc_clean"] - r["acc_shifted"] for r in sel],
+            [r["score_shifted"] for r in sel],
+            "o",
+            color=colors[family],
+            label=family,
+        )
+        axes[1].plot(
+            [r["acc_clean"] - r["acc_recalibrated"] for r in sel],
+            [r["score_recalibrated"] for r in sel],
+            "^",
+            color=colors[family],
+            alpha=0.5,
+        )
     axes[0].axhline(seed0[0]["acc_clean"], color="black", linestyle=":", label="unshifted")
     axes[0].set_xlabel("shift strength (index, weakest first)")
     axes[0].set_ylabel("test accuracy")
@@ -217,8 +229,19 @@ def main(argv=None) -> dict:
         f"samples of 256 (max score {fa['max_score']:.3f}), "
         f"{false_alarm[64]['rate']:.1%} of samples of 64 (max {false_alarm[64]['max_score']:.3f})."
     )
-    columns = ["seed", "shift", "strength", "acc_clean", "acc_shifted", "acc_recalibrated",
-               "score_shifted", "worst_layer", "score_recalibrated", "drift", "missed"]
+    columns = [
+        "seed",
+        "shift",
+        "strength",
+        "acc_clean",
+        "acc_shifted",
+        "acc_recalibrated",
+        "score_shifted",
+        "worst_layer",
+        "score_recalibrated",
+        "drift",
+        "missed",
+    ]
     return common.write_report(
         args.out, NAME,
         "Running-statistics drift: detected when it costs accuracy? fixed by recalibration?",

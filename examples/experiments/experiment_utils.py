@@ -94,6 +94,7 @@ def build_cnn(synchronized: bool = False) -> keras.Model:
 
     BN momentum 0.9 (the runs are short); `synchronized=True` for global statistics.
     """
+
     def block(x, filters):
         x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
         x = tfbn.BatchNormalization(momentum=0.9, synchronized=synchronized)(x)
@@ -125,8 +126,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def base_parser(description: str, full_seeds: int, quick_seeds: int = 1) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="tiny run (one seed, few steps) for tests")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"reports folder (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny run (one seed, few steps) for tests"
+    )
+    parser.add_argument(
+        "--out", default=str(DEFAULT_OUT), help=f"reports folder (default {DEFAULT_OUT})"
+    )
     parser.add_argument(
         "--seeds",
         type=int,
@@ -138,7 +143,11 @@ def base_parser(description: str, full_seeds: int, quick_seeds: int = 1) -> argp
 
 
 def seeds_from(args) -> list[int]:
-    n = args.seeds if args.seeds is not None else (args.quick_seeds if args.quick else args.full_seeds)
+    n = (
+        args.seeds
+        if args.seeds is not None
+        else (args.quick_seeds if args.quick else args.full_seeds)
+    )
     if n < 1:
         raise ValueError(f"`--seeds` must be >= 1. Received: {n}")
     return list(range(n))
@@ -148,7 +157,7 @@ def fmt(value, digits: int = 3) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
-        return f"{value:.{digits}f}" if abs(value) >= 10 ** -digits or value == 0 else f"{value:.2e}"
+        return f"{value:.{digits}f}" if abs(value) >= 10**-digits or value == 0 else f"{value:.2e}"
     return str(value)
 
 

@@ -61,8 +61,13 @@ def main(argv=None) -> dict:
     parser = common.base_parser(__doc__.splitlines()[0], full_seeds=2)
     parser.add_argument("--epochs", type=int, default=None, help="default 10 (2 with --quick)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lrs", type=float, nargs="+", default=None,
-                        help=f"learning rates (default {FULL_LRS}, {QUICK_LRS} with --quick)")
+    parser.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=None,
+        help=f"learning rates (default {FULL_LRS}, {QUICK_LRS} with --quick)",
+    )
     args = parser.parse_args(argv)
     seeds = common.seeds_from(args)
     epochs = args.epochs or (2 if args.quick else 10)
@@ -80,23 +85,43 @@ def main(argv=None) -> dict:
                 keras.utils.set_random_seed(seed)
                 initial[seed] = build_mlp(variant).get_weights()
             model = build_mlp(variant)
-            model.compile(keras.optimizers.SGD(learning_rate=lrs[0]),
-                          "sparse_categorical_crossentropy")
+            model.compile(
+                keras.optimizers.SGD(learning_rate=lrs[0]), "sparse_categorical_crossentropy"
+            )
             for lr in lrs:
                 for seed in seeds:
                     keras.utils.set_random_seed(seed)
                     model.set_weights(initial[seed])
                     model.optimizer.learning_rate.assign(lr)
-                    history = model.fit(x_train, y_train, batch_size=args.batch_size,
-                                        epochs=epochs, shuffle=True, verbose=0)
+                    history = model.fit(
+                        x_train,
+                        y_train,
+                        batch_size=args.batch_size,
+                        epochs=epochs,
+                        shuffle=True,
+                        verbose=0,
+                    )
                     loss = float(history.history["loss"][-1])
                     acc = common.accuracy(model(x_test, training=False), y_test)
-                    runs.append({"variant": variant, "lr": lr, "seed": seed, "accuracy": acc,
-                                 "final_train_loss": loss, "nan_loss": not np.isfinite(loss)})
-                    print(f"  {variant:<19} lr {lr:<6g} seed {seed}: test accuracy {acc:.3f}, "
-                          f"final loss {loss:.3g}")
-        table = {(v, lr): [r for r in runs if r["variant"] == v and r["lr"] == lr]
-                 for v in VARIANTS for lr in lrs}
+                    runs.append(
+                        {
+                            "variant": variant,
+                            "lr": lr,
+                            "seed": seed,
+                            "accuracy": acc,
+                            "final_train_loss": loss,
+                            "nan_loss": not np.isfinite(loss),
+                        }
+                    )
+                    print(
+                        f"  {variant:<19} lr {lr:<6g} seed {seed}: test accuracy {acc:.3f}, "
+                        f"final loss {loss:.3g}"
+                    )
+        table = {
+            (v, lr): [r for r in runs if r["variant"] == v and r["lr"] == lr]
+            for v in VARIANTS
+            for lr in lrs
+        }
         acc = {k: float(np.mean([r["accuracy"] for r in rs])) for k, rs in table.items()}
         best = max(acc.values())
         rows = []
@@ -132,18 +157,29 @@ def main(argv=None) -> dict:
         fig.savefig(path, dpi=120)
         plt.close(fig)
 
-    columns = ["variant", *[f"lr={lr:g}" for lr in lrs], "best_acc", "best_lr", "max_stable_lr",
-               "nan_loss_runs"]
+    columns = [
+        "variant",
+        *[f"lr={lr:g}" for lr in lrs],
+        "best_acc",
+        "best_lr",
+        "max_stable_lr",
+        "nan_loss_runs",
+    ]
     return common.write_report(
-        args.out, NAME,
+        args.out,
+        NAME,
         title="Learning-rate tolerance: no BN vs post- and pre-activation BN",
         claim="BN allows roughly 10x higher learning rates than the same network without it.",
         setup=f"Digits MLP (4 x Dense 64, He init), plain SGD, batch {args.batch_size}, {epochs} "
-              f"epochs, learning rates {', '.join(f'{lr:g}' for lr in lrs)}, seeds {seeds}; "
-              f"mean test accuracy in inference mode; max_stable_lr = the highest rate whose accuracy "
-              f"is within {100 * STABLE:.0f} points of the variant's own best.",
-        columns=columns, rows=rows, verdict=verdict, plot=plot,
-        command=common.command_line(f"{NAME}.py", argv), seconds=timer.seconds,
+        f"epochs, learning rates {', '.join(f'{lr:g}' for lr in lrs)}, seeds {seeds}; "
+        f"mean test accuracy in inference mode; max_stable_lr = the highest rate whose accuracy "
+        f"is within {100 * STABLE:.0f} points of the variant's own best.",
+        columns=columns,
+        rows=rows,
+        verdict=verdict,
+        plot=plot,
+        command=common.command_line(f"{NAME}.py", argv),
+        seconds=timer.seconds,
         extra={"quick": args.quick, "runs": runs, "learning_rates": list(lrs)},
     )
 
@@ -159,8 +195,11 @@ def verdict_for(rows, best, lrs) -> str:
         head = "Partly reproduced (BN tolerated a higher learning rate, but less than 10x)"
     else:
         head = "Did not reproduce (BN did not tolerate a higher learning rate than no BN)"
-    parts = [f"{v}: works up to lr {by[v]['max_stable_lr']:g}, best {100 * by[v]['best_acc']:.1f}% "
-             f"at lr {by[v]['best_lr']:g}" for v in VARIANTS]
+    parts = [
+        f"{v}: works up to lr {by[v]['max_stable_lr']:g}, best {100 * by[v]['best_acc']:.1f}% "
+        f"at lr {by[v]['best_lr']:g}"
+        for v in VARIANTS
+    ]
     tail = []
     if by["no BN"]["max_stable_lr"] == max(lrs):
         tail.append(f"no BN still worked at the largest rate tried ({max(lrs):g})")
@@ -169,8 +208,13 @@ def verdict_for(rows, best, lrs) -> str:
     gain = 100 * (max(by[v]["best_acc"] for v in VARIANTS[1:]) - by["no BN"]["best_acc"])
     tail.append(f"best BN accuracy minus best no-BN accuracy: {gain:+.1f} points")
     ratio_text = ", ".join(f"{v} {ratios[v]:.3g}x" for v in VARIANTS[1:])
-    return (f"{head}: highest working lr relative to no BN: {ratio_text}; " + "; ".join(parts)
-            + "; " + "; ".join(tail) + ".")
+    return (
+        f"{head}: highest working lr relative to no BN: {ratio_text}; "
+        + "; ".join(parts)
+        + "; "
+        + "; ".join(tail)
+        + "."
+    )
 
 
 if __name__ == "__main__":

@@ -95,11 +95,20 @@ class StatsRecorder(keras.callbacks.Callback):
         for bn, h in zip(self.bns, inputs):
             h = np.asarray(h, np.float64)
             mu, var = h.mean(0), h.var(0)
-            m, v = np.asarray(bn.moving_mean, np.float64), np.asarray(bn.moving_variance, np.float64)
+            m, v = (
+                np.asarray(bn.moving_mean, np.float64),
+                np.asarray(bn.moving_variance, np.float64),
+            )
             mean_errs.append(np.mean(np.abs(m - mu) / np.sqrt(var + EPS)))
             var_errs.append(np.mean(np.abs(np.log((v + EPS) / (var + EPS)))))
-        self.records.append((self.step, float(np.mean(mean_errs)), float(np.mean(var_errs)),
-                             float(self.bns[0].momentum)))
+        self.records.append(
+            (
+                self.step,
+                float(np.mean(mean_errs)),
+                float(np.mean(var_errs)),
+                float(self.bns[0].momentum),
+            )
+        )
 
 
 def build_mlp() -> keras.Model:
@@ -159,14 +168,21 @@ def main(argv=None) -> dict:
                 callbacks = [recorder]
                 if schedule is not None:
                     callbacks.insert(0, Scheduler(schedule, per="step", total=total))
-                model.fit(x_train[: steps_per_epoch * args.batch_size],
-                          y_train[: steps_per_epoch * args.batch_size],
-                          batch_size=args.batch_size, epochs=epochs, shuffle=True,
-                          callbacks=callbacks, verbose=0)
+                model.fit(
+                    x_train[: steps_per_epoch * args.batch_size],
+                    y_train[: steps_per_epoch * args.batch_size],
+                    batch_size=args.batch_size,
+                    epochs=epochs,
+                    shuffle=True,
+                    callbacks=callbacks,
+                    verbose=0,
+                )
                 acc = common.accuracy(model.predict(x_test, batch_size=256, verbose=0), y_test)
                 runs[name].append({"seed": seed, "records": recorder.records, "accuracy": acc})
-                print(f"  {name:<28} seed {seed}: final mean err {recorder.records[-1][1]:.3f}, "
-                      f"var err {recorder.records[-1][2]:.3f}, test accuracy {acc:.3f}")
+                print(
+                    f"  {name:<28} seed {seed}: final mean err {recorder.records[-1][1]:.3f}, "
+                    f"var err {recorder.records[-1][2]:.3f}, test accuracy {acc:.3f}"
+                )
 
         rows, curves = [], {}
         for name, rs in runs.items():
@@ -174,22 +190,28 @@ def main(argv=None) -> dict:
             mean_curve = np.mean([[r[1] for r in run["records"]] for run in rs], 0)
             var_curve = np.mean([[r[2] for r in run["records"]] for run in rs], 0)
             momenta = [r[3] for r in rs[0]["records"]]
-            curves[name] = {"step": steps, "mean_error": mean_curve.tolist(),
-                            "var_error": var_curve.tolist(), "momentum": momenta}
+            curves[name] = {
+                "step": steps,
+                "mean_error": mean_curve.tolist(),
+                "var_error": var_curve.tolist(),
+                "momentum": momenta,
+            }
             tail = max(1, len(steps) // 5)
             early = next(i for i, s in enumerate(steps) if s >= min(30, steps[-1]))
             conv = converged_at(list(zip(steps, mean_curve, var_curve, momenta)))
             acc_mean, acc_std = common.mean_std([run["accuracy"] for run in rs])
-            rows.append({
-                "momentum": name,
-                f"mean_err@{steps[early]}": float(mean_curve[early]),
-                f"var_err@{steps[early]}": float(var_curve[early]),
-                "mean_err_last20%": float(mean_curve[-tail:].mean()),
-                "var_err_last20%": float(var_curve[-tail:].mean()),
-                "converged_at_step": conv if conv is not None else f"> {steps[-1]}",
-                "test_acc": acc_mean,
-                "test_acc_std": acc_std,
-            })
+            rows.append(
+                {
+                    "momentum": name,
+                    f"mean_err@{steps[early]}": float(mean_curve[early]),
+                    f"var_err@{steps[early]}": float(var_curve[early]),
+                    "mean_err_last20%": float(mean_curve[-tail:].mean()),
+                    "var_err_last20%": float(var_curve[-tail:].mean()),
+                    "converged_at_step": conv if conv is not None else f"> {steps[-1]}",
+                    "test_acc": acc_mean,
+                    "test_acc_std": acc_std,
+                }
+            )
         verdict = verdict_for(rows, steps[-1])
 
     def plot(path):
@@ -200,8 +222,9 @@ def main(argv=None) -> dict:
             axes[0].plot(c["step"], c["mean_error"], label=name)
             axes[1].plot(c["step"], c["var_error"], label=name)
             axes[2].plot(c["step"], c["momentum"], label=name)
-        for ax, title in zip(axes[:2], ("moving mean: mean |m - mu| / sigma",
-                                        "moving variance: mean |log(v / var)|")):
+        for ax, title in zip(
+            axes[:2], ("moving mean: mean |m - mu| / sigma", "moving variance: mean |log(v / var)|")
+        ):
             ax.set_yscale("log")
             ax.axhline(THRESHOLD, color="gray", ls=":", lw=1)
             ax.set_title(title, fontsize=10)
@@ -215,19 +238,28 @@ def main(argv=None) -> dict:
 
     columns = list(rows[0].keys())
     return common.write_report(
-        args.out, NAME,
+        args.out,
+        NAME,
         title="Static vs scheduled BN momentum: convergence of the running statistics",
         claim="A high static momentum (0.99) converges slowly to the data's statistics, a low "
-              "one (0.9) is noisy; a schedule from low to high gets both.",
+        "one (0.9) is noisy; a schedule from low to high gets both.",
         setup=f"Digits MLP (Dense-BN-ReLU 128, 64, Dense), Adam 3e-3, batch {args.batch_size}, "
-              f"{epochs} epochs = {total} steps, seeds {seeds}; schedules applied per step by "
-              f"{driver}. Errors vs the true statistics of each BN input over the training set "
-              f"(current weights), averaged over layers and seeds; converged = both errors "
-              f"< {THRESHOLD} from that step on.",
-        columns=columns, rows=rows, verdict=verdict, plot=plot,
-        command=common.command_line(f"{NAME}.py", argv), seconds=timer.seconds,
-        extra={"quick": args.quick, "scheduler": driver, "curves": curves,
-               "accuracy_per_seed": {n: [r["accuracy"] for r in rs] for n, rs in runs.items()}},
+        f"{epochs} epochs = {total} steps, seeds {seeds}; schedules applied per step by "
+        f"{driver}. Errors vs the true statistics of each BN input over the training set "
+        f"(current weights), averaged over layers and seeds; converged = both errors "
+        f"< {THRESHOLD} from that step on.",
+        columns=columns,
+        rows=rows,
+        verdict=verdict,
+        plot=plot,
+        command=common.command_line(f"{NAME}.py", argv),
+        seconds=timer.seconds,
+        extra={
+            "quick": args.quick,
+            "scheduler": driver,
+            "curves": curves,
+            "accuracy_per_seed": {n: [r["accuracy"] for r in rs] for n, rs in runs.items()},
+        },
     )
 
 
@@ -245,20 +277,30 @@ def verdict_for(rows, last_step) -> str:
     best = min(scheduled, key=lambda n: (conv(n), late(n)))
     faster = conv(best) < conv("static 0.99")  # the claim's first half
     quieter = late(best) < 0.8 * late("static 0.9")  # the second half, with a 20% margin
-    head = ("Reproduced" if faster and quieter else
-            "Partly reproduced" if faster or quieter else "Did not reproduce")
+    head = (
+        "Reproduced"
+        if faster and quieter
+        else "Partly reproduced"
+        if faster or quieter
+        else "Did not reproduce"
+    )
     findings = [
-        f"'{best}' converged faster than static 0.99" if faster
+        f"'{best}' converged faster than static 0.99"
+        if faster
         else f"'{best}' did not converge faster than static 0.99",
-        "it ended clearly less noisy than static 0.9" if quieter
+        "it ended clearly less noisy than static 0.9"
+        if quieter
         else "static 0.9 was not clearly noisier late in training (< 20% difference)",
     ]
     per = "; ".join(
         f"{n}: converged at step {by[n]['converged_at_step']}, late error {late(n):.3f}, "
-        f"test accuracy {100 * by[n]['test_acc']:.1f}%" for n in by
+        f"test accuracy {100 * by[n]['test_acc']:.1f}%"
+        for n in by
     )
-    return (f"{head}: {', '.join(findings)}. Converged = both errors < {THRESHOLD} from that "
-            f"step on; late error = mean + variance error over the last 20% of steps. {per}.")
+    return (
+        f"{head}: {', '.join(findings)}. Converged = both errors < {THRESHOLD} from that "
+        f"step on; late error = mean + variance error over the last 20% of steps. {per}."
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,16 @@ import tfbn  # noqa: E402
 NAME = "small_batches"
 
 
-def train_one(strategy, data, synchronized: bool, per_replica: int, seed: int, epochs: int,
-              steps: int | None, lr: float) -> dict:
+def train_one(
+    strategy,
+    data,
+    synchronized: bool,
+    per_replica: int,
+    seed: int,
+    epochs: int,
+    steps: int | None,
+    lr: float,
+) -> dict:
     x_train, x_test, y_train, y_test = data
     global_batch = per_replica * strategy.num_replicas_in_sync
     keras.utils.set_random_seed(seed)
@@ -69,7 +77,9 @@ def train_one(strategy, data, synchronized: bool, per_replica: int, seed: int, e
 def verdict_for(rows: list[dict]) -> str:
     parts, signs = [], []
     for per_replica in sorted({r["per_replica_batch"] for r in rows}):
-        local = next(r for r in rows if r["per_replica_batch"] == per_replica and r["bn"] == "local")
+        local = next(
+            r for r in rows if r["per_replica_batch"] == per_replica and r["bn"] == "local"
+        )
         sync = next(r for r in rows if r["per_replica_batch"] == per_replica and r["bn"] == "sync")
         gain = 100 * (sync["acc_mean"] - local["acc_mean"])
         noise = 100 * max(local["acc_std"], sync["acc_std"], 0.005)
@@ -102,8 +112,13 @@ def main(argv=None) -> dict:
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     parser = common.base_parser(__doc__.splitlines()[0], full_seeds=3)
     parser.add_argument("--replicas", type=int, default=4, choices=(4, 8))
-    parser.add_argument("--per-replica", type=int, nargs="+", default=None,
-                        help="examples per replica (default: 2 4; 2 with --quick)")
+    parser.add_argument(
+        "--per-replica",
+        type=int,
+        nargs="+",
+        default=None,
+        help="examples per replica (default: 2 4; 2 with --quick)",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="default 2 (1 with --quick)")
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
@@ -122,27 +137,36 @@ def main(argv=None) -> dict:
         for per_replica in sizes:
             for bn in ("local", "sync"):
                 for seed in seeds:
-                    r = train_one(strategy, data, bn == "sync", per_replica, seed, epochs, steps,
-                                  args.lr)
+                    r = train_one(
+                        strategy, data, bn == "sync", per_replica, seed, epochs, steps, args.lr
+                    )
                     runs.append({"per_replica_batch": per_replica, "bn": bn, "seed": seed, **r})
-                    print(f"  {per_replica}/replica {bn:>5} seed {seed}: "
-                          f"accuracy {r['accuracy']:.4f} ({r['steps']} steps)")
+                    print(
+                        f"  {per_replica}/replica {bn:>5} seed {seed}: "
+                        f"accuracy {r['accuracy']:.4f} ({r['steps']} steps)"
+                    )
         rows = []
         for per_replica in sizes:
             for bn in ("local", "sync"):
-                accs = [r["accuracy"] for r in runs if r["per_replica_batch"] == per_replica and r["bn"] == bn]
+                accs = [
+                    r["accuracy"]
+                    for r in runs
+                    if r["per_replica_batch"] == per_replica and r["bn"] == bn
+                ]
                 mean, std = common.mean_std(accs)
-                rows.append({
-                    "per_replica_batch": per_replica,
-                    "global_batch": per_replica * replicas,
-                    "bn": bn,
-                    "bn_batch": per_replica if bn == "local" else per_replica * replicas,
-                    "seeds": len(accs),
-                    "acc_mean": mean,
-                    "acc_std": std,
-                    "acc_min": min(accs),
-                    "acc_max": max(accs),
-                })
+                rows.append(
+                    {
+                        "per_replica_batch": per_replica,
+                        "global_batch": per_replica * replicas,
+                        "bn": bn,
+                        "bn_batch": per_replica if bn == "local" else per_replica * replicas,
+                        "seeds": len(accs),
+                        "acc_mean": mean,
+                        "acc_std": std,
+                        "acc_min": min(accs),
+                        "acc_max": max(accs),
+                    }
+                )
         verdict = verdict_for(rows)
 
     def plot(path):
@@ -152,15 +176,32 @@ def main(argv=None) -> dict:
         width = 0.35
         xs = np.arange(len(sizes))
         for i, bn in enumerate(("local", "sync")):
-            sel = [next(r for r in rows if r["per_replica_batch"] == s and r["bn"] == bn) for s in sizes]
-            bars = ax.bar(xs + (i - 0.5) * width, [100 * r["acc_mean"] for r in sel], width,
-                          yerr=[100 * r["acc_std"] for r in sel], capsize=4,
-                          label=f"{bn} BN" + (" (synchronized=True)" if bn == "sync" else ""))
+            sel = [
+                next(r for r in rows if r["per_replica_batch"] == s and r["bn"] == bn)
+                for s in sizes
+            ]
+            bars = ax.bar(
+                xs + (i - 0.5) * width,
+                [100 * r["acc_mean"] for r in sel],
+                width,
+                yerr=[100 * r["acc_std"] for r in sel],
+                capsize=4,
+                label=f"{bn} BN" + (" (synchronized=True)" if bn == "sync" else ""),
+            )
             ax.bar_label(bars, fmt="%.1f%%", padding=2, fontsize=8)
             for s_i, s in enumerate(sizes):
-                pts = [100 * r["accuracy"] for r in runs if r["per_replica_batch"] == s and r["bn"] == bn]
-                ax.plot([xs[s_i] + (i - 0.5) * width] * len(pts), pts, "k.", ms=4,
-                        label="one seed" if i == 0 and s_i == 0 else None)
+                pts = [
+                    100 * r["accuracy"]
+                    for r in runs
+                    if r["per_replica_batch"] == s and r["bn"] == bn
+                ]
+                ax.plot(
+                    [xs[s_i] + (i - 0.5) * width] * len(pts),
+                    pts,
+                    "k.",
+                    ms=4,
+                    label="one seed" if i == 0 and s_i == 0 else None,
+                )
         ax.set_xticks(xs, [f"{s} per replica\n(global batch {s * replicas})" for s in sizes])
         ax.set_xlabel("examples per replica (BN statistics: local = per replica, sync = global)")
         ax.set_ylabel("test accuracy (%), mean over seeds ± std")
@@ -175,19 +216,32 @@ def main(argv=None) -> dict:
         plt.close(fig)
 
     return common.write_report(
-        args.out, NAME,
+        args.out,
+        NAME,
         title="Small per-replica batches: local vs synchronised BN",
         claim="With a few examples per device BN's statistics are noisy and accuracy drops; "
-              "synchronised BN (statistics over the global batch) restores it.",
+        "synchronised BN (statistics over the global batch) restores it.",
         setup=f"{replicas} replicas (MirroredStrategy over logical CPUs, num_replicas_in_sync="
-              f"{replicas}), {', '.join(map(str, sizes))} examples per replica, digits CNN "
-              f"(Conv-BN-ReLU x2, GAP, Dense), Adam lr={args.lr}, {epochs} epoch(s)"
-              f"{f' of {steps} steps' if steps else ''}, BN momentum 0.9, seeds {seeds}; "
-              "test accuracy in inference mode on 540 held-out digits.",
-        columns=["per_replica_batch", "global_batch", "bn", "bn_batch", "seeds", "acc_mean",
-                 "acc_std", "acc_min", "acc_max"],
-        rows=rows, verdict=verdict, plot=plot,
-        command=common.command_line(f"{NAME}.py", argv), seconds=timer.seconds,
+        f"{replicas}), {', '.join(map(str, sizes))} examples per replica, digits CNN "
+        f"(Conv-BN-ReLU x2, GAP, Dense), Adam lr={args.lr}, {epochs} epoch(s)"
+        f"{f' of {steps} steps' if steps else ''}, BN momentum 0.9, seeds {seeds}; "
+        "test accuracy in inference mode on 540 held-out digits.",
+        columns=[
+            "per_replica_batch",
+            "global_batch",
+            "bn",
+            "bn_batch",
+            "seeds",
+            "acc_mean",
+            "acc_std",
+            "acc_min",
+            "acc_max",
+        ],
+        rows=rows,
+        verdict=verdict,
+        plot=plot,
+        command=common.command_line(f"{NAME}.py", argv),
+        seconds=timer.seconds,
         extra={"num_replicas_in_sync": replicas, "runs": runs, "quick": args.quick},
     )
 

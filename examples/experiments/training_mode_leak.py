@@ -68,8 +68,18 @@ def main(argv=None) -> dict:
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     parser = common.base_parser(__doc__.splitlines()[0], full_seeds=1)
     parser.add_argument("--epochs", type=int, default=None, help="default 8 (3 with --quick)")
-    parser.add_argument("--probes", type=int, default=None, help="examples whose spread is measured (default 40, 10 with --quick)")
-    parser.add_argument("--compositions", type=int, default=None, help="random batches per probe (default 16, 4 with --quick)")
+    parser.add_argument(
+        "--probes",
+        type=int,
+        default=None,
+        help="examples whose spread is measured (default 40, 10 with --quick)",
+    )
+    parser.add_argument(
+        "--compositions",
+        type=int,
+        default=None,
+        help="random batches per probe (default 16, 4 with --quick)",
+    )
     args = parser.parse_args(argv)
     seeds = common.seeds_from(args)
     epochs = args.epochs or (3 if args.quick else 8)
@@ -97,30 +107,43 @@ def main(argv=None) -> dict:
         first = per_seed[0]
         for mode, color in (("training=True", "tab:red"), ("training=False", "tab:green")):
             spreads = [first["spreads"][mode][s] for s in SPREAD_SIZES]
-            ax2.boxplot(spreads, positions=np.arange(len(SPREAD_SIZES)) + (0.2 if color == "tab:green" else -0.2),
-                        widths=0.3, patch_artist=True, boxprops={"facecolor": color, "alpha": 0.5})
+            ax2.boxplot(
+                spreads,
+                positions=np.arange(len(SPREAD_SIZES)) + (0.2 if color == "tab:green" else -0.2),
+                widths=0.3,
+                patch_artist=True,
+                boxprops={"facecolor": color, "alpha": 0.5},
+            )
         ax2.set_xticks(range(len(SPREAD_SIZES)), [f"batch of {s}" for s in SPREAD_SIZES])
         ax2.set_ylabel("max - min of true-class probability")
-        ax2.set_title("One example across batch compositions\n(red: training=True, green: training=False)",
-                      fontsize=9)
+        ax2.set_title(
+            "One example across batch compositions\n(red: training=True, green: training=False)",
+            fontsize=9,
+        )
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
 
     return common.write_report(
-        args.out, NAME,
+        args.out,
+        NAME,
         title="The training-mode leak: BN in training mode at inference",
         claim="Single-example accuracy with BN left in training mode is far below batch "
-              "accuracy, and outputs depend on the batch composition, until inference mode "
-              "is enforced (training=False / a frozen export).",
+        "accuracy, and outputs depend on the batch composition, until inference mode "
+        "is enforced (training=False / a frozen export).",
         setup=f"Digits CNN (Conv-BN-ReLU x2, GAP, Dense), Adam 3e-3, batch 64, {epochs} epochs, "
-              f"BN momentum 0.9, seeds {seeds}; 540 held-out digits. Spread: {n_probes} examples "
-              f"x {compositions} random batch compositions per batch size.",
+        f"BN momentum 0.9, seeds {seeds}; 540 held-out digits. Spread: {n_probes} examples "
+        f"x {compositions} random batch compositions per batch size.",
         columns=["mode", "batch_size", "accuracy", "spread_mean", "spread_max", "label_flip_rate"],
-        rows=rows, verdict=verdict, plot=plot,
-        command=common.command_line(f"{NAME}.py", argv), seconds=timer.seconds,
-        extra={"quick": args.quick, "per_seed": [
-            {k: v for k, v in s.items() if k != "spreads"} for s in per_seed]},
+        rows=rows,
+        verdict=verdict,
+        plot=plot,
+        command=common.command_line(f"{NAME}.py", argv),
+        seconds=timer.seconds,
+        extra={
+            "quick": args.quick,
+            "per_seed": [{k: v for k, v in s.items() if k != "spreads"} for s in per_seed],
+        },
     )
 
 
@@ -144,13 +167,21 @@ def run_seed(seed, epochs, n_probes, compositions) -> dict:
     acc[("training=False", n)] = common.accuracy(predict_in_chunks(infer, x_test, n, order), y_test)
     acc[("training=False", 1)] = common.accuracy(predict_in_chunks(infer, x_test, 1, order), y_test)
     acc[("frozen (freeze_batch_norm), training=True", 1)] = common.accuracy(
-        predict_in_chunks(frozen_fn, x_test, 1, order), y_test)
+        predict_in_chunks(frozen_fn, x_test, 1, order), y_test
+    )
     for size in (*BATCH_SIZES, n):
         acc[("training=True", size)] = common.accuracy(
-            predict_in_chunks(leak, x_test, size, order), y_test)
+            predict_in_chunks(leak, x_test, size, order), y_test
+        )
         model.set_weights(weights)  # undo the moving-statistics updates of the leak
-    full_vs_single = float(np.max(np.abs(
-        predict_in_chunks(infer, x_test, n, order) - predict_in_chunks(infer, x_test, 1, order))))
+    full_vs_single = float(
+        np.max(
+            np.abs(
+                predict_in_chunks(infer, x_test, n, order)
+                - predict_in_chunks(infer, x_test, 1, order)
+            )
+        )
+    )
 
     probes = rng.choice(n, n_probes, replace=False)
     spreads, flips = {}, {}
@@ -164,8 +195,14 @@ def run_seed(seed, epochs, n_probes, compositions) -> dict:
             labels = probs.argmax(-1)
             flips[mode][size] = float(np.mean(labels.min(1) != labels.max(1)))
     print(f"  seed {seed}: " + ", ".join(f"{m} b={b}: {a:.3f}" for (m, b), a in acc.items()))
-    return {"seed": seed, "accuracy": acc, "spreads": spreads, "flips": flips,
-            "inference_batch_vs_single_max_abs_diff": full_vs_single, "test_size": n}
+    return {
+        "seed": seed,
+        "accuracy": acc,
+        "spreads": spreads,
+        "flips": flips,
+        "inference_batch_vs_single_max_abs_diff": full_vs_single,
+        "test_size": n,
+    }
 
 
 def aggregate(per_seed) -> list[dict]:
@@ -173,38 +210,66 @@ def aggregate(per_seed) -> list[dict]:
     n = per_seed[0]["test_size"]
     for key in per_seed[0]["accuracy"]:
         mode, size = key
-        row = {"mode": mode, "batch_size": f"{size} (all)" if size == n else size,
-               "accuracy": float(np.mean([s["accuracy"][key] for s in per_seed])),
-               "spread_mean": "", "spread_max": "", "label_flip_rate": ""}
+        row = {
+            "mode": mode,
+            "batch_size": f"{size} (all)" if size == n else size,
+            "accuracy": float(np.mean([s["accuracy"][key] for s in per_seed])),
+            "spread_mean": "",
+            "spread_max": "",
+            "label_flip_rate": "",
+        }
         if size in SPREAD_SIZES and mode in per_seed[0]["spreads"]:
             values = np.concatenate([s["spreads"][mode][size] for s in per_seed])
-            row.update(spread_mean=float(values.mean()), spread_max=float(values.max()),
-                       label_flip_rate=float(np.mean([s["flips"][mode][size] for s in per_seed])))
+            row.update(
+                spread_mean=float(values.mean()),
+                spread_max=float(values.max()),
+                label_flip_rate=float(np.mean([s["flips"][mode][size] for s in per_seed])),
+            )
         rows.append(row)
     for size in SPREAD_SIZES:  # inference-mode spread rows (accuracy shown above)
         values = np.concatenate([s["spreads"]["training=False"][size] for s in per_seed])
-        rows.append({"mode": "training=False", "batch_size": size, "accuracy": "",
-                     "spread_mean": float(values.mean()), "spread_max": float(values.max()),
-                     "label_flip_rate": float(np.mean([s["flips"]["training=False"][size]
-                                                      for s in per_seed]))})
+        rows.append(
+            {
+                "mode": "training=False",
+                "batch_size": size,
+                "accuracy": "",
+                "spread_mean": float(values.mean()),
+                "spread_max": float(values.max()),
+                "label_flip_rate": float(
+                    np.mean([s["flips"]["training=False"][size] for s in per_seed])
+                ),
+            }
+        )
     return rows
 
 
 def verdict_for(rows) -> str:
     def get(mode, size, field="accuracy"):
-        return next(r[field] for r in rows if r["mode"] == mode and r["batch_size"] == size
-                    and r[field] != "")
+        return next(
+            r[field]
+            for r in rows
+            if r["mode"] == mode and r["batch_size"] == size and r[field] != ""
+        )
 
     single_inf = get("training=False", 1)
     single_leak = get("training=True", 1)
     frozen = get("frozen (freeze_batch_norm), training=True", 1)
-    big_leak = next(r["accuracy"] for r in rows if r["mode"] == "training=True"
-                    and str(r["batch_size"]).endswith("(all)"))
+    big_leak = next(
+        r["accuracy"]
+        for r in rows
+        if r["mode"] == "training=True" and str(r["batch_size"]).endswith("(all)")
+    )
     drop = 100 * (single_inf - single_leak)
-    spread_leak, spread_inf = get("training=True", 8, "spread_max"), get("training=False", 8, "spread_max")
+    spread_leak, spread_inf = (
+        get("training=True", 8, "spread_max"),
+        get("training=False", 8, "spread_max"),
+    )
     flips = get("training=True", 8, "label_flip_rate")
-    head = ("Reproduced" if drop > 10 and spread_leak > 10 * max(spread_inf, 1e-6)
-            else "Did not reproduce")
+    head = (
+        "Reproduced"
+        if drop > 10 and spread_leak > 10 * max(spread_inf, 1e-6)
+        else "Did not reproduce"
+    )
     return (
         f"{head}: single-example accuracy in training mode {100 * single_leak:.1f}% vs "
         f"{100 * single_inf:.1f}% in inference mode ({drop:+.1f} points lost) and "

@@ -412,9 +412,12 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
     def _batch_norm(self, x, mask):
         """Normalise with batch statistics; returns (y, mean, variance, count)."""
         distributed = self.synchronized and distribute.replica_context() is not None
-        fused = (self._fused_format is not None and mask is None
-                 and x.dtype in stats.FUSED_DTYPES
-                 and (distributed or _fused_pays_off(self.fused, x)))
+        fused = (
+            self._fused_format is not None
+            and mask is None
+            and x.dtype in stats.FUSED_DTYPES
+            and (distributed or _fused_pays_off(self.fused, x))
+        )
         if self.renorm:
             return self._renorm_batch_norm(x, mask, fused and not distributed, distributed)
         if fused:
@@ -513,7 +516,9 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
         # writes the same result into its own copy.
         synced = self.synchronized and self.virtual_batch_size is None
         new_values, applied, events = distribute.mean_over_replicas_where(
-            [new for _, new in targets], apply, events,
+            [new for _, new in targets],
+            apply,
+            events,
             equal_within=self.sync_group_size if synced else 1,
         )
         apply = applied > 0
@@ -740,4 +745,3 @@ def _fused_pays_off(fused, x) -> bool:
     """fused=True always; "auto" unless the (static) input is known to be small."""
     size = x.shape.num_elements()
     return fused is True or size is None or size >= FUSED_AUTO_MIN_ELEMENTS
-
