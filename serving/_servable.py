@@ -44,6 +44,27 @@ def _read_meta_graph(path: str, tags=("serve",)):
     )
 
 
+def check_input_shapes(key: str, shapes: dict, inputs: dict[str, np.ndarray]) -> None:
+    """Rank and known dimensions but the first of each input against `shapes`
+    (`{alias: [dim or None, ...]}`; aliases without a known shape are not checked)."""
+    for alias in sorted(inputs):
+        want = shapes.get(alias)
+        if want is None:
+            continue
+        got = inputs[alias].shape
+        bad = len(got) != len(want) or any(
+            w is not None and w != g for w, g in list(zip(want, got, strict=True))[1:]
+        )
+        if bad:
+            shown = ",".join("-1" if d is None else str(d) for d in want)
+            raise error(
+                "INVALID_ARGUMENT",
+                f"input tensor shape mismatch: {alias} has shape "
+                f"[{','.join(map(str, got))}] but signature {key!r} expects [{shown}] "
+                f"(rank {len(want)}; dimension 0 may be any size, -1 is any size)",
+            )
+
+
 class _SessionRunner:
     """TF1 SavedModels run the way TF Serving runs them: a Session over the MetaGraph, fed
     and fetched by the tensor names in the SignatureDef, with no static-shape check on
@@ -270,25 +291,7 @@ class Servable:
         if self._session is not None:
             self._session.check_shapes(key, self.signature_defs[key], inputs)
             return
-        shapes = self._input_shapes.get(key)
-        if not shapes:
-            return
-        for alias in sorted(inputs):
-            want = shapes.get(alias)
-            if want is None:
-                continue
-            got = inputs[alias].shape
-            bad = len(got) != len(want) or any(
-                w is not None and w != g for w, g in list(zip(want, got, strict=True))[1:]
-            )
-            if bad:
-                shown = ",".join("-1" if d is None else str(d) for d in want)
-                raise error(
-                    "INVALID_ARGUMENT",
-                    f"input tensor shape mismatch: {alias} has shape "
-                    f"[{','.join(map(str, got))}] but signature {key!r} expects [{shown}] "
-                    f"(rank {len(want)}; dimension 0 may be any size, -1 is any size)",
-                )
+        check_input_shapes(key, self._input_shapes.get(key) or {}, inputs)
 
     def call(
         self, key: str, inputs: dict[str, np.ndarray], outputs: list[str]

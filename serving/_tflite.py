@@ -126,6 +126,12 @@ class TfLiteRunner:
             sigs = {"serving_default": sig}
         self.signature_defs = sigs
 
+    def check_shapes(self, key: str, sig, inputs: dict[str, np.ndarray]) -> None:
+        """Nothing to check before the call: as TF Serving's TfLiteSession does, `run`
+        resizes the interpreter's inputs to each request's shapes, and the interpreter
+        reports a shape it cannot take as an error (answered INTERNAL, as TF Serving
+        answers a failed invoke), never by aborting the process."""
+
     def run(self, sig, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         it = self.interpreter
         feeds = {}
