@@ -64,9 +64,9 @@ def test_message_to_dict_keeps_proto_field_names_when_asked():
 
 
 def test_rest_status_and_metadata_json_go_through_compat():
-    from tfbn.serving import server
+    from tfbn.serving import _json_tensor
 
-    status = json.loads(server.status_json(_status_response()))
+    status = json.loads(_json_tensor.status_json(_status_response()))
     assert status["model_version_status"][0]["status"] == {"error_code": "OK", "error_message": ""}
 
 

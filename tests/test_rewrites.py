@@ -301,7 +301,8 @@ def test_nested_shared_multi_io_and_custom_layers_survive(name):
     assert isinstance(block, ConvBlock) and block is not model.get_layer("block")
     # The BNs the custom block holds (attribute and list) were swapped too.
     inner = [block.bn, *block.extra]
-    assert not any(isinstance(bn, keras.layers.BatchNormalization) for bn in inner)
+    assert all(isinstance(bn, (tfbn.BatchNormalization, tfbn.FrozenBatchNormalization))
+               for bn in inner)  # fmt: skip
     assert len({id(w) for w in block.weights}) == len(block.weights) == 1 + 3 * 4  # no stale BN
     assert set(new.output) == {"a", "b"} and set(new.input) == {"image", "extra"}
     x = complex_inputs(4)
@@ -635,3 +636,15 @@ def test_folded_and_frozen_layers_are_the_expected_types():
     folded = tfbn.fold_batch_norm(model)
     assert isinstance(folded.get_layer("bn1"), FoldedBatchNormalization)
     assert isinstance(folded.get_layer("bn2"), FoldedBatchNormalization)
+
+
+def test_convert_batch_norm_leaves_tfbn_layers_as_they_are():
+    """tfbn's layer is a keras.layers.BatchNormalization too (isinstance): conversion must
+    still touch only Keras's own layers, or tfbn-only settings would be lost."""
+    inp = keras.Input((4,))
+    x = keras.layers.BatchNormalization(name="keras_bn")(keras.layers.Dense(3)(inp))
+    x = tfbn.BatchNormalization(momentum=None, momentum_convention="pytorch", name="ours")(x)
+    new = tfbn.convert_batch_norm(keras.Model(inp, x))
+    assert type(new.get_layer("keras_bn")) is tfbn.BatchNormalization
+    ours = new.get_layer("ours")
+    assert ours.momentum is None and ours.momentum_convention == "pytorch"

@@ -52,6 +52,14 @@ KERAS_BN_ARGS = (
 FOLD_TARGETS = graph.FOLDABLE_TYPES
 
 
+def is_keras_batch_norm(layer: keras.layers.Layer) -> bool:
+    """True for Keras's own BatchNormalization only (tfbn's layer subclasses it, so
+    `isinstance(layer, keras.layers.BatchNormalization)` is True for both)."""
+    return isinstance(layer, keras.layers.BatchNormalization) and not isinstance(
+        layer, BatchNormalization
+    )
+
+
 def is_batch_norm(layer: keras.layers.Layer) -> bool:
     """True for `keras.layers.BatchNormalization` and tfbn's BatchNormalization."""
     return isinstance(layer, BN_TYPES)
@@ -479,14 +487,13 @@ def convert_batch_norm(model: keras.Model, inplace: bool = False) -> keras.Model
     _check_model(model)
 
     def replace(layer):
-        if not isinstance(layer, keras.layers.BatchNormalization):
+        if not is_keras_batch_norm(layer):
             return None
         config = batch_norm_config(layer)
         config["synchronized"] = bool(layer.get_config().get("synchronized", False))
         return BatchNormalization.from_config(config)
 
-    return rewrite_layers(model, replace, inplace=inplace,
-                          match=lambda layer: isinstance(layer, keras.layers.BatchNormalization))[0]  # fmt: skip
+    return rewrite_layers(model, replace, inplace=inplace, match=is_keras_batch_norm)[0]
 
 
 def convert_sync_batch_norm(
