@@ -68,3 +68,14 @@ def test_model_bench_single_device_reports_bn_cost():
     assert {"step_keras_over_tfbn", "bn_cost_keras_over_tfbn", "bn_share_tfbn"} <= set(row)
     table = bench.format_model_tables(result)
     assert "| resnet |" in table and "BN cost Keras/tfbn" in table
+
+
+def test_bench_shows_progress_on_stderr_when_asked(capsys, monkeypatch):
+    """Issue 13.11: `tfbn bench` shows the shapes done on stderr (terminal only, --quiet off)."""
+    from tfbn import bench, progress
+
+    monkeypatch.setattr(progress, "DELAY", 0.0)
+    bench.run_benchmark(shapes=[(8, 4)], repeats=1, progress=True)
+    assert "tfbn bench" in capsys.readouterr().err
+    bench.run_benchmark(shapes=[(8, 4)], repeats=1, progress=False)
+    assert "tfbn bench" not in capsys.readouterr().err

@@ -134,12 +134,28 @@ def _builders(x: tf.Tensor) -> dict[str, Callable]:
     }
 
 
+def _progress(items, desc: str, enabled: bool | None):
+    """`items` with a progress bar on stderr (`tfbn.progress`: after 2 s, terminal only)."""
+    from tfbn.progress import progress_bar
+
+    items = list(items)
+    with progress_bar(len(items), desc, enabled) as bar:
+        for item in items:
+            bar.set_postfix_str(str(item), refresh=False)
+            yield item
+            bar.update(1)
+
+
 def run_benchmark(
-    shapes=DEFAULT_SHAPES, repeats: int = 20, implementations=IMPLEMENTATIONS
+    shapes=DEFAULT_SHAPES,
+    repeats: int = 20,
+    implementations=IMPLEMENTATIONS,
+    progress: bool | None = False,
 ) -> list[dict]:
-    """Times every implementation on every shape; returns one row per (shape, impl)."""
+    """Times every implementation on every shape; returns one row per (shape, impl).
+    `progress`: shapes done on stderr (True, False, or None: when stderr is a terminal)."""
     rows = []
-    for shape in shapes:
+    for shape in _progress(shapes, "tfbn bench", progress):
         x = tf.random.stateless_normal(shape, seed=(0, 0))
         steps = {name: _builders(x)[name]() for name in implementations}
         train = _interleaved_medians({n: s[0] for n, s in steps.items()}, repeats)
@@ -174,8 +190,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(shapes=DEFAULT_SHAPES, repeats: int = 20, json_path: str | None = None) -> list[dict]:
-    rows = run_benchmark(shapes, repeats)
+def main(
+    shapes=DEFAULT_SHAPES,
+    repeats: int = 20,
+    json_path: str | None = None,
+    progress: bool | None = False,
+) -> list[dict]:
+    rows = run_benchmark(shapes, repeats, progress=progress)
     print(format_table(rows))
     if json_path:
         with open(json_path, "w") as f:
@@ -318,7 +339,11 @@ def count_collectives(fn: Callable, *args, replicas: int | None = None) -> float
 
 
 def run_sync_benchmark(
-    shapes=SYNC_SHAPES, repeats: int = 20, replicas: int = 4, implementations=SYNC_IMPLEMENTATIONS
+    shapes=SYNC_SHAPES,
+    repeats: int = 20,
+    replicas: int = 4,
+    implementations=SYNC_IMPLEMENTATIONS,
+    progress: bool | None = False,
 ) -> list[dict]:
     """Training-step time of each implementation under MirroredStrategy over `replicas`
     logical CPUs, per per-replica shape; ratios against tfbn_sync from the same run."""
@@ -326,7 +351,7 @@ def run_sync_benchmark(
     if strategy.num_replicas_in_sync != replicas:
         raise RuntimeError(f"expected {replicas} replicas, got {strategy.num_replicas_in_sync}")
     rows = []
-    for shape in shapes:
+    for shape in _progress(shapes, "tfbn bench --sync", progress):
         steps = {
             name: _sync_train_step(strategy, _sync_layer(name), shape) for name in implementations
         }
@@ -391,9 +416,13 @@ def format_sync_table(rows: list[dict]) -> str:
 
 
 def main_sync(
-    shapes=SYNC_SHAPES, repeats: int = 20, replicas: int = 4, json_path: str | None = None
+    shapes=SYNC_SHAPES,
+    repeats: int = 20,
+    replicas: int = 4,
+    json_path: str | None = None,
+    progress: bool | None = False,
 ) -> list[dict]:
-    rows = run_sync_benchmark(shapes, repeats, replicas)
+    rows = run_sync_benchmark(shapes, repeats, replicas, progress=progress)
     print(format_sync_table(rows))
     if json_path:
         with open(json_path, "w") as f:
@@ -580,12 +609,13 @@ def run_model_benchmark(
     jit=(False, True),
     single: bool = True,
     mirrored: bool = True,
+    progress: bool | None = False,
 ) -> dict:
     """Whole-model training steps: the single-device table (issue: BN cost) and the
     MirroredStrategy table over `replicas` logical CPUs (global batch `batch`)."""
     strategy = _mirrored_strategy(replicas) if mirrored else None
     out = {"batch": batch, "replicas": replicas, "single": [], "mirrored": []}
-    for name in models:
+    for name in _progress(models, "tfbn bench --model", progress):
         _model_spec(name)
         if single:
             t = _time_variants(
@@ -684,8 +714,11 @@ def main_model(
     replicas: int = 4,
     json_path: str | None = None,
     mirrored: bool = True,
+    progress: bool | None = False,
 ) -> dict:
-    result = run_model_benchmark(models, batch, repeats, replicas, mirrored=mirrored)
+    result = run_model_benchmark(
+        models, batch, repeats, replicas, mirrored=mirrored, progress=progress
+    )
     print(format_model_tables(result))
     if json_path:
         with open(json_path, "w") as f:

@@ -128,6 +128,14 @@ JSON = opt(
 )
 
 
+def _quiet(what: str) -> Option:
+    return opt(
+        "--quiet",
+        action="store_true",
+        help=f"no progress on stderr ({what}; shown after 2 s, only on a terminal)",
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Command:
     name: str
@@ -240,6 +248,8 @@ def _validate_bench(args) -> None:
 def _run_bench(args) -> int:
     from tfbn import bench
 
+    progress = False if args.quiet else None
+
     def run(json_path):
         if args.models:
             if not args.single_only:
@@ -251,6 +261,7 @@ def _run_bench(args) -> int:
                 args.replicas,
                 json_path,
                 not args.single_only,
+                progress=progress,
             )
         if args.sync:
             return bench.main_sync(
@@ -258,9 +269,13 @@ def _run_bench(args) -> int:
                 args.repeats,
                 args.replicas,
                 json_path,
+                progress=progress,
             )
         return bench.main(
-            tuple(args.shapes) if args.shapes else bench.DEFAULT_SHAPES, args.repeats, json_path
+            tuple(args.shapes) if args.shapes else bench.DEFAULT_SHAPES,
+            args.repeats,
+            json_path,
+            progress=progress,
         )
 
     if args.json_path != "-":
@@ -324,6 +339,7 @@ BENCH = Command(
         opt(
             "--single-only", action="store_true", help="with --model: only the single-device table"
         ),
+        _quiet("shapes or models done"),
     ),
     run=_run_bench,
     validate=_validate_bench,
@@ -546,14 +562,6 @@ def _run_check(args) -> int:
     if report is not None:
         print(report.table())
     return code
-
-
-def _quiet(what: str) -> Option:
-    return opt(
-        "--quiet",
-        action="store_true",
-        help=f"no progress on stderr ({what}; shown after 2 s, only on a terminal)",
-    )
 
 
 CHECK = Command(
