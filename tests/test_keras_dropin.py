@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _keras_helpers import needs_keras_renorm
 
 import tfbn
 
@@ -141,6 +142,7 @@ def test_inspect_reports_one_value_per_channel_from_a_saved_file(tmp_path):
 # ------------------------------------------------------------------ state --
 
 
+@needs_keras_renorm
 def test_variable_lists_are_keras():
     for kwargs in ({}, {"center": False}, {"scale": False, "renorm": True}):
         ours, theirs = tfbn.BatchNormalization(**kwargs), keras.layers.BatchNormalization(**kwargs)
@@ -226,6 +228,7 @@ def test_is_an_instance_of_keras_batch_normalization_without_its_call():
 # ---------------------------------------------------------------- loading --
 
 
+@needs_keras_renorm
 def test_load_model_turns_keras_bn_into_tfbn(tmp_path):
     inner = keras.Sequential(
         [keras.Input((4,)), keras.layers.BatchNormalization(renorm=True)], name="inner"

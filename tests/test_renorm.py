@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _keras_helpers import needs_keras_renorm
 
 import tfbn
 
@@ -49,6 +50,7 @@ CASES = [
 ]
 
 
+@needs_keras_renorm
 @pytest.mark.parametrize("shape,axis,clipping,fused", CASES)
 def test_outputs_gradients_and_all_state_match_keras_over_steps(shape, axis, clipping, fused):
     theirs, ours = _pair(shape, fused=fused, axis=axis, momentum=0.9, renorm_momentum=0.8,
@@ -81,6 +83,7 @@ def test_corrections_are_clipped_and_change_the_output():
     np.testing.assert_allclose(y, np.asarray(plain) + 0.25, rtol=1e-5, atol=1e-5)
 
 
+@needs_keras_renorm
 def test_variables_names_order_and_lists_are_keras():
     theirs, ours = _pair((8, 3))
     for attr in ("weights", "variables", "trainable_variables", "non_trainable_variables"):
@@ -99,6 +102,7 @@ def test_stddev_initializers_are_square_roots():
     np.testing.assert_allclose(layer.renorm_stddev, [3.0, 3.0])
 
 
+@needs_keras_renorm
 def test_configs_load_both_ways():
     theirs = keras.layers.BatchNormalization(
         renorm=True, renorm_clipping={"rmax": 3.0}, renorm_momentum=0.9
@@ -111,6 +115,7 @@ def test_configs_load_both_ways():
         tfbn.BatchNormalization(virtual_batch_size=2).keras_config()
 
 
+@needs_keras_renorm
 @pytest.mark.parametrize("direction", ["keras_to_tfbn", "tfbn_to_keras"])
 def test_weight_files_load_both_ways(tmp_path, direction):
     def build(bn):
@@ -208,6 +213,7 @@ def test_fold_and_freeze_use_the_moving_statistics():
     np.testing.assert_allclose(tfbn.freeze_batch_norm(model)(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_keras_renorm
 def test_keras_renorm_layers_convert():
     model = keras.Sequential(
         [keras.Input((4,)), keras.layers.BatchNormalization(renorm=True, renorm_momentum=0.5)]
