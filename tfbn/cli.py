@@ -477,6 +477,31 @@ SERVE = Command(
 )
 
 
+# Which live model a command talks to: the same options on every command that asks a server.
+SERVED_MODEL = (
+    one_of(
+        opt("--rest", metavar="URL", help="TF Serving REST API, e.g. http://localhost:8501"),
+        opt("--grpc", metavar="HOST:PORT", help="TF Serving gRPC API, e.g. localhost:8500"),
+    ),
+    opt("--model_name", help="served model name (with --rest / --grpc)"),
+    one_of(
+        opt(
+            "--model-version",
+            type=int,
+            metavar="N",
+            deprecated=("--model_version",),
+            help="pin a version on the server",
+        ),
+        opt(
+            "--model-version-label",
+            metavar="LABEL",
+            deprecated=("--model_version_label",),
+            help="pin a version label on the server",
+        ),
+    ),
+)
+
+
 # --- check --------------------------------------------------------------------
 
 
@@ -578,26 +603,7 @@ CHECK = Command(
             nargs="?",
             help="SavedModel version directory or base path (in-process backend)",
         ),
-        one_of(
-            opt("--rest", metavar="URL", help="TF Serving REST API, e.g. http://localhost:8501"),
-            opt("--grpc", metavar="HOST:PORT", help="TF Serving gRPC API, e.g. localhost:8500"),
-        ),
-        opt("--model_name", help="served model name (with --rest / --grpc)"),
-        one_of(
-            opt(
-                "--model-version",
-                type=int,
-                metavar="N",
-                deprecated=("--model_version",),
-                help="pin a version on the server",
-            ),
-            opt(
-                "--model-version-label",
-                metavar="LABEL",
-                deprecated=("--model_version_label",),
-                help="pin a version label on the server",
-            ),
-        ),
+        *SERVED_MODEL,
         opt(
             "--signature-name",
             default="serving_default",
@@ -927,26 +933,7 @@ DRIFT = Command(
             metavar="MODEL",
             help="SavedModel version directory or base path, or a .keras model (in process)",
         ),
-        one_of(
-            opt("--rest", metavar="URL", help="TF Serving REST API, e.g. http://localhost:8501"),
-            opt("--grpc", metavar="HOST:PORT", help="TF Serving gRPC API, e.g. localhost:8500"),
-        ),
-        opt("--model_name", help="served model name (with --rest / --grpc)"),
-        one_of(
-            opt(
-                "--model-version",
-                type=int,
-                metavar="N",
-                deprecated=("--model_version",),
-                help="pin a version on the server",
-            ),
-            opt(
-                "--model-version-label",
-                metavar="LABEL",
-                deprecated=("--model_version_label",),
-                help="pin a version label on the server",
-            ),
-        ),
+        *SERVED_MODEL,
         TRAFFIC,
         opt(
             "--keras",
