@@ -303,6 +303,7 @@ def main(argv=None) -> int:
     accuracy = float(np.mean(np.argmax(model.predict(x_test, verbose=0), -1) == y_test))
 
     keras_path = out / "models" / "digits.keras"
+    keras_path.parent.mkdir(parents=True, exist_ok=True)
     model.save(keras_path)
     print("[2/5] exporting: frozen + folded (gated), and a training-mode export for contrast")
     frozen = tfbn.export_saved_model(model, out / "models" / "digits", sample_inputs=x_test[:64])
