@@ -348,13 +348,6 @@ def _samples(specs, sample_inputs, num_samples: int, seed: int) -> dict[str, np.
     return out
 
 
-def _pack(model: keras.Model, specs, tensors: list):
-    graph = _graph(model)
-    if isinstance(graph._inputs_struct, dict):
-        return dict(zip(specs, tensors, strict=True))
-    return tensors[0] if len(tensors) == 1 else list(tensors)
-
-
 def _named_outputs(model: keras.Model, out_names: list[str], outputs) -> dict:
     if isinstance(outputs, Mapping):
         return {name: outputs[name] for name in out_names}
@@ -370,7 +363,7 @@ class _ServingModule(tf.Module):
         self.model_variables = [getattr(v, "value", v) for v in model.variables]
 
         def serve(*tensors):
-            outputs = model(_pack(model, specs, list(tensors)), training=False)
+            outputs = model(graph.pack_inputs(model, specs, list(tensors)), training=False)
             return _named_outputs(model, out_names, outputs)
 
         self.serve = tf.function(serve, input_signature=list(specs.values()), autograph=False)
@@ -429,7 +422,9 @@ def _float32_twin(model: keras.Model) -> keras.Model:
 
 def _call_numpy(model, specs, out_names, samples) -> dict[str, np.ndarray]:
     tensors = [tf.constant(v) for v in samples.values()]
-    outputs = _named_outputs(model, out_names, model(_pack(model, specs, tensors), training=False))
+    outputs = _named_outputs(
+        model, out_names, model(graph.pack_inputs(model, specs, tensors), training=False)
+    )
     return {k: np.asarray(keras.ops.convert_to_numpy(v)) for k, v in outputs.items()}
 
 

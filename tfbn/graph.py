@@ -119,6 +119,14 @@ def graph_of(model) -> Functional | None:
     return model if isinstance(model, Functional) else None
 
 
+def pack_inputs(model, names, tensors: list):
+    """`tensors` (one per input, in the order of `names`) in the structure `model` is
+    called with: a dict by name for dict inputs, else one tensor or a list."""
+    if isinstance(graph_of(model)._inputs_struct, dict):
+        return dict(zip(names, tensors, strict=True))
+    return tensors[0] if len(tensors) == 1 else list(tensors)
+
+
 def is_graph_model(model) -> bool:
     """True for a Sequential or Functional model whose graph is known."""
     return graph_of(model) is not None

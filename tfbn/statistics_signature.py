@@ -252,10 +252,10 @@ class StatisticsProbe:
     def functions(self, specs: dict[str, tf.TensorSpec]):
         """The two concrete functions `{signature name: ConcreteFunction}` for `specs`
         (the serving_default input specs, in order)."""
-        from tfbn.export import _pack
+        from tfbn.graph import pack_inputs
 
         def statistics(*tensors):
-            return self._forward(_pack(self.model, specs, list(tensors)))
+            return self._forward(pack_inputs(self.model, specs, list(tensors)))
 
         statistics_fn = tf.function(
             statistics, input_signature=list(specs.values()), autograph=False
