@@ -680,7 +680,8 @@ def recalibrate_on_traffic(model, traffic: Mapping[str, np.ndarray], batch_size:
     """`tfbn.recalibrate(model, batches of traffic)`: traffic validated as for drift
     (names, shapes, NaN, at least 2 examples). Returns the RecalibrationResult."""
     import tfbn
-    from tfbn.export import _pack, io_specs
+    from tfbn.export import io_specs
+    from tfbn.graph import pack_inputs
 
     specs, _ = io_specs(model)
     spec = {n: (s.dtype.as_numpy_dtype, [-1 if d is None else d for d in s.shape])
@@ -690,7 +691,7 @@ def recalibrate_on_traffic(model, traffic: Mapping[str, np.ndarray], batch_size:
     batches = []
     for start in range(0, n, batch_size):
         arrays = [np.asarray(traffic[k][start : start + batch_size], spec[k][0]) for k in names]
-        batches.append((_pack(model, specs, arrays),))
+        batches.append((pack_inputs(model, specs, arrays),))
     return tfbn.recalibrate(model, batches, progress=False)
 
 
