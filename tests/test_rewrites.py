@@ -336,7 +336,13 @@ def test_stateless_layer_that_cannot_be_cloned_is_shared():
     x = keras.layers.Lambda(lambda t: t * 2, name="double")(inputs)
     model = keras.Model(inputs, keras.layers.BatchNormalization()(keras.layers.Dense(3)(x)))
     new = tfbn.convert_batch_norm(model)
-    assert new.get_layer("double") is model.get_layer("double")
+    layer = model.get_layer("double")
+    try:  # Keras 3.10 rebuilds a Python lambda from its config; newer Keras refuses (safe mode)
+        type(layer).from_config(layer.get_config())
+        clonable = True
+    except Exception:  # noqa: BLE001
+        clonable = False
+    assert (new.get_layer("double") is layer) is not clonable
     assert not {id(v) for v in tf_variables(model)} & {id(v) for v in tf_variables(new)}
     x = np.ones((2, 4), "float32")
     np.testing.assert_allclose(new(x), model(x), rtol=1e-6)
