@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _keras_helpers import randomize_statistics
 
 import tfbn
 from tfbn.convert import (
@@ -17,21 +18,6 @@ from tfbn.layers import FrozenBatchNormalization
 from tfbn.layers.frozen_batch_norm import FoldedBatchNormalization
 
 RTOL = 1e-5  # the issue's bound: max |folded - model(x, training=False)| / max |...|
-
-
-def randomize_statistics(model, seed=0):
-    """Non-trivial gamma/beta/moving statistics in every BN (as after training)."""
-    rng = np.random.default_rng(seed)
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if is_batch_norm(layer) or isinstance(layer, FrozenBatchNormalization):
-            shape = layer.moving_mean.shape
-            layer.moving_mean.assign(rng.normal(0.0, 1.0, shape))
-            layer.moving_variance.assign(rng.uniform(0.2, 3.0, shape))
-            if layer.gamma is not None:
-                layer.gamma.assign(rng.uniform(0.5, 2.0, shape))
-            if layer.beta is not None:
-                layer.beta.assign(rng.normal(0.0, 1.0, shape))
-    return model
 
 
 def rel_error(got, want):

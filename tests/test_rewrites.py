@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _keras_helpers import randomize_statistics
 
 import tfbn
 from tfbn.convert import CloneError, is_batch_norm, rewrite_layers
@@ -22,17 +23,7 @@ RNG = np.random.default_rng(0)
 
 def randomize(model, seed=0):
     """Non-trivial statistics, gamma and beta in every BN (as after training)."""
-    rng = np.random.default_rng(seed)
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if is_batch_norm(layer) or isinstance(layer, FrozenBatchNormalization):
-            c = layer.moving_mean.shape
-            layer.moving_mean.assign(rng.normal(0, 1, c))
-            layer.moving_variance.assign(rng.uniform(0.5, 2, c))
-            if layer.gamma is not None:
-                layer.gamma.assign(rng.uniform(0.5, 2, c))
-            if layer.beta is not None:
-                layer.beta.assign(rng.normal(0, 1, c))
-    return model
+    return randomize_statistics(model, seed, variance=(0.5, 2.0))
 
 
 def conv_net(bn=keras.layers.BatchNormalization, name="net"):
