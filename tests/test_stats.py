@@ -139,3 +139,21 @@ def test_batch_normalize_is_stable_at_a_large_mean():
                                    None, None, 1e-3, [1, 8])  # fmt: skip
     assert np.abs(np.asarray(stable, np.float64) - ref).max() < 2e-6
     assert np.abs(folded - ref).max() > 1e-4  # what the stable form avoids
+
+
+def test_inference_form_follows_the_mean_to_spread_ratio():
+    """Inference folds to Keras's `x * scale + offset` (two passes) only where that is
+    as exact as subtracting the mean first: below the ratio bit-identical to the folded
+    form, beyond it (mean 1e4, std 1) still within 2e-6 of float64."""
+    rng = np.random.default_rng(1)
+    gamma, beta = rng.uniform(0.5, 2, 8).astype("float32"), rng.normal(0, 1, 8).astype("float32")
+    for mean_level, expect_folded in ((3.0, True), (1e4, False)):
+        x = rng.normal(mean_level, 1.0, size=(512, 8)).astype("float32")
+        mean, var = x.mean(0).astype("float32"), x.var(0).astype("float32")
+        args = [tf.constant(t) for t in (mean, var, gamma, beta)]
+        y = stats.normalize_with_statistics(tf.constant(x), *args, 1e-3, [1, 8]).numpy()
+        scale, offset = stats.fold_scale_offset(args[2], args[3], args[0], args[1], 1e-3)
+        folded = (x * scale + offset).numpy()
+        ref = (x.astype(np.float64) - mean) / np.sqrt(var.astype(np.float64) + 1e-3) * gamma + beta
+        assert np.abs(y - ref).max() < 2e-6 * np.abs(ref).max()
+        assert np.array_equal(y, folded) == expect_folded

@@ -257,7 +257,9 @@ def assign_own_copy(variable, value: tf.Tensor, add: bool = False) -> None:
     """
     target = _own_copy(variable)
     if target is None:
-        target = variable
+        # The tf.Variable under a Keras variable: its assign_add is one
+        # AssignAddVariableOp where Keras's is a read, an add and an assign.
+        target = variable.value if isinstance(variable, keras.Variable) else variable
     if add:
         target.assign_add(tf.cast(value, target.dtype))
     else:

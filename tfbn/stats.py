@@ -53,12 +53,17 @@ def moments(
     dtype = stat_dtype(x.dtype)
     x = tf.cast(x, dtype)
     if mask is None:
-        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), dtype)
-        mean = tf.math.divide_no_nan(tf.reduce_sum(x, axes), count)
-        centred = x - tf.stop_gradient(_expand(mean, axes))
-        variance = tf.math.divide_no_nan(tf.reduce_sum(tf.square(centred), axes), count)
-        count = tf.broadcast_to(count, tf.shape(mean))
-        return mean, variance, count
+        # TensorFlow's Mean (a sum divided by the count, correctly rounded); an
+        # empty batch, unless its shape says it cannot be, gives 0 instead of NaN.
+        mean = tf.reduce_mean(x, axes, keepdims=True)
+        variance = tf.reduce_mean(tf.square(x - tf.stop_gradient(mean)), axes)
+        mean = tf.squeeze(mean, axes)
+        count = _count_over(x, axes, dtype)
+        if tf.get_static_value(count) is None or tf.get_static_value(count) == 0:
+            nonempty = count > 0
+            mean = tf.where(nonempty, mean, tf.zeros_like(mean))
+            variance = tf.where(nonempty, variance, tf.zeros_like(variance))
+        return mean, variance, tf.broadcast_to(count, tf.shape(mean))
     weights = tf.broadcast_to(tf.cast(mask, dtype), tf.shape(x))
     # Masked-out values never enter the arithmetic (selected away, not multiplied
     # by 0: NaN * 0 and Inf * 0 are NaN), so whatever they hold cannot reach the
@@ -70,6 +75,17 @@ def moments(
     centred = tf.where(keep, x - tf.stop_gradient(_expand(mean, axes)), tf.zeros_like(x))
     variance = tf.math.divide_no_nan(tf.reduce_sum(weights * tf.square(centred), axes), count)
     return mean, variance, count
+
+
+def _count_over(x: tf.Tensor, axes: list[int], dtype: tf.DType) -> tf.Tensor:
+    """Values per channel of `x` reduced over `axes`: a constant for static shapes."""
+    dims = [x.shape[a] for a in axes]
+    if all(d is not None for d in dims):
+        size = 1
+        for d in dims:
+            size *= d
+        return tf.constant(size, dtype)
+    return tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), dtype)
 
 
 def _expand(stat: tf.Tensor, axes: list[int]) -> tf.Tensor:
@@ -366,11 +382,69 @@ def batch_normalize(
     `tests/test_stats.py::test_batch_normalize_is_stable_at_a_large_mean`).
     Gradients flow through `mean` and `variance`.
     """
-    scale, _ = fold_scale_offset(gamma, None, tf.zeros_like(mean), variance, epsilon)
-    y = (tf.cast(x, scale.dtype) - tf.reshape(mean, shape)) * tf.reshape(scale, shape)
+    scale = tf.math.rsqrt(variance + tf.cast(epsilon, variance.dtype))
+    if gamma is not None:
+        scale = scale * tf.cast(gamma, scale.dtype)
+    return _subtract_then_scale(x, mean, scale, beta, shape)
+
+
+def _subtract_then_scale(x, mean, scale, beta, shape):
+    """`(x - mean) * scale + beta` in the statistics' dtype, rounded once to `x`'s."""
+    y = (tf.cast(x, scale.dtype) - _per_channel(mean, shape)) * _per_channel(scale, shape)
     if beta is not None:
-        y = y + tf.reshape(tf.cast(beta, scale.dtype), shape)
+        y = y + _per_channel(tf.cast(beta, scale.dtype), shape)
     return tf.cast(y, x.dtype)
+
+
+# Inference folds BN into `x * scale + offset` (Keras's form: two passes over `x`,
+# one fewer than the stable form) only where that is as exact as subtracting the
+# mean first: its rounding error grows with |mean| * scale = |mean| / std * |gamma|,
+# so at a ratio |mean| / sqrt(variance + epsilon) <= 8 on every channel it is
+# within a few float32 ulps of the output's scale (|gamma|), and beyond it (raw
+# features, mean 1e4 / std 1: ~1e-3 off) the stable form is used.
+FOLD_EXACT_MAX_RATIO = 8.0
+
+
+def normalize_with_statistics(
+    x: tf.Tensor,
+    mean: tf.Tensor,
+    variance: tf.Tensor,
+    gamma: tf.Tensor | None,
+    beta: tf.Tensor | None,
+    epsilon: float,
+    shape: list[int],
+) -> tf.Tensor:
+    """Inference: `batch_normalize` with fixed statistics, as fast as Keras's form.
+
+    Chosen at run time on the statistics (one scalar test, no pass over `x`):
+    `x * scale + offset` where `max |mean| / sqrt(variance + epsilon)` is at most
+    `FOLD_EXACT_MAX_RATIO`, else `(x - mean) * scale + beta`. The two agree to
+    float32 rounding wherever the folded form is taken
+    (`tests/test_stats.py::test_inference_form_follows_the_mean_to_spread_ratio`).
+    """
+    dtype = stat_dtype(x.dtype)
+    mean, variance = tf.cast(mean, dtype), tf.cast(variance, dtype)
+    inv_std = tf.math.rsqrt(variance + tf.cast(epsilon, dtype))
+    scale = inv_std if gamma is None else inv_std * tf.cast(gamma, dtype)
+    beta = None if beta is None else tf.cast(beta, dtype)
+    offset = -mean * scale if beta is None else beta - mean * scale
+
+    def folded():
+        y = tf.cast(x, dtype) * _per_channel(scale, shape) + _per_channel(offset, shape)
+        return tf.cast(y, x.dtype)
+
+    def stable():
+        return _subtract_then_scale(x, mean, scale, beta, shape)
+
+    exact = tf.reduce_max(tf.abs(mean) * inv_std) <= FOLD_EXACT_MAX_RATIO
+    return tf.cond(exact, folded, stable)
+
+
+def _per_channel(stat: tf.Tensor, shape: list[int]) -> tf.Tensor:
+    """`stat` reshaped to `shape`; as it is when it already broadcasts (channels last)."""
+    if len(stat.shape) == 1 and all(d == 1 for d in shape[:-1]) and stat.shape[0] == shape[-1]:
+        return stat
+    return tf.reshape(stat, shape)
 
 
 def renorm_correction(

@@ -86,7 +86,7 @@ class FrozenBatchNormalization(BatchNormBase):
 
     def call(self, inputs, training=None, mask=None):
         inputs = self._standardize_inputs(inputs)
-        return stats.batch_normalize(
+        return stats.normalize_with_statistics(
             inputs,
             tf.convert_to_tensor(self.moving_mean),
             tf.convert_to_tensor(self.moving_variance),
