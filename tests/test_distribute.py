@@ -404,9 +404,7 @@ def test_sync_gradient_formula_reduces_to_batch_norm_gradient_on_one_device(data
     want = tape.gradient(loss, x)
 
     mean, var, count = stats.fused_moments(x, data_format)
-    _, dgamma, dbeta = stats.fused_batch_norm_frozen_grad(
-        dy, x, gamma, mean, var, 1e-3, data_format
-    )
+    dgamma, dbeta = stats.batch_norm_grad_sums(dy, x, mean, var, 1e-3, data_format)
     got = stats.sync_batch_norm_input_grad(
         dy, x, gamma, mean, var, 1e-3, dbeta, dgamma, count, data_format
     )

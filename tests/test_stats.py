@@ -157,3 +157,23 @@ def test_inference_form_follows_the_mean_to_spread_ratio():
         ref = (x.astype(np.float64) - mean) / np.sqrt(var.astype(np.float64) + 1e-3) * gamma + beta
         assert np.abs(y - ref).max() < 2e-6 * np.abs(ref).max()
         assert np.array_equal(y, folded) == expect_folded
+
+
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+def test_batch_norm_grad_sums_against_float64(data_format):
+    """The backward sums of synchronised BN: sum(dy * xhat) and sum(dy) per channel."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(3.0, 2.0, size=(4, 6, 5, 7)).astype("float32")
+    dy = rng.normal(size=x.shape).astype("float32")
+    axes = (0, 1, 2) if data_format == "NHWC" else (0, 2, 3)
+    if data_format == "NCHW":
+        x, dy = x.transpose(0, 3, 1, 2), dy.transpose(0, 3, 1, 2)
+    mean, var = x.astype(np.float64).mean(axes), x.astype(np.float64).var(axes)
+    shape = [1, 1, 1, 7] if data_format == "NHWC" else [1, 7, 1, 1]
+    xhat = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + 1e-3)
+    sum_dy_xhat, sum_dy = stats.batch_norm_grad_sums(
+        tf.constant(dy), tf.constant(x), tf.constant(mean, tf.float32),
+        tf.constant(var, tf.float32), 1e-3, data_format,
+    )  # fmt: skip
+    np.testing.assert_allclose(sum_dy_xhat, (dy * xhat).sum(axes), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(sum_dy, dy.astype(np.float64).sum(axes), rtol=1e-5, atol=1e-4)
