@@ -4,6 +4,8 @@ Trains a small CNN (conv-BN-ReLU blocks) for a few steps so its BN statistics ar
 real, then exports, in one run:
 
 - `tfbn folded`: `tfbn.export.export_saved_model` (BN folded into the convolutions);
+- `tfbn unfolded`: the same model converted to tfbn's layer (`tfbn.convert_batch_norm`)
+  and exported with `fold=False` (BN kept as a frozen normalisation);
 - `keras export`: Keras's `model.export()` of the same trained model (BN kept as
   moving-statistics variables and a decomposed normalisation);
 - `no BN`: the same architecture without BN layers (conv with bias), exported both
@@ -17,8 +19,13 @@ processes), against the no-BN model exported the same way (folded vs no BN
 through tfbn's exporter; Keras export vs no BN through Keras's) and against the
 tfbn-exported no-BN model.
 
+`--model resnet50` / `--model efficientnetb0`: the Keras Applications architecture
+(weights=None, 64x64 input, 10 classes) instead of the small CNN, and its no-BN twin
+(every BN replaced by the identity; convolutions keep use_bias=False).
+
     python examples/bench_export.py                # README table
     python examples/bench_export.py --repeats 400 --json bench_export.json
+    python examples/bench_export.py --model resnet50 --repeats 100
 """
 
 from __future__ import annotations
@@ -36,9 +43,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from tfbn.convert import convert_batch_norm, rewrite_layers  # noqa: E402
 from tfbn.export import export_saved_model  # noqa: E402
 
 BATCH_SIZES = (1, 64)
+MODELS = ("cnn", "resnet50", "efficientnetb0")
 
 
 def build(use_bn: bool, size: int = 32, width: int = 32, seed: int = 0) -> keras.Model:
@@ -53,6 +62,30 @@ def build(use_bn: bool, size: int = 32, width: int = 32, seed: int = 0) -> keras
         x = keras.layers.ReLU()(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     return keras.Model(inputs, keras.layers.Dense(10, name="logits")(x))
+
+
+class Identity(keras.layers.Layer):
+    """Where a BN layer was, in an Application's no-BN twin."""
+
+    def call(self, inputs, training=None, mask=None):
+        return inputs
+
+
+def build_application(name: str, use_bn: bool, size: int = 64) -> keras.Model:
+    """A Keras Application (weights=None); without BN every BN is the identity."""
+    keras.utils.set_random_seed(0)
+    make = {"resnet50": keras.applications.ResNet50,
+            "efficientnetb0": keras.applications.EfficientNetB0}[name]  # fmt: skip
+    model = make(weights=None, input_shape=(size, size, 3), classes=10)
+    if use_bn:
+        return model
+
+    def replace(layer):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return Identity(name=layer.name)
+        return None
+
+    return rewrite_layers(model, replace, transfer=lambda old, new: None)[0]
 
 
 def train(model: keras.Model, steps: int, size: int) -> None:
@@ -101,17 +134,30 @@ def paired_ratio(times: dict, name: str, baseline: str) -> float:
     return statistics.median(a / b for a, b in zip(times[name], times[baseline], strict=True))
 
 
-def run(repeats: int = 200, size: int = 32, width: int = 32, steps: int = 20) -> list[dict]:
-    bn_model, plain = build(True, size, width), build(False, size, width)
+def run(
+    repeats: int = 200, size: int = 32, width: int = 32, steps: int = 20, model: str = "cnn"
+) -> list[dict]:
+    if model == "cnn":
+        bn_model, plain = build(True, size, width), build(False, size, width)
+    else:
+        bn_model, plain = (
+            build_application(model, True, size),
+            build_application(model, False, size),
+        )
     train(bn_model, steps, size)
-    train(plain, steps, size)
+    if model == "cnn":  # a deep Application without BN does not train: timed as initialised
+        train(plain, steps, size)
     with tempfile.TemporaryDirectory() as tmp:
         export_saved_model(bn_model, os.path.join(tmp, "folded"), version=1)
+        export_saved_model(
+            convert_batch_norm(bn_model), os.path.join(tmp, "unfolded"), version=1, fold=False
+        )
         export_saved_model(plain, os.path.join(tmp, "plain"), version=1)
         bn_model.export(os.path.join(tmp, "keras"), verbose=False)
         plain.export(os.path.join(tmp, "keras_plain"), verbose=False)
         fns = {
             "tfbn folded": serving_fn(os.path.join(tmp, "folded", "1")),
+            "tfbn unfolded": serving_fn(os.path.join(tmp, "unfolded", "1")),
             "keras export": serving_fn(os.path.join(tmp, "keras")),
             "no BN (tfbn export)": serving_fn(os.path.join(tmp, "plain", "1")),
             "no BN (keras export)": serving_fn(os.path.join(tmp, "keras_plain")),
@@ -122,6 +168,7 @@ def run(repeats: int = 200, size: int = 32, width: int = 32, steps: int = 20) ->
         agree = float(np.max(np.abs(folded_out - keras_out)) / np.max(np.abs(keras_out)))
         baseline = {
             "tfbn folded": "no BN (tfbn export)",
+            "tfbn unfolded": "no BN (tfbn export)",
             "keras export": "no BN (keras export)",
             "no BN (tfbn export)": "no BN (tfbn export)",
             "no BN (keras export)": "no BN (keras export)",
@@ -139,6 +186,7 @@ def run(repeats: int = 200, size: int = 32, width: int = 32, steps: int = 20) ->
                         "ms": statistics.median(seconds) * 1e3,
                         "vs_no_bn": paired_ratio(times, name, baseline[name]),
                         "vs_no_bn_tfbn": paired_ratio(times, name, "no BN (tfbn export)"),
+                        "vs_folded": paired_ratio(times, name, "tfbn folded"),
                         "folded_vs_keras_max_rel_diff": agree,
                     }
                 )
@@ -147,13 +195,14 @@ def run(repeats: int = 200, size: int = 32, width: int = 32, steps: int = 20) ->
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| batch | SavedModel | median ms | x no-BN (same exporter) | x no-BN (tfbn export) |",
-        "|---:|---|---:|---:|---:|",
+        "| batch | SavedModel | median ms | x no-BN (same exporter) | x no-BN (tfbn export) "
+        "| x tfbn folded |",
+        "|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['batch']} | {r['export']} | {r['ms']:.3f} | {r['vs_no_bn']:.3f} | "
-            f"{r['vs_no_bn_tfbn']:.3f} |"
+            f"{r['vs_no_bn_tfbn']:.3f} | {r['vs_folded']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -163,12 +212,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=200, help="timed rounds at batch 1 (batch 64: half)"
     )
-    parser.add_argument("--size", type=int, default=32, help="input height and width")
+    parser.add_argument(
+        "--model", choices=MODELS, default="cnn",
+        help="the small CNN (default) or a Keras Applications architecture at 64x64",
+    )  # fmt: skip
+    parser.add_argument(
+        "--size", type=int, help="input height and width (default: 32, Applications 64)"
+    )
     parser.add_argument("--width", type=int, default=32, help="filters of the first block")
     parser.add_argument("--steps", type=int, default=20, help="training steps before export")
     parser.add_argument("--json", dest="json_path", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
-    rows = run(args.repeats, args.size, args.width, args.steps)
+    size = args.size or (32 if args.model == "cnn" else 64)
+    rows = run(args.repeats, size, args.width, args.steps, args.model)
     print(format_table(rows))
     print(
         f"folded vs keras export outputs: max rel. difference {rows[0]['folded_vs_keras_max_rel_diff']:.1e}"

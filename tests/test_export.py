@@ -294,7 +294,9 @@ def test_bench_export_example_runs(capsys):
     args = ["--repeats", "3", "--size", "8", "--width", "4", "--steps", "1"]
     assert module.main(args) == 0
     table = capsys.readouterr().out
-    for name in ("tfbn folded", "keras export", "no BN (tfbn export)", "no BN (keras export)"):
+    names = ("tfbn folded", "tfbn unfolded", "keras export", "no BN (tfbn export)",
+             "no BN (keras export)")  # fmt: skip
+    for name in names:
         assert f"| 1 | {name} |" in table and f"| 64 | {name} |" in table
 
 
