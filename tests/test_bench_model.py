@@ -79,3 +79,24 @@ def test_bench_shows_progress_on_stderr_when_asked(capsys, monkeypatch):
     assert "tfbn bench" in capsys.readouterr().err
     bench.run_benchmark(shapes=[(8, 4)], repeats=1, progress=False)
     assert "tfbn bench" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_profile_attributes_op_time_to_the_batch_norm_layers(tmp_path):
+    """`tfbn bench --model NAME --profile`: per-op-type time of the BN layers' ops,
+    from TensorFlow's profiler; tfbn's large BN inputs run the fused kernel, Keras's none."""
+    result = bench.profile_model("resnet", batch=16, steps=1)  # 262k-element inputs
+    keras_ops, tfbn_ops = (result["variants"][v] for v in ("keras", "tfbn"))
+    for profile in (keras_ops, tfbn_ops):
+        assert 0 < profile["bn_us"] < profile["all_us"]
+        assert profile["bn_us"] == pytest.approx(sum(profile["ops"].values()))
+    assert any("FusedBatchNorm" in kind for kind in tfbn_ops["ops"])
+    assert not any("FusedBatchNorm" in kind for kind in keras_ops["ops"])
+    table = bench.format_profile_table(result)
+    assert "| all BN ops |" in table and "keras us/step | tfbn us/step" in table
+
+
+def test_profile_needs_a_model():
+    from tfbn import cli
+
+    assert cli.main(["bench", "--profile"]) == 2

@@ -10,6 +10,8 @@ in this run, never absolute targets.
 from __future__ import annotations
 
 import json
+import os
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -553,8 +555,10 @@ def _variant(model: keras.Model, variant: str) -> keras.Model:
     return rewrite_layers(model, replace, transfer=lambda old, new: None)[0]
 
 
-def _fit_step(name: str, variant: str, batch: int, jit: bool, strategy=None):
-    """A compiled `train_on_batch` closure for one model variant."""
+def _fit_step(
+    name: str, variant: str, batch: int, jit: bool, strategy=None, return_model: bool = False
+):
+    """A compiled `train_on_batch` closure for one model variant (and the model)."""
     build, size = _model_spec(name)
     rng = np.random.default_rng(0)
     x = rng.normal(0, 1, (batch, size, size, 3)).astype("float32")
@@ -568,7 +572,8 @@ def _fit_step(name: str, variant: str, batch: int, jit: bool, strategy=None):
             keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             jit_compile=jit,
         )
-    return lambda: model.train_on_batch(x, y)
+    step = lambda: model.train_on_batch(x, y)  # noqa: E731
+    return (step, model) if return_model else step
 
 
 class _PassThrough(keras.layers.Layer):
@@ -705,6 +710,118 @@ def format_model_tables(result: dict) -> str:
                 f" | {_fmt(r.get('tfbn_sync_over_tfbn_local'), '.2f')} |"
             )
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ profile --
+# Where a whole training step's BN time goes: TensorFlow's profiler records every
+# op the step's executor runs (name "scope/.../op:Type", CPU time on its thread);
+# the ops under a BN layer's name scope, its gradient included, are that layer's.
+
+
+def profile_model(name: str, variants=("keras", "tfbn"), batch: int = 16, steps: int = 5) -> dict:
+    """Per-op-type CPU time per training step of the BN layers' ops, by variant.
+
+    Returns `{"model", "steps", "variants": {variant: {"bn_us": total, "all_us":
+    every op's total, "ops": {op type: microseconds per step}}}}`. Op times are
+    CPU time summed over threads, not wall time (ops run in parallel).
+    """
+    out = {"model": name, "batch": batch, "steps": steps, "variants": {}}
+    for variant in variants:
+        step, model = _fit_step(name, variant, batch, False, return_model=True)
+        for _ in range(3):  # compile and warm up
+            step()
+        scopes = {layer.name for layer in _batch_norm_layers(model)}
+        out["variants"][variant] = _profiled_op_times(step, steps, scopes)
+    return out
+
+
+def _batch_norm_layers(model):
+    from tfbn.convert import is_batch_norm
+
+    return [layer for layer in model.layers if is_batch_norm(layer)]
+
+
+# An op's event is "<scope>/<op name>:<op type>"; runtime events ("ExecutorState::
+# Process", "EagerLocalExecute: ...") and Python ones have other shapes.
+_OP_EVENT = re.compile(r"^[^\s:]+:[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _profiled_op_times(step: Callable, steps: int, scopes: set[str]) -> dict:
+    import glob
+    import tempfile
+
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    # A layer's ops live under "<layer name>" or "<layer name>_<call index>".
+    names = "|".join(map(re.escape, sorted(scopes)))
+    in_scope = re.compile(rf"(?:^|/)({names})(?:_\d+)?/")
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            tf.profiler.experimental.stop()
+        (path,) = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+        space = xplane_pb2.XSpace()
+        with open(path, "rb") as f:
+            space.ParseFromString(f.read())
+    ops: dict[str, float] = {}
+    total = 0.0
+    for plane in space.planes:
+        if plane.name != "/host:CPU":
+            continue
+        for line in plane.lines:
+            for event in line.events:
+                op = plane.event_metadata[event.metadata_id].name
+                if not _OP_EVENT.match(op):
+                    continue  # executor, runtime and Python events, not ops
+                us = event.duration_ps / 1e6 / steps
+                total += us
+                if in_scope.search(op):
+                    kind = op.rsplit(":", 1)[1]
+                    ops[kind] = ops.get(kind, 0.0) + us
+    ops = dict(sorted(ops.items(), key=lambda kv: -kv[1]))
+    return {"bn_us": sum(ops.values()), "all_us": total, "ops": ops}
+
+
+def format_profile_table(result: dict, top: int = 15) -> str:
+    """Markdown: the BN op types costing most (any variant), microseconds per step."""
+    variants = list(result["variants"])
+    kinds: dict[str, float] = {}
+    for v in variants:
+        for kind, us in result["variants"][v]["ops"].items():
+            kinds[kind] = max(kinds.get(kind, 0.0), us)
+    header = " | ".join(f"{v} us/step" for v in variants)
+    lines = [
+        f"{result['model']}, batch {result['batch']}: CPU time of the BN layers' ops "
+        f"(forward, gradient, updates) per training step, {result['steps']} profiled steps.",
+        "",
+        f"| op type | {header} |",
+        "|---|" + "---:|" * len(variants),
+    ]
+    for kind in sorted(kinds, key=lambda k: -kinds[k])[:top]:
+        cells = " | ".join(f"{result['variants'][v]['ops'].get(kind, 0.0):.0f}" for v in variants)
+        lines.append(f"| {kind} | {cells} |")
+    totals = " | ".join(f"**{result['variants'][v]['bn_us']:.0f}**" for v in variants)
+    shares = " | ".join(
+        f"{result['variants'][v]['bn_us'] / max(result['variants'][v]['all_us'], 1e-9):.0%}"
+        for v in variants
+    )
+    lines += [f"| all BN ops | {totals} |", f"| BN share of all op time | {shares} |"]
+    return "\n".join(lines)
+
+
+def main_profile(
+    models=DEFAULT_MODELS, batch: int = 16, steps: int = 5, json_path: str | None = None
+) -> list[dict]:
+    results = [profile_model(name, batch=batch, steps=steps) for name in models]
+    print("\n\n".join(format_profile_table(r) for r in results))
+    if json_path:
+        with open(json_path, "w") as f:
+            meta = {"tf": tf.__version__, "keras": keras.__version__}
+            json.dump({**meta, "profiles": results}, f, indent=2)
+    return results
 
 
 def main_model(

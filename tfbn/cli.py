@@ -241,6 +241,10 @@ def _require_extra(extra: str, what: str) -> None:
 
 
 def _validate_bench(args) -> None:
+    if args.profile and not args.models:
+        raise ValueError("--profile needs --model NAME (the model whose training step to profile)")
+    if args.models and args.profile:
+        return
     if (args.sync or (args.models and not args.single_only)) and args.replicas < 2:
         raise ValueError(f"--replicas must be at least 2. Received: {args.replicas}")
 
@@ -251,6 +255,9 @@ def _run_bench(args) -> int:
     progress = False if args.quiet else None
 
     def run(json_path):
+        if args.models and args.profile:
+            models = tuple(m for ms in args.models for m in ms.split(","))
+            return bench.main_profile(models, args.batch, json_path=json_path)
         if args.models:
             if not args.single_only:
                 bench.split_cpu(args.replicas)
@@ -338,6 +345,12 @@ BENCH = Command(
         ),
         opt(
             "--single-only", action="store_true", help="with --model: only the single-device table"
+        ),
+        opt(
+            "--profile",
+            action="store_true",
+            help="with --model: instead of timing, profile 5 training steps of Keras's and "
+            "tfbn's BN (TensorFlow profiler) and print the BN layers' op time per op type",
         ),
         _quiet("shapes or models done"),
     ),
