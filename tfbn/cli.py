@@ -307,7 +307,7 @@ BENCH = Command(
             type=_shape,
             action="append",
             dest="shapes",
-            help="input shape (repeatable); default: the four README shapes",
+            help="input shape (repeatable); default: the README grid (bench.DEFAULT_SHAPES, with --sync bench.SYNC_SHAPES)",
         ),
         opt(
             "--repeats",
