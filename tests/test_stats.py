@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import tfbn
 from tfbn import stats
 
 RNG = np.random.default_rng(0)
@@ -141,22 +142,32 @@ def test_batch_normalize_is_stable_at_a_large_mean():
     assert np.abs(folded - ref).max() > 1e-4  # what the stable form avoids
 
 
-def test_inference_form_follows_the_mean_to_spread_ratio():
+@pytest.mark.parametrize("make", [tfbn.BatchNormalization, tfbn.FrozenBatchNormalization])
+def test_inference_form_follows_the_mean_to_spread_ratio(make):
     """Inference folds to Keras's `x * scale + offset` (two passes) only where that is
     as exact as subtracting the mean first: below the ratio bit-identical to the folded
-    form, beyond it (mean 1e4, std 1) still within 2e-6 of float64."""
+    form, beyond it (mean 1e4, std 1) still within 2e-6 of float64; in a traced call
+    the form is the one the statistics asked for when it was traced."""
     rng = np.random.default_rng(1)
     gamma, beta = rng.uniform(0.5, 2, 8).astype("float32"), rng.normal(0, 1, 8).astype("float32")
     for mean_level, expect_folded in ((3.0, True), (1e4, False)):
         x = rng.normal(mean_level, 1.0, size=(512, 8)).astype("float32")
         mean, var = x.mean(0).astype("float32"), x.var(0).astype("float32")
-        args = [tf.constant(t) for t in (mean, var, gamma, beta)]
-        y = stats.normalize_with_statistics(tf.constant(x), *args, 1e-3, [1, 8]).numpy()
-        scale, offset = stats.fold_scale_offset(args[2], args[3], args[0], args[1], 1e-3)
-        folded = (x * scale + offset).numpy()
+        assert stats.fold_is_exact(mean, var, 1e-3) == expect_folded
+        layer = make()
+        layer.build(x.shape)
+        layer.set_weights([gamma, beta, mean, var])
         ref = (x.astype(np.float64) - mean) / np.sqrt(var.astype(np.float64) + 1e-3) * gamma + beta
-        assert np.abs(y - ref).max() < 2e-6 * np.abs(ref).max()
-        assert np.array_equal(y, folded) == expect_folded
+        scale, offset = stats.fold_scale_offset(
+            *(tf.constant(t) for t in (gamma, beta, mean, var)), 1e-3
+        )
+        folded = (x * scale + offset).numpy()
+        traced = tf.function(lambda x, layer=layer: layer(x, training=False))
+        for y in (layer(x, training=False), traced(x)):
+            y = np.asarray(y)
+            assert np.abs(y - ref).max() < 2e-6 * np.abs(ref).max()
+            assert np.array_equal(y, folded) == expect_folded
+    assert not stats.fold_is_exact(np.array([np.nan]), np.array([1.0]), 1e-3)
 
 
 @pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])

@@ -18,6 +18,7 @@ Numerical choices:
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 KERAS = "keras"
@@ -175,10 +176,9 @@ def fold_scale_offset(
     scale = tf.math.rsqrt(variance + tf.cast(epsilon, variance.dtype))
     if gamma is not None:
         scale = scale * tf.cast(gamma, scale.dtype)
-    offset = -mean * scale
-    if beta is not None:
-        offset = offset + tf.cast(beta, scale.dtype)
-    return scale, offset
+    if beta is None:
+        return scale, -mean * scale
+    return scale, tf.cast(beta, scale.dtype) - mean * scale
 
 
 FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
@@ -412,6 +412,15 @@ def _subtract_then_scale(x, mean, scale, beta, shape):
 FOLD_EXACT_MAX_RATIO = 8.0
 
 
+def fold_is_exact(mean, variance, epsilon: float) -> bool:
+    """Whether `x * scale + offset` is as exact as `(x - mean) * scale + beta` for
+    these statistics (NumPy arrays): `max |mean| / sqrt(variance + epsilon)` is at
+    most `FOLD_EXACT_MAX_RATIO` (False for non-finite statistics)."""
+    mean = np.asarray(mean, np.float64)
+    ratio = np.abs(mean) / np.sqrt(np.asarray(variance, np.float64) + epsilon)
+    return bool(ratio.size == 0 or np.max(ratio) <= FOLD_EXACT_MAX_RATIO)
+
+
 def normalize_with_statistics(
     x: tf.Tensor,
     mean: tf.Tensor,
@@ -420,31 +429,18 @@ def normalize_with_statistics(
     beta: tf.Tensor | None,
     epsilon: float,
     shape: list[int],
+    fold: bool,
 ) -> tf.Tensor:
-    """Inference: `batch_normalize` with fixed statistics, as fast as Keras's form.
-
-    Chosen at run time on the statistics (one scalar test, no pass over `x`):
-    `x * scale + offset` where `max |mean| / sqrt(variance + epsilon)` is at most
-    `FOLD_EXACT_MAX_RATIO`, else `(x - mean) * scale + beta`. The two agree to
-    float32 rounding wherever the folded form is taken
-    (`tests/test_stats.py::test_inference_form_follows_the_mean_to_spread_ratio`).
-    """
+    """Inference with fixed statistics: `x * scale + offset` if `fold` (Keras's two
+    passes; see `fold_is_exact`), else `batch_normalize`'s stable form."""
+    if not fold:
+        return batch_normalize(x, mean, variance, gamma, beta, epsilon, shape)
     dtype = stat_dtype(x.dtype)
-    mean, variance = tf.cast(mean, dtype), tf.cast(variance, dtype)
-    inv_std = tf.math.rsqrt(variance + tf.cast(epsilon, dtype))
-    scale = inv_std if gamma is None else inv_std * tf.cast(gamma, dtype)
-    beta = None if beta is None else tf.cast(beta, dtype)
-    offset = -mean * scale if beta is None else beta - mean * scale
-
-    def folded():
-        y = tf.cast(x, dtype) * _per_channel(scale, shape) + _per_channel(offset, shape)
-        return tf.cast(y, x.dtype)
-
-    def stable():
-        return _subtract_then_scale(x, mean, scale, beta, shape)
-
-    exact = tf.reduce_max(tf.abs(mean) * inv_std) <= FOLD_EXACT_MAX_RATIO
-    return tf.cond(exact, folded, stable)
+    scale, offset = fold_scale_offset(
+        gamma, beta, tf.cast(mean, dtype), tf.cast(variance, dtype), epsilon
+    )
+    y = tf.cast(x, dtype) * _per_channel(scale, shape) + _per_channel(offset, shape)
+    return tf.cast(y, x.dtype)
 
 
 def _per_channel(stat: tf.Tensor, shape: list[int]) -> tf.Tensor:

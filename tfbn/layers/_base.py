@@ -208,6 +208,22 @@ class BatchNormBase(keras.layers.Layer):
             inputs = tf.cast(inputs, self.compute_dtype)
         return inputs
 
+    def _fold_is_exact(self) -> bool:
+        """Whether inference may use Keras's `x * scale + offset` (`tfbn.stats.fold_is_exact`).
+
+        Decided on the moving statistics' values when the call runs eagerly or is
+        traced (read outside the graph), so a compiled function keeps the form it
+        was traced with: exact for frozen statistics and exports; a function traced
+        before the statistics moved far from 0 keeps the folded (Keras's) form. If
+        the values cannot be read, the stable form.
+        """
+        try:
+            with tf.init_scope():
+                mean, variance = np.asarray(self.moving_mean), np.asarray(self.moving_variance)
+        except Exception:  # noqa: BLE001 - unreadable here: the form that is always exact
+            return False
+        return stats.fold_is_exact(mean, variance, self.epsilon)
+
     def _broadcast_shape(self, rank):
         """Shape that broadcasts a per-channel statistic against a rank-`rank` input."""
         dims = iter(self.moving_mean.shape)

@@ -17,8 +17,10 @@ class FrozenBatchNormalization(BatchNormBase):
 
         y = (x - moving_mean) * gamma / sqrt(moving_variance + epsilon) + beta
 
-    (the mean is subtracted first, which keeps the precision of `x` at a large
-    mean; `scale_offset()` gives the folded `x * scale + offset` form), so one example's output never depends on
+    computed as Keras's `x * scale + offset` where that is as exact (statistics
+    with `|mean| / sqrt(variance + epsilon) <= 8`, `tfbn.stats.fold_is_exact`) and
+    with the mean subtracted first where it is not (a large mean, e.g. raw
+    features); `scale_offset()` gives the folded form. One example's output never depends on
     the rest of its batch and the statistics never change. It keeps Keras's four
     weights (`gamma`, `beta`, `moving_mean`, `moving_variance`, same names and
     order) and tfbn's two counters (layer state outside Keras's variable lists,
@@ -94,6 +96,7 @@ class FrozenBatchNormalization(BatchNormBase):
             tf.convert_to_tensor(self.beta) if self.center else None,
             self.epsilon,
             self._broadcast_shape(len(inputs.shape)),
+            fold=self._fold_is_exact(),
         )
 
     def get_config(self):
