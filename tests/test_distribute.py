@@ -432,7 +432,7 @@ EXPECTED_TRAIN_COMMUNICATION = {
     "tfbn-group-unfused": (3, 0, 0),
     "tfbn-local": (1, 0, 0),
     "tfbn-local-unfused": (1, 0, 0),
-    "tfbn-ghost-sync": (1, 0, 0),
+    "tfbn-ghost": (1, 0, 0),
 }
 LAYER_FACTORIES = {
     # fused=True: "auto" takes the unfused path for inputs as small as these.
@@ -443,7 +443,7 @@ LAYER_FACTORIES = {
     "tfbn-local": lambda: tfbn.BatchNormalization(fused=True),
     "tfbn-local-unfused": lambda: tfbn.BatchNormalization(fused=False),
     # Ghost batches normalise per replica (no forward all-reduce): averaged like local BN.
-    "tfbn-ghost-sync": lambda: tfbn.SyncBatchNormalization(virtual_batch_size=2),
+    "tfbn-ghost": lambda: tfbn.BatchNormalization(virtual_batch_size=2),
 }
 
 
@@ -538,7 +538,7 @@ def test_replica_copies_never_drift_apart(strategy, kind):
     rng = np.random.default_rng(3)
     with strategy.scope():
         layer = LAYER_FACTORIES[kind]()
-        if kind != "tfbn-ghost-sync":
+        if kind != "tfbn-ghost":
             layer = type(layer).from_config({**layer.get_config(), "momentum": 0.7})
         layer.build((None, 3, 3, 4))
 
@@ -773,3 +773,18 @@ def test_bench_sync_cli_rejects_one_replica(capsys):
 
     assert cli.main(["bench", "--sync", "--replicas", "1"]) == 2
     assert "--replicas must be at least 2" in capsys.readouterr().err
+
+
+def test_synchronized_ghost_batches_are_refused():
+    """A ghost batch is part of one replica's batch: `synchronized=True` with
+    `virtual_batch_size` used to normalise per replica silently; now a ValueError,
+    also when converting a model whose BN has virtual batches."""
+    with pytest.raises(ValueError, match="synchronized=True cannot be combined with virtual"):
+        tfbn.SyncBatchNormalization(virtual_batch_size=2)
+    with pytest.raises(ValueError, match="'ghost'.*virtual_batch_size=2"):
+        tfbn.BatchNormalization(synchronized=True, virtual_batch_size=2, name="ghost")
+    model = keras.Sequential(
+        [keras.Input((4,)), tfbn.BatchNormalization(virtual_batch_size=2, name="ghost_bn")]
+    )
+    with pytest.raises(ValueError, match="ghost_bn"):
+        convert_sync_batch_norm(model)

@@ -502,7 +502,8 @@ def convert_sync_batch_norm(
     """A new model where every BN layer is a synchronised tfbn BatchNormalization.
 
     Keras and tfbn BN layers alike become `tfbn.BatchNormalization(synchronized=True)`
-    with the same arguments, weights and counters. Call it inside `strategy.scope()`
+    with the same arguments, weights and counters (a layer with `virtual_batch_size`
+    is a ValueError: ghost batches are per replica). Call it inside `strategy.scope()`
     (the model may have been built outside it): the new model's variables are then
     the strategy's.
     """
@@ -512,6 +513,13 @@ def convert_sync_batch_norm(
         if not is_batch_norm(layer):
             return None
         config = {**batch_norm_config(layer), "synchronized": True}
+        if config.get("virtual_batch_size") is not None:
+            raise ValueError(
+                f"Layer '{layer.name}' has virtual_batch_size="
+                f"{config['virtual_batch_size']}: ghost batches are per replica and "
+                "cannot be synchronised. Accepted: BN layers without virtual_batch_size "
+                "(set it to None first, or leave this model unsynchronised)."
+            )
         config["sync_group_size"] = sync_group_size
         return BatchNormalization.from_config(config)
 

@@ -151,6 +151,8 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
         virtual_batch_size: Ghost batch norm: statistics are computed over
             sub-batches of this many examples (the batch size must be a multiple
             of it); the moving averages use the mean of the sub-batch statistics.
+            Per replica by definition: not combined with `synchronized=True`
+            (ValueError).
         skip_nonfinite_updates: If True (default), a batch whose statistics
             contain NaN/Inf leaves the moving statistics unchanged and increments
             `num_skipped_updates` instead of corrupting them.
@@ -247,6 +249,14 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
                     f"Received: virtual_batch_size={self.virtual_batch_size}, "
                     f"track_running_stats={self.track_running_stats}"
                 )
+        if self.synchronized and self.virtual_batch_size is not None:
+            raise ValueError(
+                f"Layer '{self.name}': synchronized=True cannot be combined with "
+                "virtual_batch_size: a ghost batch is virtual_batch_size examples of one "
+                "replica, normalised with their own statistics, so there is nothing to "
+                "synchronise. Received: synchronized=True, "
+                f"virtual_batch_size={self.virtual_batch_size}; accepted: either one."
+            )
         self.moving_stddev = self.renorm_mean = self.renorm_stddev = None
         self._warned_single_value = False
 
@@ -517,12 +527,11 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
         # replica (no collective); otherwise ONE packed all-reduce averages the new
         # values over the replicas (groups) that applied theirs, then each replica
         # writes the same result into its own copy.
-        synced = self.synchronized and self.virtual_batch_size is None
         new_values, applied, events = distribute.mean_over_replicas_where(
             [new for _, new in targets],
             apply,
             events,
-            equal_within=self.sync_group_size if synced else 1,
+            equal_within=self.sync_group_size if self.synchronized else 1,
         )
         apply = applied > 0
         for (moving, _), new in zip(targets, new_values):
