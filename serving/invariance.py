@@ -304,11 +304,7 @@ def _deviation(
 
 
 def _call(predict: PredictFn, batch: dict[str, np.ndarray], names: list[str], n: int):
-    out = predict(batch)
-    if not isinstance(out, Mapping):
-        raise CheckError(
-            f"predict must return a dict of named arrays; Received {type(out).__name__}"
-        )
+    out = _require_dict(predict(batch))
     missing = [k for k in names if k not in out]
     if missing:
         raise CheckError(f"predict did not return outputs {missing}; it returned {sorted(out)}")
@@ -444,7 +440,7 @@ def check_batch_invariance(
         bar.close()
 
 
-def _check(  # noqa: C901 - over the complexity limit, to be split into named steps
+def _check(
     predict,
     inputs,
     reference,
@@ -460,54 +456,108 @@ def _check(  # noqa: C901 - over the complexity limit, to be split into named st
     concurrent_rounds,
     max_workers,
 ) -> InvarianceReport:
+    """The check itself, on validated arguments: build or take the reference, run every
+    (batch size, order) and the concurrent rounds, and judge them."""
     rtol, atol, compute_dtype = closeness_args
     if reference is None:
-        full = predict(inputs) if limit >= n else None
-        if full is not None:
-            if not isinstance(full, Mapping):
-                raise CheckError(
-                    f"predict must return a dict of named arrays; Received {type(full).__name__}"
-                )
-            names = sorted(full)
-            reference = _call(lambda _: full, inputs, names, n)
-        else:
-            first = predict({k: v[:limit] for k, v in inputs.items()})
-            if not isinstance(first, Mapping):
-                raise CheckError(
-                    f"predict must return a dict of named arrays; Received {type(first).__name__}"
-                )
-            names = sorted(first)
-            reference = _chunked(predict, inputs, names, n, limit)
+        reference, names = _full_batch_reference(predict, inputs, n, limit)
         source = reference_name or "full-batch"
     else:
-        reference = {k: np.asarray(v) for k, v in reference.items()}
-        names = sorted(reference)
-        if _num_rows(reference, "reference") != n:
-            raise ValueError(
-                f"reference has {_num_rows(reference, 'reference')} rows but inputs have {n}"
-            )
+        reference, names = _given_reference(reference, n)
         source = reference_name or "given"
+    closeness = _closeness_for(reference, rtol, atol, compute_dtype)
+
+    rng = np.random.default_rng(seed)
+    perms = [np.arange(n)] + [rng.permutation(n) for _ in range(orders - 1)]
+    runs = _Runs(reference, names, closeness, allow_nonfinite)
+    for b in sizes:
+        for order, perm in enumerate(perms):
+            result, requests = _sequential_run(predict, inputs, names, reference, perm, b)
+            runs.record("sequential", b, order, requests, result)
+    if concurrent:
+        _concurrent_runs(
+            predict, inputs, names, reference, n, rng, runs, concurrent_rounds, max_workers
+        )
+
+    notes = []
+    if limit < n:
+        notes.append(
+            f"note: requests limited to the server's max_batch_size {limit} (of {n} examples)"
+        )
+    return InvarianceReport(
+        all(r.passed for r in runs.rows),
+        runs.rows,
+        n,
+        source,
+        closeness.atol,
+        closeness.rtol,
+        names,
+        _verdict(runs.rows, allow_nonfinite),
+        closeness.dtype,
+        closeness.source,
+        notes,
+    )
+
+
+def _require_dict(out) -> Mapping:
+    """`out`, if `predict` returned a dict (any Mapping) as it must."""
+    if not isinstance(out, Mapping):
+        raise CheckError(
+            f"predict must return a dict of named arrays; Received {type(out).__name__}"
+        )
+    return out
+
+
+def _full_batch_reference(predict: PredictFn, inputs, n: int, limit: int):
+    """`(reference, output names)`: `predict` on all the examples, in requests of at most
+    `limit` rows (a first request of `limit` rows tells the output names)."""
+    if limit >= n:
+        full = _require_dict(predict(inputs))
+        names = sorted(full)
+        return _call(lambda _: full, inputs, names, n), names
+    first = _require_dict(predict({k: v[:limit] for k, v in inputs.items()}))
+    names = sorted(first)
+    return _chunked(predict, inputs, names, n, limit), names
+
+
+def _given_reference(reference: Arrays, n: int):
+    """`(reference as arrays, output names)` after checking it has a row per example."""
+    reference = {k: np.asarray(v) for k, v in reference.items()}
+    if _num_rows(reference, "reference") != n:
+        raise ValueError(
+            f"reference has {_num_rows(reference, 'reference')} rows but inputs have {n}"
+        )
+    return reference, sorted(reference)
+
+
+def _closeness_for(reference: Arrays, rtol, atol, compute_dtype) -> Closeness:
+    """The tolerance of `compute_dtype`, else of low-precision reference outputs, else float32."""
     dtype = (
         compute_dtype
         or low_precision_of(np.asarray(v).dtype for v in reference.values())
         or "float32"
     )
-    closeness = Closeness.for_dtype(dtype, rtol, atol)
+    return Closeness.for_dtype(dtype, rtol, atol)
 
-    rng = np.random.default_rng(seed)
-    perms = [np.arange(n)] + [rng.permutation(n) for _ in range(orders - 1)]
-    rows: list[InvarianceRow] = []
-    first_run: list[dict] = []
 
-    def record(mode, b, order, requests, result):
+class _Runs:
+    """The report's rows: each run against the reference, and against the first run."""
+
+    def __init__(self, reference, names, closeness: Closeness, allow_nonfinite: bool):
+        self.reference, self.names = reference, names
+        self.closeness, self.allow_nonfinite = closeness, allow_nonfinite
+        self.rows: list[InvarianceRow] = []
+        self.first: dict | None = None
+
+    def record(self, mode: str, b: int, order: int, requests: int, result: dict) -> None:
         max_abs, max_rel, worst, worst_name, ratio, nonfinite = _deviation(
-            result, reference, names, closeness, allow_nonfinite
+            result, self.reference, self.names, self.closeness, self.allow_nonfinite
         )
-        if not first_run:
-            first_run.append(result)
-        spread = _deviation(result, first_run[0], names, closeness, True)[4]
-        bad_nonfinite = nonfinite and not allow_nonfinite
-        rows.append(
+        if self.first is None:
+            self.first = result
+        spread = _deviation(result, self.first, self.names, self.closeness, True)[4]
+        bad_nonfinite = nonfinite and not self.allow_nonfinite
+        self.rows.append(
             InvarianceRow(
                 mode,
                 b,
@@ -524,71 +574,63 @@ def _check(  # noqa: C901 - over the complexity limit, to be split into named st
             )
         )
 
-    for b in sizes:
-        for order, perm in enumerate(perms):
-            result = {k: np.empty_like(v, dtype=np.asarray(v).dtype) for k, v in reference.items()}
-            requests = 0
-            for start in range(0, n, b):
-                idx = perm[start : start + b]
-                out = _call(predict, {k: v[idx] for k, v in inputs.items()}, names, len(idx))
-                for k in names:
-                    result[k][idx] = out[k]
-                requests += 1
-            record("sequential", b, order, requests, result)
 
-    if concurrent:
-        # Waves of at most half the examples: a server batching everything in flight can
-        # then never rebuild the full batch the default reference came from.
-        wave = max(1, min(max_workers, (n + 1) // 2 if n > 1 else 1))
-        with ThreadPoolExecutor(wave) as pool:
-            for rnd in range(concurrent_rounds):
-                result = {k: np.empty_like(v) for k, v in reference.items()}
-                order = rng.permutation(n)
-                for start in range(0, n, wave):
-                    ids = order[start : start + wave]
-                    gate = threading.Barrier(len(ids))
+def _sequential_run(predict: PredictFn, inputs, names, reference, perm, b: int):
+    """`(answers in example order, requests sent)`: the examples in the order `perm`, `b`
+    rows per request."""
+    result = {k: np.empty_like(v, dtype=np.asarray(v).dtype) for k, v in reference.items()}
+    requests = 0
+    for start in range(0, len(perm), b):
+        idx = perm[start : start + b]
+        out = _call(predict, {k: v[idx] for k, v in inputs.items()}, names, len(idx))
+        for k in names:
+            result[k][idx] = out[k]
+        requests += 1
+    return result, requests
 
-                    def one(i, gate=gate):
-                        try:
-                            gate.wait(timeout=5)
-                        except threading.BrokenBarrierError:
-                            pass
-                        return i, _call(
-                            predict, {k: v[i : i + 1] for k, v in inputs.items()}, names, 1
-                        )
 
-                    for i, out in pool.map(one, ids):
-                        for k in names:
-                            result[k][i] = out[k][0]
-                record("concurrent", 1, rnd, n, result)
+def _concurrent_runs(
+    predict, inputs, names, reference, n: int, rng, runs: _Runs, rounds: int, max_workers: int
+):
+    """`rounds` runs of single-row requests, each in a random order, sent in waves."""
+    # Waves of at most half the examples: a server batching everything in flight can
+    # then never rebuild the full batch the default reference came from.
+    wave = max(1, min(max_workers, (n + 1) // 2 if n > 1 else 1))
+    with ThreadPoolExecutor(wave) as pool:
+        for rnd in range(rounds):
+            result = {k: np.empty_like(v) for k, v in reference.items()}
+            order = rng.permutation(n)
+            for start in range(0, n, wave):
+                ids = order[start : start + wave]
+                for i, out in _single_rows_at_once(pool, predict, inputs, names, ids):
+                    for k in names:
+                        result[k][i] = out[k][0]
+            runs.record("concurrent", 1, rnd, n, result)
 
-    passed = all(r.passed for r in rows)
-    if passed:
-        verdict = "invariant"
-    elif any(r.nonfinite for r in rows) and not allow_nonfinite:
-        verdict = "nonfinite"
-    elif all(r.spread_ratio <= 1.0 for r in rows):
-        verdict = "reference_mismatch"
-    else:
-        verdict = "batch_dependent"
-    notes = []
-    if limit < n:
-        notes.append(
-            f"note: requests limited to the server's max_batch_size {limit} (of {n} examples)"
-        )
-    return InvarianceReport(
-        passed,
-        rows,
-        n,
-        source,
-        closeness.atol,
-        closeness.rtol,
-        names,
-        verdict,
-        closeness.dtype,
-        closeness.source,
-        notes,
-    )
+
+def _single_rows_at_once(pool: ThreadPoolExecutor, predict, inputs, names, ids):
+    """`(i, answer)` for each example `i` in `ids`, each sent alone, all released together."""
+    gate = threading.Barrier(len(ids))
+
+    def one(i):
+        try:
+            gate.wait(timeout=5)
+        except threading.BrokenBarrierError:
+            pass
+        return i, _call(predict, {k: v[i : i + 1] for k, v in inputs.items()}, names, 1)
+
+    return pool.map(one, ids)
+
+
+def _verdict(rows: list[InvarianceRow], allow_nonfinite: bool) -> str:
+    """What the runs say: see VERDICTS and the module docstring."""
+    if all(r.passed for r in rows):
+        return "invariant"
+    if any(r.nonfinite for r in rows) and not allow_nonfinite:
+        return "nonfinite"
+    if all(r.spread_ratio <= 1.0 for r in rows):
+        return "reference_mismatch"
+    return "batch_dependent"
 
 
 # --- backends ---------------------------------------------------------------------------
