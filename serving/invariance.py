@@ -379,49 +379,23 @@ def check_batch_invariance(
     Raises:
       ValueError: bad arguments. CheckError: `predict` answered wrongly.
     """
-    if orders < 1:
-        raise ValueError(f"orders must be >= 1; Received: {orders}")
-    if atol < 0 or (rtol is not None and rtol < 0):
-        raise ValueError(f"atol and rtol must be >= 0; Received: atol={atol}, rtol={rtol}")
-    if concurrent_rounds < 1 or max_workers < 1:
-        raise ValueError(
-            "concurrent_rounds and max_workers must be >= 1; Received: "
-            f"{concurrent_rounds}, {max_workers}"
-        )
-    if max_batch_size is not None and (
-        not isinstance(max_batch_size, int | np.integer) or max_batch_size < 1
-    ):
-        raise ValueError(f"max_batch_size must be a positive integer; Received: {max_batch_size!r}")
+    _check_limits(orders, atol, rtol, concurrent_rounds, max_workers, max_batch_size)
     inputs = {k: np.asarray(v) for k, v in inputs.items()}
     n = _num_rows(inputs, "inputs")
     limit = n if max_batch_size is None else min(n, int(max_batch_size))
-    sizes = []
-    for b in batch_sizes:
-        if b is not None and (not isinstance(b, int | np.integer) or b < 1):
-            raise ValueError(
-                f"batch sizes must be positive integers or None (all); Received: {b!r}"
-            )
-        b = limit if b is None else min(int(b), limit)
-        if b not in sizes:
-            sizes.append(b)
+    sizes = _request_sizes(batch_sizes, limit)
     if not sizes and not concurrent:
         raise ValueError("nothing to check: pass at least one batch size or concurrent=True")
 
     from tfbn.progress import progress_bar
 
-    planned = sum(orders * -(-n // b) for b in sizes) + (n * concurrent_rounds if concurrent else 0)
-    planned += 0 if reference is not None else -(-n // limit) + (limit < n)
+    planned = _planned_requests(
+        sizes, orders, n, limit, concurrent_rounds if concurrent else 0, reference is None
+    )
     bar = progress_bar(planned, "tfbn check", progress, unit="req")
-    counted = predict
-
-    def predict(batch):  # noqa: F811 - the same callable, counted
-        out = counted(batch)
-        bar.update(1)
-        return out
-
     try:
         return _check(
-            predict,
+            _counted(predict, bar),
             inputs,
             reference,
             sizes,
@@ -438,6 +412,59 @@ def check_batch_invariance(
         )
     finally:
         bar.close()
+
+
+def _check_limits(orders, atol, rtol, concurrent_rounds, max_workers, max_batch_size) -> None:
+    """ValueError naming the first of check_batch_invariance's counts and tolerances that is out
+    of range."""
+    if orders < 1:
+        raise ValueError(f"orders must be >= 1; Received: {orders}")
+    if atol < 0 or (rtol is not None and rtol < 0):
+        raise ValueError(f"atol and rtol must be >= 0; Received: atol={atol}, rtol={rtol}")
+    if concurrent_rounds < 1 or max_workers < 1:
+        raise ValueError(
+            "concurrent_rounds and max_workers must be >= 1; Received: "
+            f"{concurrent_rounds}, {max_workers}"
+        )
+    if max_batch_size is not None and (
+        not isinstance(max_batch_size, int | np.integer) or max_batch_size < 1
+    ):
+        raise ValueError(f"max_batch_size must be a positive integer; Received: {max_batch_size!r}")
+
+
+def _request_sizes(batch_sizes: Sequence[int | None], limit: int) -> list[int]:
+    """The distinct rows per request, in the order given: None is `limit` (all the examples
+    or the server's limit), larger sizes are clipped to it."""
+    sizes = []
+    for b in batch_sizes:
+        if b is not None and (not isinstance(b, int | np.integer) or b < 1):
+            raise ValueError(
+                f"batch sizes must be positive integers or None (all); Received: {b!r}"
+            )
+        b = limit if b is None else min(int(b), limit)
+        if b not in sizes:
+            sizes.append(b)
+    return sizes
+
+
+def _planned_requests(
+    sizes: list[int], orders: int, n: int, limit: int, rounds: int, full_batch_reference: bool
+) -> int:
+    """How many requests the check sends: every (size, order) run, `rounds` concurrent
+    rounds of single rows, and the full-batch reference (plus its probe when chunked)."""
+    planned = sum(orders * -(-n // b) for b in sizes) + n * rounds
+    return planned + (-(-n // limit) + (limit < n) if full_batch_reference else 0)
+
+
+def _counted(predict: PredictFn, bar) -> PredictFn:
+    """`predict`, advancing the progress bar by one per request."""
+
+    def counted(batch):
+        out = predict(batch)
+        bar.update(1)
+        return out
+
+    return counted
 
 
 def _check(
