@@ -757,7 +757,7 @@ def _server_max_batch(err) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def run_check(  # noqa: C901 - over the complexity limit, to be split into named steps
+def run_check(
     model_path: str | None = None,
     *,
     rest: str | None = None,
@@ -806,93 +806,27 @@ def run_check(  # noqa: C901 - over the complexity limit, to be split into named
         raise ValueError("pass exactly one of a SavedModel path, --rest URL or --grpc target")
     if not isinstance(num_examples, int | np.integer) or num_examples < 1:
         raise ValueError(f"--num_examples must be a positive integer; Received: {num_examples!r}")
-    gold = None
-    if golden is not None:
-        gold = read_golden(golden)
-        if gold is None:
-            raise FileNotFoundError(
-                f"--golden {golden!r}: no golden file there (expected an .npz "
-                f"or a version directory with {GOLDEN_RELPATH})"
-            )
+    gold = None if golden is None else _golden_file(golden)
     if model_path is not None:
-        if version is not None or label is not None:
-            raise ValueError(
-                "--model_version / --model_version_label select versions on a server; "
-                "for a local SavedModel pass its version directory"
-            )
-        predict, version_dir = saved_model_predictor(model_path, signature_name, batching=batching)
-        sig = predict.servable.signature_defs[signature_name]  # type: ignore[attr-defined]
-        from tfbn.serving import _tensor
-
-        spec = {
-            k: (
-                _tensor.numpy_dtype(v.dtype),
-                None if v.tensor_shape.unknown_rank else [d.size for d in v.tensor_shape.dim],
-            )
-            for k, v in sig.inputs.items()
-        }
+        predict, spec, version_dir = _local_backend(
+            model_path, version, label, signature_name, batching
+        )
         if gold is None:
             gold = read_golden(version_dir)
-        if (
-            batching is not None
-            and max_batch_size is None
-            and not getattr(batching, "enable_large_batch_splitting", False)
-        ):
-            max_batch_size = int(batching.max_batch_size)
+        max_batch_size = _batching_limit(batching, max_batch_size)
     else:
-        if not model_name:
-            raise ValueError("--model_name is required with --rest / --grpc")
-        if batching is not None:
-            raise ValueError("batching is the server's business; configure it on the server")
-        from tfbn.serving.client import GrpcClient, RestClient
-
-        client_cls, address = (RestClient, rest) if rest is not None else (GrpcClient, grpc)
-        client = client_cls(
-            address,
-            model_name,
-            version=version,
-            label=label,
-            signature_name=signature_name,
-            timeout=timeout,
+        predict, spec = _server_backend(
+            rest, grpc, model_name, version, label, signature_name, batching, timeout
         )
-        metadata = client.metadata()
-        if signature_name not in metadata.signatures:
-            raise ValueError(
-                f"--signature_name {signature_name!r}: the served model has no such "
-                f"signature; it has {sorted(metadata.signatures)}"
-            )
-        sig_info = metadata.signature(signature_name)
-        spec = {
-            k: (v.numpy_dtype, None if v.shape is None else list(v.shape))
-            for k, v in sig_info.inputs.items()
-        }
-
-        def predict(batch):
-            return client.predict(batch)
-
-    compute_dtype = None
     if gold is not None:
-        inputs, reference = gold.inputs, gold.outputs
-        missing = sorted(set(spec) - set(inputs))
-        if missing:
-            raise ValueError(
-                f"the golden file has no inputs for {missing}; it has {sorted(inputs)}"
-            )
-        inputs = {k: inputs[k] for k in spec}
-        if rtol is None and "rtol" in gold.meta:
-            rtol = float(gold.meta["rtol"])
-            compute_dtype = gold.meta.get("compute_dtype")
-        name = "golden"
+        inputs, reference, name = _golden_examples(gold, spec), gold.outputs, "golden"
+        rtol, compute_dtype = _golden_tolerance(gold, rtol)
     else:
-        reference = None
-        name = None
+        reference, name, compute_dtype = None, None, None
         if inputs_file:
             inputs = _load_inputs_file(inputs_file)
         else:
             inputs = synthetic_inputs(spec, num_examples, seed)
-    source = None
-    if compute_dtype is not None:
-        source = f"golden file: the export gate's, {compute_dtype}"
 
     def check(limit):
         return check_batch_invariance(
@@ -914,16 +848,128 @@ def run_check(  # noqa: C901 - over the complexity limit, to be split into named
             progress=progress,
         )
 
+    try:
+        report = _within_the_servers_limit(check, max_batch_size)
+    finally:
+        servable = getattr(predict, "servable", None)
+        if servable is not None and batching is not None:
+            servable.close()
+    if compute_dtype is not None:
+        report.tolerance_source = f"golden file: the export gate's, {compute_dtype}"
+    return report
+
+
+def _golden_file(golden: str) -> Golden:
+    """The golden file `--golden` names (FileNotFoundError if there is none)."""
+    gold = read_golden(golden)
+    if gold is None:
+        raise FileNotFoundError(
+            f"--golden {golden!r}: no golden file there (expected an .npz "
+            f"or a version directory with {GOLDEN_RELPATH})"
+        )
+    return gold
+
+
+def _local_backend(model_path: str, version, label, signature_name: str, batching):
+    """`(predict, input spec, version directory)` of the SavedModel at `model_path`, run in
+    process; the spec is `{name: (numpy dtype, shape or None)}` as `synthetic_inputs` takes it."""
+    if version is not None or label is not None:
+        raise ValueError(
+            "--model_version / --model_version_label select versions on a server; "
+            "for a local SavedModel pass its version directory"
+        )
+    predict, version_dir = saved_model_predictor(model_path, signature_name, batching=batching)
+    sig = predict.servable.signature_defs[signature_name]  # type: ignore[attr-defined]
+    from tfbn.serving import _tensor
+
+    spec = {
+        k: (
+            _tensor.numpy_dtype(v.dtype),
+            None if v.tensor_shape.unknown_rank else [d.size for d in v.tensor_shape.dim],
+        )
+        for k, v in sig.inputs.items()
+    }
+    return predict, spec, version_dir
+
+
+def _batching_limit(batching, max_batch_size: int | None) -> int | None:
+    """`max_batch_size`, else the in-process batching's limit when it does not split batches."""
+    if (
+        batching is not None
+        and max_batch_size is None
+        and not getattr(batching, "enable_large_batch_splitting", False)
+    ):
+        return int(batching.max_batch_size)
+    return max_batch_size
+
+
+def _server_backend(rest, grpc, model_name, version, label, signature_name, batching, timeout):
+    """`(predict, input spec)` of the model a TF Serving serves over REST or gRPC; the spec
+    (as `_local_backend`'s) comes from the server's metadata."""
+    if not model_name:
+        raise ValueError("--model_name is required with --rest / --grpc")
+    if batching is not None:
+        raise ValueError("batching is the server's business; configure it on the server")
+    from tfbn.serving.client import GrpcClient, RestClient
+
+    client_cls, address = (RestClient, rest) if rest is not None else (GrpcClient, grpc)
+    client = client_cls(
+        address,
+        model_name,
+        version=version,
+        label=label,
+        signature_name=signature_name,
+        timeout=timeout,
+    )
+    metadata = client.metadata()
+    if signature_name not in metadata.signatures:
+        raise ValueError(
+            f"--signature_name {signature_name!r}: the served model has no such "
+            f"signature; it has {sorted(metadata.signatures)}"
+        )
+    sig_info = metadata.signature(signature_name)
+    spec = {
+        k: (v.numpy_dtype, None if v.shape is None else list(v.shape))
+        for k, v in sig_info.inputs.items()
+    }
+
+    def predict(batch):
+        return client.predict(batch)
+
+    return predict, spec
+
+
+def _golden_examples(gold: Golden, spec: Mapping) -> dict[str, np.ndarray]:
+    """The golden file's inputs the signature takes (ValueError if one is missing)."""
+    missing = sorted(set(spec) - set(gold.inputs))
+    if missing:
+        raise ValueError(
+            f"the golden file has no inputs for {missing}; it has {sorted(gold.inputs)}"
+        )
+    return {k: gold.inputs[k] for k in spec}
+
+
+def _golden_tolerance(gold: Golden, rtol: float | None) -> tuple[float | None, str | None]:
+    """`(rtol, compute_dtype)`: the export gate's, as the golden file records them, unless
+    `rtol` is given (then `(rtol, None)`)."""
+    if rtol is None and "rtol" in gold.meta:
+        return float(gold.meta["rtol"]), gold.meta.get("compute_dtype")
+    return rtol, None
+
+
+def _within_the_servers_limit(check: Callable[[int | None], InvarianceReport], max_batch_size):
+    """`check(max_batch_size)`; if the server refuses a batch as larger than its limit, once
+    more within that limit. A refusal that remains says which options avoid it."""
     from tfbn.serving.client import TFServingError
 
     try:
         try:
-            report = check(max_batch_size)
+            return check(max_batch_size)
         except TFServingError as err:
             limit = _server_max_batch(err)
             if limit is None or (max_batch_size is not None and limit >= max_batch_size):
                 raise
-            report = check(limit)
+            return check(limit)
     except TFServingError as err:
         limit = _server_max_batch(err)
         if limit is not None:
@@ -933,10 +979,3 @@ def run_check(  # noqa: C901 - over the complexity limit, to be split into named
             )
             err.args = (f"{err.args[0]} (pass --max_batch_size {limit} or --num_examples {limit})",)
         raise
-    finally:
-        servable = getattr(predict, "servable", None)
-        if servable is not None and batching is not None:
-            servable.close()
-    if source is not None:
-        report.tolerance_source = source
-    return report
