@@ -435,27 +435,32 @@ def _stack_instances(key: str, items: list, dt: int, objects: bool, fast: bool) 
     whole = _fast_tensor(items, dt) if fast else None  # every row in one NumPy call
     if whole is not None and whole.ndim >= 1:
         return whole
-    rows = []
+    rows: list[np.ndarray] = []
     for i, item in enumerate(items):
         try:
-            rows.append(json_tensor(item, dt))
+            row = json_tensor(item, dt)
+            if rows:
+                _check_like_the_first(rows[0], row)
         except ServingError as err:
             where = f"{i} key: {key}" if objects else f"{i}"
             raise error(
                 "INVALID_ARGUMENT",
                 f"Failed to process element: {where} of 'instances' list. Error: {err}",
             ) from None
-    shapes = {r.shape for r in rows}
-    if len(shapes) > 1:
-        first = rows[0].shape
-        bad = next(r.shape for r in rows if r.shape != first)
+        rows.append(row)
+    return np.stack(rows) if rows else np.zeros((0,))
+
+
+def _check_like_the_first(first: np.ndarray, row: np.ndarray) -> None:
+    """An instance's tensor must have the first one's size, then its shape (AddInstanceItem)."""
+    if row.size != first.size:
+        raise error("INVALID_ARGUMENT", f"Expecting tensor size: {first.size} but got: {row.size}")
+    if row.shape != first.shape:
         raise error(
             "INVALID_ARGUMENT",
-            f"Failed to process element: 1 of 'instances' list. "
-            f"Error: INVALID_ARGUMENT: Expecting shape [{','.join(map(str, first))}] but "
-            f"got: [{','.join(map(str, bad))}]",
+            f"Expecting shape [{','.join(map(str, first.shape))}] but "
+            f"got: [{','.join(map(str, row.shape))}]",
         )
-    return np.stack(rows) if rows else np.zeros((0,))
 
 
 def _columnar_format(val, infos, fast: bool) -> dict[str, np.ndarray]:

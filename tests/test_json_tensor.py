@@ -178,3 +178,53 @@ def test_the_signature_name_is_what_the_input_map_is_asked_for():
     parse({"signature_name": "predict_images", "instances": [1.0]}, sig_inputs_of)
     parse({"instances": [1.0]}, sig_inputs_of)
     assert asked == ["predict_images", ""]
+
+
+@pytest.mark.parametrize(
+    "instances,infos,expected",
+    [
+        # TF Serving's json_tensor_test.cc: a size that differs is reported as a size
+        (
+            [[1, 2], [3, 4], [5, 6, 7]],
+            ONE,
+            "Failed to process element: 2 of 'instances' list. Error: INVALID_ARGUMENT: "
+            "Expecting tensor size: 2 but got: 3",
+        ),
+        (
+            [[1, 2], [3, 4], [[5, 6]]],
+            ONE,
+            "Failed to process element: 2 of 'instances' list. Error: INVALID_ARGUMENT: "
+            "Expecting shape [2] but got: [1,2]",
+        ),
+        (
+            [1, [1]],
+            ONE,
+            "Failed to process element: 1 of 'instances' list. Error: INVALID_ARGUMENT: "
+            "Expecting shape [] but got: [1]",
+        ),
+        (
+            [[], [1.0]],
+            ONE,
+            "Failed to process element: 1 of 'instances' list. Error: INVALID_ARGUMENT: "
+            "Expecting tensor size: 0 but got: 1",
+        ),
+        # objects: the element and the key
+        (
+            [{"a": [1.0], "b": 1}, {"a": [1.0], "b": 2}, {"a": [1.0, 2.0], "b": 3}],
+            TWO,
+            "Failed to process element: 2 key: a of 'instances' list. Error: INVALID_ARGUMENT: "
+            "Expecting tensor size: 1 but got: 2",
+        ),
+        # element by element, as TF Serving: the first bad element is reported, whatever is wrong
+        (
+            [[1.0], [1.0, 2.0], ["x"]],
+            ONE,
+            "Failed to process element: 1 of 'instances' list. Error: INVALID_ARGUMENT: "
+            "Expecting tensor size: 1 but got: 2",
+        ),
+    ],
+)
+def test_instances_of_different_shapes_name_the_element_and_what_differs(
+    instances, infos, expected
+):
+    assert message({"instances": instances}, infos) == expected
