@@ -67,10 +67,12 @@ def _rpc(method):
             status = err.code.name
             context.abort(err.code, err.message)
         except ValueError as err:
+            status = "INVALID_ARGUMENT"
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except Exception as err:  # noqa: BLE001 - the server keeps serving
             if isinstance(err, grpc.RpcError) or type(err).__name__ == "_AbortError":
                 raise
+            status = "INTERNAL"
             log.exception("gRPC %s failed", method.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
         finally:

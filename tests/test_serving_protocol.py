@@ -327,6 +327,35 @@ def test_grpc_status_codes_of_the_servicers(server, stub, monkeypatch):
     channel.close()
 
 
+def test_grpc_request_count_has_the_status_the_client_got(server, stub, monkeypatch):
+    """The request_count metric's status label is the code the call was answered with,
+    also when a ValueError or an unexpected exception became that code (as over REST)."""
+
+    def count(status):
+        value = server.metrics.registry.get_sample_value(
+            ":tensorflow:serving:request_count_total",
+            {"model_name": "default", "status": status},
+        )
+        return value or 0.0
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "default"
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto([1.0]))
+    for raised, code in [
+        (ValueError("bad value"), grpc.StatusCode.INVALID_ARGUMENT),
+        (RuntimeError("a bug"), grpc.StatusCode.INTERNAL),
+    ]:
+
+        def fail(*args, raised=raised):
+            raise raised
+
+        monkeypatch.setattr(server.manager, "use", fail)
+        before = {s: count(s) for s in (code.name, "UNKNOWN")}
+        assert _rpc_error(stub.Predict, request)[0] == code
+        assert count(code.name) == before[code.name] + 1
+        assert count("UNKNOWN") == before["UNKNOWN"]
+
+
 # --- REST :classify / :regress -----------------------------------------------------------
 
 
