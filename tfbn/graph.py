@@ -234,7 +234,7 @@ def _consecutive_edges(model) -> list[tuple]:
     layers = list(model.layers)
     edges = []
     for a, b in zip(layers, layers[1:], strict=False):
-        for p in _producers(a, None) if not isinstance(a, keras.Model) else [a]:
+        for p in _producers(a, None):
             edges.extend((p, c) for c in _consumers(b))
     return edges
 
