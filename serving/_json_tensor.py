@@ -321,7 +321,7 @@ def _is_element_object(v) -> bool:
     return isinstance(v, dict) and not (set(v) == {"b64"} and isinstance(v.get("b64"), str))
 
 
-def parse_predict_json(body: bytes, sig_inputs_of) -> tuple[str, dict[str, np.ndarray], str]:  # noqa: C901 - over the complexity limit, to be split into named steps
+def parse_predict_json(body: bytes, sig_inputs_of) -> tuple[str, dict[str, np.ndarray], str]:
     """Parse a REST predict body into (signature_name, named arrays, "row"|"columnar").
 
     `sig_inputs_of(signature_name)` returns the SignatureDef's inputs map (name -> TensorInfo).
@@ -330,6 +330,27 @@ def parse_predict_json(body: bytes, sig_inputs_of) -> tuple[str, dict[str, np.nd
     # NumPy would read true/false among numbers as 1/0; TF Serving rejects them, so a body
     # that holds either word anywhere takes the element-by-element walk.
     fast = b"true" not in body and b"false" not in body
+    sig = _signature_name(doc)
+    infos = sig_inputs_of(sig)
+    if not infos:
+        raise error(
+            "INVALID_ARGUMENT", f"Failed to get input map for signature: {sig or 'DEFAULT'}"
+        )
+    if "instances" in doc and "inputs" in doc:
+        raise error(
+            "INVALID_ARGUMENT",
+            "JSON Value: {...} Not formatted correctly expecting only one "
+            "of 'inputs' or 'instances' keys to exist ",
+        )
+    if "instances" in doc:
+        return sig, _row_format(doc["instances"], infos, fast), "row"
+    if "inputs" in doc:
+        return sig, _columnar_format(doc["inputs"], infos, fast), "columnar"
+    raise error("INVALID_ARGUMENT", "Missing 'inputs' or 'instances' key")
+
+
+def _signature_name(doc) -> str:
+    """The request's "signature_name" ("" when absent); the document must be an object."""
     if not isinstance(doc, dict):
         raise error("INVALID_ARGUMENT", f"JSON Value: {_preview(doc)} Is not object")
     sig = doc.get("signature_name", "")
@@ -339,118 +360,134 @@ def parse_predict_json(body: bytes, sig_inputs_of) -> tuple[str, dict[str, np.nd
             f"JSON Value: {_preview(doc)} not formatted correctly. "
             "'signature_name' key must be a string value.",
         )
-    infos = sig_inputs_of(sig)
-    if not infos:
-        raise error(
-            "INVALID_ARGUMENT", f"Failed to get input map for signature: {sig or 'DEFAULT'}"
-        )
+    return sig
+
+
+def _row_format(inst, infos, fast: bool) -> dict[str, np.ndarray]:
+    """The "instances" list (TF Serving's FillTensorMapFromInstancesList): a plain list for
+    a single input, else a list of objects with one key per input; the rows of each input
+    stacked into one array."""
     names = sorted(infos)
-    if "instances" in doc and "inputs" in doc:
+    if not isinstance(inst, list):
+        raise error(
+            "INVALID_ARGUMENT", "JSON Value: {...} Excepting 'instances' to be an list/array"
+        )
+    if not inst:
+        raise error("INVALID_ARGUMENT", "JSON Value: {...} No values in 'instances' array")
+    if not isinstance(inst[0], dict) and len(names) > 1:
         raise error(
             "INVALID_ARGUMENT",
-            "JSON Value: {...} Not formatted correctly expecting only one "
-            "of 'inputs' or 'instances' keys to exist ",
+            "instances is a plain list, but expecting list of objects "
+            "as multiple input tensors required as per tensorinfo_map",
         )
-    if "instances" in doc:
-        inst = doc["instances"]
-        if not isinstance(inst, list):
-            raise error(
-                "INVALID_ARGUMENT", "JSON Value: {...} Excepting 'instances' to be an list/array"
-            )
-        if not inst:
-            raise error("INVALID_ARGUMENT", "JSON Value: {...} No values in 'instances' array")
-        objects = _is_element_object(inst[0])
-        if not isinstance(inst[0], dict) and len(names) > 1:
+    objects = _is_element_object(inst[0])
+    columns = _instance_columns(inst, infos, names, objects)
+    return {
+        key: _stack_instances(key, items, infos[key].dtype, objects, fast)
+        for key, items in columns.items()
+    }
+
+
+def _instance_columns(inst: list, infos, names: list[str], objects: bool) -> dict[str, list]:
+    """The instances' values by input name, after checking every element has the first
+    one's form (an object with exactly the inputs as keys, or a value/list)."""
+    columns: dict[str, list] = {n: [] for n in names}
+    for i, elem in enumerate(inst):
+        if objects:
+            _check_instance_object(i, elem, infos, names)
+            for key in names:
+                columns[key].append(elem[key])
+        else:
+            if _is_element_object(elem):
+                raise error(
+                    "INVALID_ARGUMENT",
+                    f"Expecting value/list but got object at item {i} of input list",
+                )
+            columns[names[0]].append(elem)
+    return columns
+
+
+def _check_instance_object(i: int, elem, infos, names: list[str]) -> None:
+    if not _is_element_object(elem):
+        raise error(
+            "INVALID_ARGUMENT",
+            f"Expecting object but got list at item {i} of input list",
+        )
+    for key in elem:
+        if key not in infos:
             raise error(
                 "INVALID_ARGUMENT",
-                "instances is a plain list, but expecting list of objects "
-                "as multiple input tensors required as per tensorinfo_map",
+                f"Failed to process element: {i} key: {key} of "
+                f"'instances' list. Error: INVALID_ARGUMENT: JSON object: does not "
+                f"have named input: {key}",
             )
-        columns: dict[str, list] = {n: [] for n in names}
-        for i, elem in enumerate(inst):
-            if objects:
-                if not _is_element_object(elem):
-                    raise error(
-                        "INVALID_ARGUMENT",
-                        f"Expecting object but got list at item {i} of input list",
-                    )
-                for key in elem:
-                    if key not in infos:
-                        raise error(
-                            "INVALID_ARGUMENT",
-                            f"Failed to process element: {i} key: {key} of "
-                            f"'instances' list. Error: INVALID_ARGUMENT: JSON object: does not "
-                            f"have named input: {key}",
-                        )
-                if set(elem) != set(names):
-                    raise error(
-                        "INVALID_ARGUMENT",
-                        f"Failed to process element: {i} of 'instances' list. "
-                        f"JSON object: {_preview(elem)} keys must be equal to: "
-                        f"{','.join(names)}",
-                    )
-                for key in names:
-                    columns[key].append(elem[key])
-            else:
-                if _is_element_object(elem):
-                    raise error(
-                        "INVALID_ARGUMENT",
-                        f"Expecting value/list but got object at item {i} of input list",
-                    )
-                columns[names[0]].append(elem)
-        arrays = {}
-        for key, items in columns.items():
-            dt = infos[key].dtype
-            whole = _fast_tensor(items, dt) if fast else None  # every row in one NumPy call
-            if whole is not None and whole.ndim >= 1:
-                arrays[key] = whole
-                continue
-            rows = []
-            for i, item in enumerate(items):
-                try:
-                    rows.append(json_tensor(item, dt))
-                except ServingError as err:
-                    where = f"{i} key: {key}" if objects else f"{i}"
-                    raise error(
-                        "INVALID_ARGUMENT",
-                        f"Failed to process element: {where} of 'instances' list. Error: {err}",
-                    ) from None
-            shapes = {r.shape for r in rows}
-            if len(shapes) > 1:
-                first = rows[0].shape
-                bad = next(r.shape for r in rows if r.shape != first)
-                raise error(
-                    "INVALID_ARGUMENT",
-                    f"Failed to process element: 1 of 'instances' list. "
-                    f"Error: INVALID_ARGUMENT: Expecting shape [{','.join(map(str, first))}] but "
-                    f"got: [{','.join(map(str, bad))}]",
-                )
-            arrays[key] = np.stack(rows) if rows else np.zeros((0,))
-        return sig, arrays, "row"
-    if "inputs" in doc:
-        val = doc["inputs"]
-        if not isinstance(val, dict) or not _is_element_object(val):
-            if len(names) > 1:
-                raise error(
-                    "INVALID_ARGUMENT",
-                    "inputs is a plain value/list, but expecting an object as "
-                    "multiple input tensors required as per tensorinfo_map",
-                )
-            return sig, {names[0]: json_tensor(val, infos[names[0]].dtype, fast)}, "columnar"
-        arrays = {}
-        for key in names:
-            if key not in val:
-                raise error("INVALID_ARGUMENT", f"Missing named input: {key} in 'inputs' object.")
-            arrays[key] = json_tensor(val[key], infos[key].dtype, fast)
-        for key in val:
-            if key not in infos:
-                raise error(
-                    "INVALID_ARGUMENT",
-                    f"input tensor alias not found in signature: {key}. "
-                    f"Inputs expected to be in the set {{{','.join(names)}}}.",
-                )
-        return sig, arrays, "columnar"
-    raise error("INVALID_ARGUMENT", "Missing 'inputs' or 'instances' key")
+    if set(elem) != set(names):
+        raise error(
+            "INVALID_ARGUMENT",
+            f"Failed to process element: {i} of 'instances' list. "
+            f"JSON object: {_preview(elem)} keys must be equal to: "
+            f"{','.join(names)}",
+        )
+
+
+def _stack_instances(key: str, items: list, dt: int, objects: bool, fast: bool) -> np.ndarray:
+    """One input's values of every instance as one array (first dimension: the instances)."""
+    whole = _fast_tensor(items, dt) if fast else None  # every row in one NumPy call
+    if whole is not None and whole.ndim >= 1:
+        return whole
+    rows: list[np.ndarray] = []
+    for i, item in enumerate(items):
+        try:
+            row = json_tensor(item, dt)
+            if rows:
+                _check_like_the_first(rows[0], row)
+        except ServingError as err:
+            where = f"{i} key: {key}" if objects else f"{i}"
+            raise error(
+                "INVALID_ARGUMENT",
+                f"Failed to process element: {where} of 'instances' list. Error: {err}",
+            ) from None
+        rows.append(row)
+    return np.stack(rows) if rows else np.zeros((0,))
+
+
+def _check_like_the_first(first: np.ndarray, row: np.ndarray) -> None:
+    """An instance's tensor must have the first one's size, then its shape (AddInstanceItem)."""
+    if row.size != first.size:
+        raise error("INVALID_ARGUMENT", f"Expecting tensor size: {first.size} but got: {row.size}")
+    if row.shape != first.shape:
+        raise error(
+            "INVALID_ARGUMENT",
+            f"Expecting shape [{','.join(map(str, first.shape))}] but "
+            f"got: [{','.join(map(str, row.shape))}]",
+        )
+
+
+def _columnar_format(val, infos, fast: bool) -> dict[str, np.ndarray]:
+    """The "inputs" value (TF Serving's FillTensorMapFromInputsMap): the tensor itself for
+    a single input (a value, a list or a b64 object), else an object by input name."""
+    names = sorted(infos)
+    if not _is_element_object(val):
+        if len(names) > 1:
+            raise error(
+                "INVALID_ARGUMENT",
+                "inputs is a plain value/list, but expecting an object as "
+                "multiple input tensors required as per tensorinfo_map",
+            )
+        return {names[0]: json_tensor(val, infos[names[0]].dtype, fast)}
+    arrays = {}
+    for key in names:
+        if key not in val:
+            raise error("INVALID_ARGUMENT", f"Missing named input: {key} in 'inputs' object.")
+        arrays[key] = json_tensor(val[key], infos[key].dtype, fast)
+    for key in val:
+        if key not in infos:
+            raise error(
+                "INVALID_ARGUMENT",
+                f"input tensor alias not found in signature: {key}. "
+                f"Inputs expected to be in the set {{{','.join(names)}}}.",
+            )
+    return arrays
 
 
 def predict_json(outputs: dict[str, np.ndarray], fmt: str) -> str:

@@ -304,11 +304,7 @@ def _deviation(
 
 
 def _call(predict: PredictFn, batch: dict[str, np.ndarray], names: list[str], n: int):
-    out = predict(batch)
-    if not isinstance(out, Mapping):
-        raise CheckError(
-            f"predict must return a dict of named arrays; Received {type(out).__name__}"
-        )
+    out = _require_dict(predict(batch))
     missing = [k for k in names if k not in out]
     if missing:
         raise CheckError(f"predict did not return outputs {missing}; it returned {sorted(out)}")
@@ -383,49 +379,23 @@ def check_batch_invariance(
     Raises:
       ValueError: bad arguments. CheckError: `predict` answered wrongly.
     """
-    if orders < 1:
-        raise ValueError(f"orders must be >= 1; Received: {orders}")
-    if atol < 0 or (rtol is not None and rtol < 0):
-        raise ValueError(f"atol and rtol must be >= 0; Received: atol={atol}, rtol={rtol}")
-    if concurrent_rounds < 1 or max_workers < 1:
-        raise ValueError(
-            "concurrent_rounds and max_workers must be >= 1; Received: "
-            f"{concurrent_rounds}, {max_workers}"
-        )
-    if max_batch_size is not None and (
-        not isinstance(max_batch_size, int | np.integer) or max_batch_size < 1
-    ):
-        raise ValueError(f"max_batch_size must be a positive integer; Received: {max_batch_size!r}")
+    _check_limits(orders, atol, rtol, concurrent_rounds, max_workers, max_batch_size)
     inputs = {k: np.asarray(v) for k, v in inputs.items()}
     n = _num_rows(inputs, "inputs")
     limit = n if max_batch_size is None else min(n, int(max_batch_size))
-    sizes = []
-    for b in batch_sizes:
-        if b is not None and (not isinstance(b, int | np.integer) or b < 1):
-            raise ValueError(
-                f"batch sizes must be positive integers or None (all); Received: {b!r}"
-            )
-        b = limit if b is None else min(int(b), limit)
-        if b not in sizes:
-            sizes.append(b)
+    sizes = _request_sizes(batch_sizes, limit)
     if not sizes and not concurrent:
         raise ValueError("nothing to check: pass at least one batch size or concurrent=True")
 
     from tfbn.progress import progress_bar
 
-    planned = sum(orders * -(-n // b) for b in sizes) + (n * concurrent_rounds if concurrent else 0)
-    planned += 0 if reference is not None else -(-n // limit) + (limit < n)
+    planned = _planned_requests(
+        sizes, orders, n, limit, concurrent_rounds if concurrent else 0, reference is None
+    )
     bar = progress_bar(planned, "tfbn check", progress, unit="req")
-    counted = predict
-
-    def predict(batch):  # noqa: F811 - the same callable, counted
-        out = counted(batch)
-        bar.update(1)
-        return out
-
     try:
         return _check(
-            predict,
+            _counted(predict, bar),
             inputs,
             reference,
             sizes,
@@ -444,7 +414,60 @@ def check_batch_invariance(
         bar.close()
 
 
-def _check(  # noqa: C901 - over the complexity limit, to be split into named steps
+def _check_limits(orders, atol, rtol, concurrent_rounds, max_workers, max_batch_size) -> None:
+    """ValueError naming the first of check_batch_invariance's counts and tolerances that is out
+    of range."""
+    if orders < 1:
+        raise ValueError(f"orders must be >= 1; Received: {orders}")
+    if atol < 0 or (rtol is not None and rtol < 0):
+        raise ValueError(f"atol and rtol must be >= 0; Received: atol={atol}, rtol={rtol}")
+    if concurrent_rounds < 1 or max_workers < 1:
+        raise ValueError(
+            "concurrent_rounds and max_workers must be >= 1; Received: "
+            f"{concurrent_rounds}, {max_workers}"
+        )
+    if max_batch_size is not None and (
+        not isinstance(max_batch_size, int | np.integer) or max_batch_size < 1
+    ):
+        raise ValueError(f"max_batch_size must be a positive integer; Received: {max_batch_size!r}")
+
+
+def _request_sizes(batch_sizes: Sequence[int | None], limit: int) -> list[int]:
+    """The distinct rows per request, in the order given: None is `limit` (all the examples
+    or the server's limit), larger sizes are clipped to it."""
+    sizes = []
+    for b in batch_sizes:
+        if b is not None and (not isinstance(b, int | np.integer) or b < 1):
+            raise ValueError(
+                f"batch sizes must be positive integers or None (all); Received: {b!r}"
+            )
+        b = limit if b is None else min(int(b), limit)
+        if b not in sizes:
+            sizes.append(b)
+    return sizes
+
+
+def _planned_requests(
+    sizes: list[int], orders: int, n: int, limit: int, rounds: int, full_batch_reference: bool
+) -> int:
+    """How many requests the check sends: every (size, order) run, `rounds` concurrent
+    rounds of single rows, and the full-batch reference (plus its probe when chunked)."""
+    planned = sum(orders * -(-n // b) for b in sizes) + n * rounds
+    return planned + (-(-n // limit) + (limit < n) if full_batch_reference else 0)
+
+
+def _counted(predict: PredictFn, bar) -> PredictFn:
+    """`predict`, advancing the progress bar by one per request."""
+
+    def counted(batch):
+        out = predict(batch)
+        bar.update(1)
+        return out
+
+    return counted
+
+
+def _check(
     predict,
     inputs,
     reference,
@@ -460,54 +483,108 @@ def _check(  # noqa: C901 - over the complexity limit, to be split into named st
     concurrent_rounds,
     max_workers,
 ) -> InvarianceReport:
+    """The check itself, on validated arguments: build or take the reference, run every
+    (batch size, order) and the concurrent rounds, and judge them."""
     rtol, atol, compute_dtype = closeness_args
     if reference is None:
-        full = predict(inputs) if limit >= n else None
-        if full is not None:
-            if not isinstance(full, Mapping):
-                raise CheckError(
-                    f"predict must return a dict of named arrays; Received {type(full).__name__}"
-                )
-            names = sorted(full)
-            reference = _call(lambda _: full, inputs, names, n)
-        else:
-            first = predict({k: v[:limit] for k, v in inputs.items()})
-            if not isinstance(first, Mapping):
-                raise CheckError(
-                    f"predict must return a dict of named arrays; Received {type(first).__name__}"
-                )
-            names = sorted(first)
-            reference = _chunked(predict, inputs, names, n, limit)
+        reference, names = _full_batch_reference(predict, inputs, n, limit)
         source = reference_name or "full-batch"
     else:
-        reference = {k: np.asarray(v) for k, v in reference.items()}
-        names = sorted(reference)
-        if _num_rows(reference, "reference") != n:
-            raise ValueError(
-                f"reference has {_num_rows(reference, 'reference')} rows but inputs have {n}"
-            )
+        reference, names = _given_reference(reference, n)
         source = reference_name or "given"
+    closeness = _closeness_for(reference, rtol, atol, compute_dtype)
+
+    rng = np.random.default_rng(seed)
+    perms = [np.arange(n)] + [rng.permutation(n) for _ in range(orders - 1)]
+    runs = _Runs(reference, names, closeness, allow_nonfinite)
+    for b in sizes:
+        for order, perm in enumerate(perms):
+            result, requests = _sequential_run(predict, inputs, names, reference, perm, b)
+            runs.record("sequential", b, order, requests, result)
+    if concurrent:
+        _concurrent_runs(
+            predict, inputs, names, reference, n, rng, runs, concurrent_rounds, max_workers
+        )
+
+    notes = []
+    if limit < n:
+        notes.append(
+            f"note: requests limited to the server's max_batch_size {limit} (of {n} examples)"
+        )
+    return InvarianceReport(
+        all(r.passed for r in runs.rows),
+        runs.rows,
+        n,
+        source,
+        closeness.atol,
+        closeness.rtol,
+        names,
+        _verdict(runs.rows, allow_nonfinite),
+        closeness.dtype,
+        closeness.source,
+        notes,
+    )
+
+
+def _require_dict(out) -> Mapping:
+    """`out`, if `predict` returned a dict (any Mapping) as it must."""
+    if not isinstance(out, Mapping):
+        raise CheckError(
+            f"predict must return a dict of named arrays; Received {type(out).__name__}"
+        )
+    return out
+
+
+def _full_batch_reference(predict: PredictFn, inputs, n: int, limit: int):
+    """`(reference, output names)`: `predict` on all the examples, in requests of at most
+    `limit` rows (a first request of `limit` rows tells the output names)."""
+    if limit >= n:
+        full = _require_dict(predict(inputs))
+        names = sorted(full)
+        return _call(lambda _: full, inputs, names, n), names
+    first = _require_dict(predict({k: v[:limit] for k, v in inputs.items()}))
+    names = sorted(first)
+    return _chunked(predict, inputs, names, n, limit), names
+
+
+def _given_reference(reference: Arrays, n: int):
+    """`(reference as arrays, output names)` after checking it has a row per example."""
+    reference = {k: np.asarray(v) for k, v in reference.items()}
+    if _num_rows(reference, "reference") != n:
+        raise ValueError(
+            f"reference has {_num_rows(reference, 'reference')} rows but inputs have {n}"
+        )
+    return reference, sorted(reference)
+
+
+def _closeness_for(reference: Arrays, rtol, atol, compute_dtype) -> Closeness:
+    """The tolerance of `compute_dtype`, else of low-precision reference outputs, else float32."""
     dtype = (
         compute_dtype
         or low_precision_of(np.asarray(v).dtype for v in reference.values())
         or "float32"
     )
-    closeness = Closeness.for_dtype(dtype, rtol, atol)
+    return Closeness.for_dtype(dtype, rtol, atol)
 
-    rng = np.random.default_rng(seed)
-    perms = [np.arange(n)] + [rng.permutation(n) for _ in range(orders - 1)]
-    rows: list[InvarianceRow] = []
-    first_run: list[dict] = []
 
-    def record(mode, b, order, requests, result):
+class _Runs:
+    """The report's rows: each run against the reference, and against the first run."""
+
+    def __init__(self, reference, names, closeness: Closeness, allow_nonfinite: bool):
+        self.reference, self.names = reference, names
+        self.closeness, self.allow_nonfinite = closeness, allow_nonfinite
+        self.rows: list[InvarianceRow] = []
+        self.first: dict | None = None
+
+    def record(self, mode: str, b: int, order: int, requests: int, result: dict) -> None:
         max_abs, max_rel, worst, worst_name, ratio, nonfinite = _deviation(
-            result, reference, names, closeness, allow_nonfinite
+            result, self.reference, self.names, self.closeness, self.allow_nonfinite
         )
-        if not first_run:
-            first_run.append(result)
-        spread = _deviation(result, first_run[0], names, closeness, True)[4]
-        bad_nonfinite = nonfinite and not allow_nonfinite
-        rows.append(
+        if self.first is None:
+            self.first = result
+        spread = _deviation(result, self.first, self.names, self.closeness, True)[4]
+        bad_nonfinite = nonfinite and not self.allow_nonfinite
+        self.rows.append(
             InvarianceRow(
                 mode,
                 b,
@@ -524,71 +601,63 @@ def _check(  # noqa: C901 - over the complexity limit, to be split into named st
             )
         )
 
-    for b in sizes:
-        for order, perm in enumerate(perms):
-            result = {k: np.empty_like(v, dtype=np.asarray(v).dtype) for k, v in reference.items()}
-            requests = 0
-            for start in range(0, n, b):
-                idx = perm[start : start + b]
-                out = _call(predict, {k: v[idx] for k, v in inputs.items()}, names, len(idx))
-                for k in names:
-                    result[k][idx] = out[k]
-                requests += 1
-            record("sequential", b, order, requests, result)
 
-    if concurrent:
-        # Waves of at most half the examples: a server batching everything in flight can
-        # then never rebuild the full batch the default reference came from.
-        wave = max(1, min(max_workers, (n + 1) // 2 if n > 1 else 1))
-        with ThreadPoolExecutor(wave) as pool:
-            for rnd in range(concurrent_rounds):
-                result = {k: np.empty_like(v) for k, v in reference.items()}
-                order = rng.permutation(n)
-                for start in range(0, n, wave):
-                    ids = order[start : start + wave]
-                    gate = threading.Barrier(len(ids))
+def _sequential_run(predict: PredictFn, inputs, names, reference, perm, b: int):
+    """`(answers in example order, requests sent)`: the examples in the order `perm`, `b`
+    rows per request."""
+    result = {k: np.empty_like(v, dtype=np.asarray(v).dtype) for k, v in reference.items()}
+    requests = 0
+    for start in range(0, len(perm), b):
+        idx = perm[start : start + b]
+        out = _call(predict, {k: v[idx] for k, v in inputs.items()}, names, len(idx))
+        for k in names:
+            result[k][idx] = out[k]
+        requests += 1
+    return result, requests
 
-                    def one(i, gate=gate):
-                        try:
-                            gate.wait(timeout=5)
-                        except threading.BrokenBarrierError:
-                            pass
-                        return i, _call(
-                            predict, {k: v[i : i + 1] for k, v in inputs.items()}, names, 1
-                        )
 
-                    for i, out in pool.map(one, ids):
-                        for k in names:
-                            result[k][i] = out[k][0]
-                record("concurrent", 1, rnd, n, result)
+def _concurrent_runs(
+    predict, inputs, names, reference, n: int, rng, runs: _Runs, rounds: int, max_workers: int
+):
+    """`rounds` runs of single-row requests, each in a random order, sent in waves."""
+    # Waves of at most half the examples: a server batching everything in flight can
+    # then never rebuild the full batch the default reference came from.
+    wave = max(1, min(max_workers, (n + 1) // 2 if n > 1 else 1))
+    with ThreadPoolExecutor(wave) as pool:
+        for rnd in range(rounds):
+            result = {k: np.empty_like(v) for k, v in reference.items()}
+            order = rng.permutation(n)
+            for start in range(0, n, wave):
+                ids = order[start : start + wave]
+                for i, out in _single_rows_at_once(pool, predict, inputs, names, ids):
+                    for k in names:
+                        result[k][i] = out[k][0]
+            runs.record("concurrent", 1, rnd, n, result)
 
-    passed = all(r.passed for r in rows)
-    if passed:
-        verdict = "invariant"
-    elif any(r.nonfinite for r in rows) and not allow_nonfinite:
-        verdict = "nonfinite"
-    elif all(r.spread_ratio <= 1.0 for r in rows):
-        verdict = "reference_mismatch"
-    else:
-        verdict = "batch_dependent"
-    notes = []
-    if limit < n:
-        notes.append(
-            f"note: requests limited to the server's max_batch_size {limit} (of {n} examples)"
-        )
-    return InvarianceReport(
-        passed,
-        rows,
-        n,
-        source,
-        closeness.atol,
-        closeness.rtol,
-        names,
-        verdict,
-        closeness.dtype,
-        closeness.source,
-        notes,
-    )
+
+def _single_rows_at_once(pool: ThreadPoolExecutor, predict, inputs, names, ids):
+    """`(i, answer)` for each example `i` in `ids`, each sent alone, all released together."""
+    gate = threading.Barrier(len(ids))
+
+    def one(i):
+        try:
+            gate.wait(timeout=5)
+        except threading.BrokenBarrierError:
+            pass
+        return i, _call(predict, {k: v[i : i + 1] for k, v in inputs.items()}, names, 1)
+
+    return pool.map(one, ids)
+
+
+def _verdict(rows: list[InvarianceRow], allow_nonfinite: bool) -> str:
+    """What the runs say: see VERDICTS and the module docstring."""
+    if all(r.passed for r in rows):
+        return "invariant"
+    if any(r.nonfinite for r in rows) and not allow_nonfinite:
+        return "nonfinite"
+    if all(r.spread_ratio <= 1.0 for r in rows):
+        return "reference_mismatch"
+    return "batch_dependent"
 
 
 # --- backends ---------------------------------------------------------------------------
@@ -688,7 +757,7 @@ def _server_max_batch(err) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def run_check(  # noqa: C901 - over the complexity limit, to be split into named steps
+def run_check(
     model_path: str | None = None,
     *,
     rest: str | None = None,
@@ -737,93 +806,27 @@ def run_check(  # noqa: C901 - over the complexity limit, to be split into named
         raise ValueError("pass exactly one of a SavedModel path, --rest URL or --grpc target")
     if not isinstance(num_examples, int | np.integer) or num_examples < 1:
         raise ValueError(f"--num_examples must be a positive integer; Received: {num_examples!r}")
-    gold = None
-    if golden is not None:
-        gold = read_golden(golden)
-        if gold is None:
-            raise FileNotFoundError(
-                f"--golden {golden!r}: no golden file there (expected an .npz "
-                f"or a version directory with {GOLDEN_RELPATH})"
-            )
+    gold = None if golden is None else _golden_file(golden)
     if model_path is not None:
-        if version is not None or label is not None:
-            raise ValueError(
-                "--model_version / --model_version_label select versions on a server; "
-                "for a local SavedModel pass its version directory"
-            )
-        predict, version_dir = saved_model_predictor(model_path, signature_name, batching=batching)
-        sig = predict.servable.signature_defs[signature_name]  # type: ignore[attr-defined]
-        from tfbn.serving import _tensor
-
-        spec = {
-            k: (
-                _tensor.numpy_dtype(v.dtype),
-                None if v.tensor_shape.unknown_rank else [d.size for d in v.tensor_shape.dim],
-            )
-            for k, v in sig.inputs.items()
-        }
+        predict, spec, version_dir = _local_backend(
+            model_path, version, label, signature_name, batching
+        )
         if gold is None:
             gold = read_golden(version_dir)
-        if (
-            batching is not None
-            and max_batch_size is None
-            and not getattr(batching, "enable_large_batch_splitting", False)
-        ):
-            max_batch_size = int(batching.max_batch_size)
+        max_batch_size = _batching_limit(batching, max_batch_size)
     else:
-        if not model_name:
-            raise ValueError("--model_name is required with --rest / --grpc")
-        if batching is not None:
-            raise ValueError("batching is the server's business; configure it on the server")
-        from tfbn.serving.client import GrpcClient, RestClient
-
-        client_cls, address = (RestClient, rest) if rest is not None else (GrpcClient, grpc)
-        client = client_cls(
-            address,
-            model_name,
-            version=version,
-            label=label,
-            signature_name=signature_name,
-            timeout=timeout,
+        predict, spec = _server_backend(
+            rest, grpc, model_name, version, label, signature_name, batching, timeout
         )
-        metadata = client.metadata()
-        if signature_name not in metadata.signatures:
-            raise ValueError(
-                f"--signature_name {signature_name!r}: the served model has no such "
-                f"signature; it has {sorted(metadata.signatures)}"
-            )
-        sig_info = metadata.signature(signature_name)
-        spec = {
-            k: (v.numpy_dtype, None if v.shape is None else list(v.shape))
-            for k, v in sig_info.inputs.items()
-        }
-
-        def predict(batch):
-            return client.predict(batch)
-
-    compute_dtype = None
     if gold is not None:
-        inputs, reference = gold.inputs, gold.outputs
-        missing = sorted(set(spec) - set(inputs))
-        if missing:
-            raise ValueError(
-                f"the golden file has no inputs for {missing}; it has {sorted(inputs)}"
-            )
-        inputs = {k: inputs[k] for k in spec}
-        if rtol is None and "rtol" in gold.meta:
-            rtol = float(gold.meta["rtol"])
-            compute_dtype = gold.meta.get("compute_dtype")
-        name = "golden"
+        inputs, reference, name = _golden_examples(gold, spec), gold.outputs, "golden"
+        rtol, compute_dtype = _golden_tolerance(gold, rtol)
     else:
-        reference = None
-        name = None
+        reference, name, compute_dtype = None, None, None
         if inputs_file:
             inputs = _load_inputs_file(inputs_file)
         else:
             inputs = synthetic_inputs(spec, num_examples, seed)
-    source = None
-    if compute_dtype is not None:
-        source = f"golden file: the export gate's, {compute_dtype}"
 
     def check(limit):
         return check_batch_invariance(
@@ -845,16 +848,128 @@ def run_check(  # noqa: C901 - over the complexity limit, to be split into named
             progress=progress,
         )
 
+    try:
+        report = _within_the_servers_limit(check, max_batch_size)
+    finally:
+        servable = getattr(predict, "servable", None)
+        if servable is not None and batching is not None:
+            servable.close()
+    if compute_dtype is not None:
+        report.tolerance_source = f"golden file: the export gate's, {compute_dtype}"
+    return report
+
+
+def _golden_file(golden: str) -> Golden:
+    """The golden file `--golden` names (FileNotFoundError if there is none)."""
+    gold = read_golden(golden)
+    if gold is None:
+        raise FileNotFoundError(
+            f"--golden {golden!r}: no golden file there (expected an .npz "
+            f"or a version directory with {GOLDEN_RELPATH})"
+        )
+    return gold
+
+
+def _local_backend(model_path: str, version, label, signature_name: str, batching):
+    """`(predict, input spec, version directory)` of the SavedModel at `model_path`, run in
+    process; the spec is `{name: (numpy dtype, shape or None)}` as `synthetic_inputs` takes it."""
+    if version is not None or label is not None:
+        raise ValueError(
+            "--model_version / --model_version_label select versions on a server; "
+            "for a local SavedModel pass its version directory"
+        )
+    predict, version_dir = saved_model_predictor(model_path, signature_name, batching=batching)
+    sig = predict.servable.signature_defs[signature_name]  # type: ignore[attr-defined]
+    from tfbn.serving import _tensor
+
+    spec = {
+        k: (
+            _tensor.numpy_dtype(v.dtype),
+            None if v.tensor_shape.unknown_rank else [d.size for d in v.tensor_shape.dim],
+        )
+        for k, v in sig.inputs.items()
+    }
+    return predict, spec, version_dir
+
+
+def _batching_limit(batching, max_batch_size: int | None) -> int | None:
+    """`max_batch_size`, else the in-process batching's limit when it does not split batches."""
+    if (
+        batching is not None
+        and max_batch_size is None
+        and not getattr(batching, "enable_large_batch_splitting", False)
+    ):
+        return int(batching.max_batch_size)
+    return max_batch_size
+
+
+def _server_backend(rest, grpc, model_name, version, label, signature_name, batching, timeout):
+    """`(predict, input spec)` of the model a TF Serving serves over REST or gRPC; the spec
+    (as `_local_backend`'s) comes from the server's metadata."""
+    if not model_name:
+        raise ValueError("--model_name is required with --rest / --grpc")
+    if batching is not None:
+        raise ValueError("batching is the server's business; configure it on the server")
+    from tfbn.serving.client import GrpcClient, RestClient
+
+    client_cls, address = (RestClient, rest) if rest is not None else (GrpcClient, grpc)
+    client = client_cls(
+        address,
+        model_name,
+        version=version,
+        label=label,
+        signature_name=signature_name,
+        timeout=timeout,
+    )
+    metadata = client.metadata()
+    if signature_name not in metadata.signatures:
+        raise ValueError(
+            f"--signature_name {signature_name!r}: the served model has no such "
+            f"signature; it has {sorted(metadata.signatures)}"
+        )
+    sig_info = metadata.signature(signature_name)
+    spec = {
+        k: (v.numpy_dtype, None if v.shape is None else list(v.shape))
+        for k, v in sig_info.inputs.items()
+    }
+
+    def predict(batch):
+        return client.predict(batch)
+
+    return predict, spec
+
+
+def _golden_examples(gold: Golden, spec: Mapping) -> dict[str, np.ndarray]:
+    """The golden file's inputs the signature takes (ValueError if one is missing)."""
+    missing = sorted(set(spec) - set(gold.inputs))
+    if missing:
+        raise ValueError(
+            f"the golden file has no inputs for {missing}; it has {sorted(gold.inputs)}"
+        )
+    return {k: gold.inputs[k] for k in spec}
+
+
+def _golden_tolerance(gold: Golden, rtol: float | None) -> tuple[float | None, str | None]:
+    """`(rtol, compute_dtype)`: the export gate's, as the golden file records them, unless
+    `rtol` is given (then `(rtol, None)`)."""
+    if rtol is None and "rtol" in gold.meta:
+        return float(gold.meta["rtol"]), gold.meta.get("compute_dtype")
+    return rtol, None
+
+
+def _within_the_servers_limit(check: Callable[[int | None], InvarianceReport], max_batch_size):
+    """`check(max_batch_size)`; if the server refuses a batch as larger than its limit, once
+    more within that limit. A refusal that remains says which options avoid it."""
     from tfbn.serving.client import TFServingError
 
     try:
         try:
-            report = check(max_batch_size)
+            return check(max_batch_size)
         except TFServingError as err:
             limit = _server_max_batch(err)
             if limit is None or (max_batch_size is not None and limit >= max_batch_size):
                 raise
-            report = check(limit)
+            return check(limit)
     except TFServingError as err:
         limit = _server_max_batch(err)
         if limit is not None:
@@ -864,10 +979,3 @@ def run_check(  # noqa: C901 - over the complexity limit, to be split into named
             )
             err.args = (f"{err.args[0]} (pass --max_batch_size {limit} or --num_examples {limit})",)
         raise
-    finally:
-        servable = getattr(predict, "servable", None)
-        if servable is not None and batching is not None:
-            servable.close()
-    if source is not None:
-        report.tolerance_source = source
-    return report

@@ -137,6 +137,69 @@ def test_bad_predict_outputs_are_reported():
         check_batch_invariance(rowwise, {"x": np.zeros((2, 1)), "w": np.zeros((3, 1))})
 
 
+def limited(limit, answer=rowwise):
+    """A predict callable that refuses batches larger than `limit`, as a batching server does."""
+    sizes = []
+
+    def predict(batch):
+        sizes.append(len(batch["x"]))
+        if len(batch["x"]) > limit:
+            raise AssertionError(f"a request of {len(batch['x'])} rows (> {limit})")
+        return answer(batch)
+
+    predict.sizes = sizes
+    return predict
+
+
+def test_the_full_batch_reference_is_built_within_max_batch_size():
+    predict = limited(3)
+    report = check_batch_invariance(predict, X, max_batch_size=3, orders=1)
+    assert report.passed and report.reference == "full-batch"
+    assert [r.batch_size for r in report.rows] == [1, 2, 3]
+    assert report.notes == ["note: requests limited to the server's max_batch_size 3 (of 20 examples)"]
+    # the reference: one probe for the output names, then the 20 rows in requests of 3
+    assert predict.sizes[:8] == [3, 3, 3, 3, 3, 3, 3, 2]
+    # batch statistics: the runs of 3 in the natural order are the reference itself
+    report = check_batch_invariance(limited(5, batch_stats), X, max_batch_size=5, orders=1)
+    assert [(r.batch_size, r.passed) for r in report.rows] == [(1, False), (2, False), (3, False), (5, True)]
+    assert report.verdict == "batch_dependent"
+
+
+@pytest.mark.parametrize("max_batch_size", [None, 3])
+def test_a_predict_that_returns_no_dict_is_the_servers_fault(max_batch_size):
+    with pytest.raises(CheckError, match="^predict must return a dict of named arrays; Received list$"):
+        check_batch_invariance(lambda b: [b["x"]], X, max_batch_size=max_batch_size)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"max_batch_size": 0}, "max_batch_size must be a positive integer; Received: 0"),
+        ({"max_batch_size": 2.5}, "max_batch_size must be a positive integer; Received: 2.5"),
+        ({"rtol": -1.0}, "atol and rtol must be >= 0; Received: atol=0.0, rtol=-1.0"),
+        ({"concurrent_rounds": 0}, "concurrent_rounds and max_workers must be >= 1; Received: 0, 32"),
+        ({"max_workers": 0}, "concurrent_rounds and max_workers must be >= 1; Received: 1, 0"),
+        ({"batch_sizes": (2, None, 2.0)}, r"batch sizes must be positive integers or None \(all\); Received: 2.0"),
+    ],
+)
+def test_bad_limits_are_named_with_the_received_value(kwargs, match):
+    with pytest.raises(ValueError, match=f"^{match}$"):
+        check_batch_invariance(rowwise, X, **kwargs)
+
+
+def test_the_concurrent_rows_are_recorded_per_round():
+    report = check_batch_invariance(
+        rowwise, X, batch_sizes=(4,), orders=2, concurrent=True, concurrent_rounds=2, max_workers=3
+    )
+    assert [(r.mode, r.batch_size, r.order, r.requests) for r in report.rows] == [
+        ("sequential", 4, 0, 5),
+        ("sequential", 4, 1, 5),
+        ("concurrent", 1, 0, 20),
+        ("concurrent", 1, 1, 20),
+    ]
+    assert report.passed and all(r.spread_ratio == 0 for r in report.rows)
+
+
 # --- golden files ---------------------------------------------------------------------
 
 
@@ -209,6 +272,106 @@ def test_run_check_uses_the_golden_file(bn):
     # even the full batch fails: training-mode BN does not reproduce the inference-mode golden
     assert not report.passed and report.reference == "golden"
     assert all(not r.passed for r in report.rows)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({}, ValueError, "^pass exactly one of a SavedModel path, --rest URL or --grpc target$"),
+        ({"model_path": "m", "rest": "http://h"}, ValueError, "exactly one"),
+        ({"model_path": "m", "num_examples": 0}, ValueError, "^--num_examples must be a positive integer; Received: 0$"),
+        ({"model_path": "m", "version": 2}, ValueError, "^--model_version / --model_version_label select versions on a server; for a local SavedModel pass its version directory$"),
+        ({"model_path": "m", "label": "stable"}, ValueError, "select versions on a server"),
+        ({"rest": "http://h"}, ValueError, "^--model_name is required with --rest / --grpc$"),
+        ({"grpc": "h:1", "model_name": "m", "batching": _config.BatchingParameters()}, ValueError, "^batching is the server's business; configure it on the server$"),
+    ],
+)
+def test_run_check_usage_errors_before_any_request(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        run_check(**kwargs)
+
+
+def test_run_check_a_missing_golden_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="^--golden .*: no golden file there"):
+        run_check(str(tmp_path), golden=str(tmp_path))
+
+
+def test_run_check_inputs_file_without_a_golden_file(bn, tmp_path):
+    import shutil
+
+    model = tmp_path / "frozen"
+    shutil.copytree(bn["frozen"], model)
+    shutil.rmtree(model / "1" / "assets.extra")
+    np.savez(tmp_path / "x.npz", **{f"inputs/{INPUT}": examples(6)[INPUT], "outputs/ignored": np.zeros(6)})
+    report = run_check(str(model), inputs_file=str(tmp_path / "x.npz"), orders=1)
+    assert report.passed and report.reference == "full-batch" and report.num_examples == 6
+    assert report.tolerance_source == "float32 default"
+    report = run_check(str(model), num_examples=5, orders=1)  # synthetic examples
+    assert report.passed and report.num_examples == 5
+
+
+class _RefusingClient:
+    """A REST client whose server refuses batches over `accepts` rows, saying its limit is
+    `says` (TF Serving's batching message)."""
+
+    accepts = says = 4
+
+    def __init__(self, address, model_name, **kwargs):
+        self.kwargs = kwargs
+
+    def metadata(self):
+        from tfbn.serving.client import ModelMetadata, SignatureInfo, TensorInfo
+
+        x = TensorInfo("x", "DT_FLOAT", (-1, 3))
+        sig = SignatureInfo("serving_default", "tensorflow/serving/predict", {"x": x}, {})
+        return ModelMetadata("m", 1, {"serving_default": sig})
+
+    def predict(self, batch):
+        from tfbn.serving.client import TFServingError
+
+        n = len(batch["x"])
+        if n > self.accepts:
+            raise TFServingError(
+                "INVALID_ARGUMENT",
+                f"Task size {n} is larger than maximum input batch size {self.says}",
+                http_status=400,
+                target="http://fake",
+            )
+        return rowwise(batch)
+
+
+def test_run_check_retries_within_the_limit_a_server_states(monkeypatch):
+    from tfbn.serving import client
+
+    monkeypatch.setattr(client, "RestClient", _RefusingClient)
+    report = run_check(rest="http://fake", model_name="m", num_examples=10, orders=1)
+    assert report.passed and [r.batch_size for r in report.rows] == [1, 2, 3, 4]
+    assert any("max_batch_size 4" in note for note in report.notes)
+    with pytest.raises(ValueError, match="^--signature_name 'other': the served model has no such signature; it has \\['serving_default'\\]$"):
+        run_check(rest="http://fake", model_name="m", signature_name="other")
+
+
+def test_run_check_says_how_to_stay_within_the_servers_limit(monkeypatch):
+    from tfbn.serving import client
+
+    class Stricter(_RefusingClient):
+        accepts = 2  # refuses even the limit it states
+
+    monkeypatch.setattr(client, "RestClient", Stricter)
+    with pytest.raises(client.TFServingError) as info:
+        run_check(rest="http://fake", model_name="m", num_examples=10, orders=1)
+    assert info.value.message == (
+        "Task size 4 is larger than maximum input batch size 4 (the server batches at most 4 "
+        "rows: pass --max_batch_size 4 or --num_examples 4)"
+    )
+    assert str(info.value) == (
+        "INVALID_ARGUMENT (HTTP 400) from http://fake: Task size 4 is larger than maximum input "
+        "batch size 4 (pass --max_batch_size 4 or --num_examples 4)"
+    )
+    # a stated limit no lower than the one asked for: no retry, the same advice
+    with pytest.raises(client.TFServingError) as info:
+        run_check(rest="http://fake", model_name="m", num_examples=10, max_batch_size=3)
+    assert info.value.message.startswith("Task size 3 is larger than maximum input batch size 4 (")
 
 
 def test_single_row_requests_fail_only_through_server_side_batching(bn):

@@ -78,3 +78,23 @@ def test_graph_of_subclassed_model_is_none():
 
     assert graph.graph_of(Sub()) is None and not graph.is_graph_model(Sub())
     assert graph.graph_of(keras.Sequential([keras.layers.Dense(2)])) is None  # no input yet
+
+
+def test_a_sequential_without_a_graph_flattens_nested_models_on_both_sides():
+    """Before its first call a Sequential has no graph and its edges are its consecutive
+    layers; a nested model there is flattened as in a graph: its inner output layer
+    produces, its inner input layers consume. The same edges (and lint) before and after."""
+    inputs = keras.Input((4,))
+    inner = keras.Model(inputs, keras.layers.Dense(3, name="inner_dense")(inputs), name="inner")
+    model = keras.Sequential(
+        [keras.layers.Dense(4, name="first"), inner, keras.layers.BatchNormalization(name="bn")]
+    )
+    assert graph.graph_of(model) is None
+    unbuilt = {(a.name, b.name) for a, b in graph.layer_edges(model)}
+    assert unbuilt == {("first", "inner_dense"), ("inner_dense", "bn")}
+    assert [f.layer for f in tfbn.lint_model(model).findings if f.rule == "bias-before-bn"] == [
+        "inner_dense"
+    ]
+    model.build((None, 4))
+    assert graph.graph_of(model) is not None
+    assert {(a.name, b.name) for a, b in graph.layer_edges(model)} == unbuilt

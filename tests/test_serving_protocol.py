@@ -302,6 +302,60 @@ def test_grpc_multi_inference_errors(stub):
             assert msg == want_msg
 
 
+def test_grpc_status_codes_of_the_servicers(server, stub, monkeypatch):
+    """Every servicer method answers a request without a ModelSpec, a ValueError and an
+    unexpected exception (a bug) with TF Serving's status codes, and keeps serving."""
+    channel = grpc.insecure_channel(server.grpc_target)
+    models = model_service_pb2_grpc.ModelServiceStub(channel)
+    missing = (grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
+    assert _rpc_error(stub.Regress, regression_pb2.RegressionRequest()) == missing
+    assert _rpc_error(models.GetModelStatus, get_model_status_pb2.GetModelStatusRequest()) == missing
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = "default"
+    for raised, expected in [
+        (ValueError("no such thing"), (grpc.StatusCode.INVALID_ARGUMENT, "no such thing")),
+        (RuntimeError("a bug"), (grpc.StatusCode.INTERNAL, "RuntimeError: a bug")),
+    ]:
+
+        def fail(*args, raised=raised):
+            raise raised
+
+        monkeypatch.setattr(server.manager, "status", fail)
+        assert _rpc_error(models.GetModelStatus, request) == expected
+    monkeypatch.undo()
+    assert models.GetModelStatus(request, timeout=30).model_version_status[0].version == 123
+    channel.close()
+
+
+def test_grpc_request_count_has_the_status_the_client_got(server, stub, monkeypatch):
+    """The request_count metric's status label is the code the call was answered with,
+    also when a ValueError or an unexpected exception became that code (as over REST)."""
+
+    def count(status):
+        value = server.metrics.registry.get_sample_value(
+            ":tensorflow:serving:request_count_total",
+            {"model_name": "default", "status": status},
+        )
+        return value or 0.0
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "default"
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto([1.0]))
+    for raised, code in [
+        (ValueError("bad value"), grpc.StatusCode.INVALID_ARGUMENT),
+        (RuntimeError("a bug"), grpc.StatusCode.INTERNAL),
+    ]:
+
+        def fail(*args, raised=raised):
+            raise raised
+
+        monkeypatch.setattr(server.manager, "use", fail)
+        before = {s: count(s) for s in (code.name, "UNKNOWN")}
+        assert _rpc_error(stub.Predict, request)[0] == code
+        assert count(code.name) == before[code.name] + 1
+        assert count("UNKNOWN") == before["UNKNOWN"]
+
+
 # --- REST :classify / :regress -----------------------------------------------------------
 
 

@@ -252,7 +252,8 @@ def test_batching_fixture_matrix_model(server):
             "/v1/models/default:predict",
             {"instances": [[1.0], [1.0, 2.0]]},
             400,
-            "Expecting shape [1] but got: [2]",
+            "Failed to process element: 1 of 'instances' list. Error: INVALID_ARGUMENT: "
+            "Expecting tensor size: 1 but got: 2",
         ),
         (
             "/v1/models/default:predict",

@@ -195,32 +195,11 @@ def single_input_calls(model) -> list[LayerInput]:
     return found
 
 
-def layer_edges(model) -> list[tuple]:  # noqa: C901 - over the complexity limit, to be split into named steps
+def layer_edges(model) -> list[tuple]:
     """(producer, consumer) pairs of layers connected by a tensor, nested models
     flattened (a nested model's output is produced by its inner layer, its input
     consumed by its inner layers). Sequential, Functional and nested models; a
     Sequential without a graph falls back to consecutive layers."""
-
-    def producers(op, tensor):
-        graph = graph_of(op) if isinstance(op, keras.Model) else None
-        if graph is None:
-            return [] if isinstance(op, keras.layers.InputLayer) or op is None else [op]
-        index = tensor._keras_history.tensor_index if hasattr(tensor, "_keras_history") else 0
-        outputs = graph.outputs
-        inner = outputs[min(index, len(outputs) - 1)]
-        return producers(inner._keras_history.operation, inner)
-
-    def consumers(op):
-        graph = graph_of(op) if isinstance(op, keras.Model) else None
-        if graph is None:
-            return [op]
-        inputs = {id(t) for t in graph.inputs}
-        found = []
-        for node in graph_nodes(graph):
-            if any(id(t) in inputs for t in node.input_tensors):
-                found.extend(consumers(node.operation))
-        return found
-
     edges, stack, visited = [], [model], set()
     while stack:
         current = stack.pop()
@@ -229,18 +208,58 @@ def layer_edges(model) -> list[tuple]:  # noqa: C901 - over the complexity limit
         visited.add(id(current))
         graph = graph_of(current)
         if graph is None:
-            layers = list(getattr(current, "layers", []))
+            layers = getattr(current, "layers", [])
             stack.extend(layer for layer in layers if isinstance(layer, keras.Model))
-            if isinstance(current, keras.Sequential):
-                for a, b in zip(layers, layers[1:], strict=False):
-                    for p in producers(a, None) if not isinstance(a, keras.Model) else [a]:
-                        edges.extend((p, c) for c in consumers(b))
-            continue
-        for op in graph.operations:
-            if isinstance(op, keras.Model):
-                stack.append(op)
-        for node in graph_nodes(graph):
-            for tensor in node.input_tensors:
-                for p in producers(tensor._keras_history.operation, tensor):
-                    edges.extend((p, c) for c in consumers(node.operation))
+            edges.extend(_consecutive_edges(current))
+        else:
+            stack.extend(op for op in graph.operations if isinstance(op, keras.Model))
+            edges.extend(_graph_edges(graph))
     return edges
+
+
+def _graph_edges(graph: Functional) -> list[tuple]:
+    """The edges of one graph: each node's input tensors, producer to consumer."""
+    edges = []
+    for node in graph_nodes(graph):
+        for tensor in node.input_tensors:
+            for p in _producers(tensor._keras_history.operation, tensor):
+                edges.extend((p, c) for c in _consumers(node.operation))
+    return edges
+
+
+def _consecutive_edges(model) -> list[tuple]:
+    """The edges of a Sequential without a graph: each layer feeds the next one."""
+    if not isinstance(model, keras.Sequential):
+        return []
+    layers = list(model.layers)
+    edges = []
+    for a, b in zip(layers, layers[1:], strict=False):
+        for p in _producers(a, None):
+            edges.extend((p, c) for c in _consumers(b))
+    return edges
+
+
+def _producers(op, tensor) -> list:
+    """The layers that produce `tensor`, the output of `op`: `op` itself, or inside a nested
+    graph model the layer behind the matching output; none for an input layer."""
+    graph = graph_of(op) if isinstance(op, keras.Model) else None
+    if graph is None:
+        return [] if isinstance(op, keras.layers.InputLayer) or op is None else [op]
+    index = tensor._keras_history.tensor_index if hasattr(tensor, "_keras_history") else 0
+    outputs = graph.outputs
+    inner = outputs[min(index, len(outputs) - 1)]
+    return _producers(inner._keras_history.operation, inner)
+
+
+def _consumers(op) -> list:
+    """The layers that read what is fed to `op`: `op` itself, or inside a nested graph
+    model every layer that reads one of its inputs."""
+    graph = graph_of(op) if isinstance(op, keras.Model) else None
+    if graph is None:
+        return [op]
+    inputs = {id(t) for t in graph.inputs}
+    found = []
+    for node in graph_nodes(graph):
+        if any(id(t) in inputs for t in node.input_tensors):
+            found.extend(_consumers(node.operation))
+    return found
