@@ -42,14 +42,15 @@ import tensorflow as tf
 from tfbn import _compat, distribute, graph, stats
 from tfbn.convert import batch_norm_layers
 from tfbn.layers.batch_norm import BatchNormalization
+from tfbn.report import Report, json_safe
 
 _STATE = ("moving_mean", "moving_variance", "num_batches_tracked", "num_skipped_updates")
 _EXAMPLES = "examples"
 
 
 @dataclasses.dataclass
-class RecalibrationResult:
-    """What `recalibrate` did.
+class RecalibrationResult(Report):
+    """What `recalibrate` did (`ok`: at least one layer was recalibrated).
 
     Attributes:
         layers: Names of the recalibrated BN layers, in forward order.
@@ -68,13 +69,20 @@ class RecalibrationResult:
     passes: int
     replicas: int
 
-    def __str__(self) -> str:
+    @property
+    def ok(self) -> bool:
+        return bool(self.layers)
+
+    def format(self) -> str:
         text = (
             f"recalibrated {len(self.layers)} BatchNormalization layer(s) over {self.batches} "
             f"batch(es) / {self.examples} example(s) in {self.passes} pass(es)"
             f"{f' on {self.replicas} replicas' if self.replicas > 1 else ''}"
         )
         return "\n".join([text] + [f"  skipped {n}: {why}" for n, why in self.skipped.items()])
+
+    def to_dict(self) -> dict:
+        return json_safe({"ok": self.ok, **dataclasses.asdict(self)})
 
 
 def recalibrate(

@@ -69,6 +69,7 @@ from keras.src.models.functional import Functional
 from tfbn import _compat, convert, graph, layout, tolerance
 from tfbn.inspect import FLAG_ADVICE, SavedModelReport, inspect_model, lint_saved_model
 from tfbn.layout import ASSETS_EXTRA, GOLDEN_FILE, TMP_PREFIX, WARMUP_FILE  # noqa: F401
+from tfbn.report import Report, json_safe
 from tfbn.statistics_signature import statistics_signatures, write_asset
 
 SERVING_KEY = "serving_default"
@@ -95,7 +96,7 @@ class ExportGateError(RuntimeError):
 
 
 @dataclass
-class GateReport:
+class GateReport(Report):
     """The checks a SavedModel passed (or not) before it became a version.
 
     `parity[name]`: the export's max rel. error against `reference` ("keras": the
@@ -153,28 +154,28 @@ class GateReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {
-            "ok": self.ok,
-            "compute_dtype": self.compute_dtype,
-            "rtol": self.rtol,
-            "tolerance_source": self.tolerance_source,
-            "reference": self.reference,
-            "parity": self.parity,
-            "truth": self.truth,
-            "invariance": {
-                k: {str(b): e for b, e in v.items()} for k, v in self.invariance.items()
-            },
-            "statistics": self.statistics,
-            "nonfinite_outputs": self.nonfinite,
-            "lint": None if self.lint is None else self.lint.to_dict(),
-            "allowed": self.allowed,
-            "problems": self.problems,
-        }
+        return json_safe(
+            {
+                "ok": self.ok,
+                "compute_dtype": self.compute_dtype,
+                "rtol": self.rtol,
+                "tolerance_source": self.tolerance_source,
+                "reference": self.reference,
+                "parity": self.parity,
+                "truth": self.truth,
+                "invariance": self.invariance,  # batch sizes become string keys
+                "statistics": self.statistics,
+                "nonfinite_outputs": self.nonfinite,
+                "lint": None if self.lint is None else self.lint.to_dict(),
+                "allowed": self.allowed,
+                "problems": self.problems,
+            }
+        )
 
 
 @dataclass
-class ExportResult:
-    """Where the version went, what was folded, and the gate it passed."""
+class ExportResult(Report):
+    """Where the version went, what was folded, and the gate it passed (`ok`: the gate's)."""
 
     path: str
     version: int
@@ -187,8 +188,12 @@ class ExportResult:
     def nothing_folded(self) -> bool:
         return self.fold_report is None or self.fold_report.nothing_folded
 
+    @property
+    def ok(self) -> bool:
+        return self.gate.ok
+
     def format(self) -> str:
-        fold = "not folded (fold=False)" if self.fold_report is None else str(self.fold_report)
+        fold = "not folded (fold=False)" if self.fold_report is None else self.fold_report.format()
         sig = lambda d: ", ".join(f"{k} {list(v)}" for k, v in d.items())  # noqa: E731
         return "\n".join(
             [
@@ -199,7 +204,19 @@ class ExportResult:
             ]
         )
 
-    __str__ = format
+    def to_dict(self) -> dict:
+        return json_safe(
+            {
+                "ok": self.ok,
+                "path": self.path,
+                "version": self.version,
+                "signature": SERVING_KEY,
+                "inputs": self.inputs,  # shapes as lists, None for the batch dimension
+                "outputs": self.outputs,
+                "fold": None if self.fold_report is None else self.fold_report.to_dict(),
+                "gate": self.gate.to_dict(),
+            }
+        )
 
 
 # ----------------------------------------------------------------- helpers --

@@ -25,13 +25,13 @@ What it reports (each a `Finding` with a `kind`):
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 from tfbn import layout
+from tfbn.report import Report, deprecated_alias, json_safe
 
 FUSED_BATCH_NORM_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
 REDUCTION_OPS = ("Mean", "Sum")
@@ -76,7 +76,7 @@ class Finding:
 
 
 @dataclass
-class SavedModelReport:
+class SavedModelReport(Report):
     """`lint_saved_model`'s result: the signatures read and what was found."""
 
     path: str
@@ -97,18 +97,15 @@ class SavedModelReport:
         lines += [f"  {f}" for f in self.findings]
         return "\n".join(lines)
 
-    __str__ = format
-
     def to_dict(self) -> dict:
-        return {
-            "path": self.path,
-            "ok": self.ok,
-            "signatures": self.signatures,
-            "findings": [asdict(f) for f in self.findings],
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return json_safe(
+            {
+                "path": self.path,
+                "ok": self.ok,
+                "signatures": self.signatures,
+                "findings": [asdict(f) for f in self.findings],
+            }
+        )
 
 
 # The TF Serving layout (version directories, SavedModel files) lives in tfbn.layout.
@@ -477,8 +474,8 @@ class BatchNormRow:
 
 
 @dataclass
-class ModelReport:
-    """`inspect_model`'s result: one row per BN layer; `table()` and `to_json()`."""
+class ModelReport(Report):
+    """`inspect_model`'s result: one row per BN layer; `format()` (the table) and `to_json()`."""
 
     model: str
     rows: list[BatchNormRow] = field(default_factory=list)
@@ -488,17 +485,17 @@ class ModelReport:
         return not any(row.flags for row in self.rows)
 
     def to_dict(self) -> dict:
-        return {
-            "model": self.model,
-            "ok": self.ok,
-            "layers": [asdict(row) for row in self.rows],
-            "flags": {k: {"why": why, "fix": fix} for k, (why, fix) in FLAG_ADVICE.items()},
-        }
+        return json_safe(
+            {
+                "model": self.model,
+                "ok": self.ok,
+                "layers": [asdict(row) for row in self.rows],
+                "flags": {k: {"why": why, "fix": fix} for k, (why, fix) in FLAG_ADVICE.items()},
+            }
+        )
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
-
-    def table(self) -> str:
+    def format(self) -> str:
+        """One line per BN layer, then why and what to do for each flag found."""
         if not self.rows:
             return f"{self.model}: no BatchNormalization layer"
 
@@ -533,7 +530,7 @@ class ModelReport:
         lines.append("\nOK: no problem found" if self.ok else "")
         return "\n".join(lines).rstrip()
 
-    __str__ = table
+    table = deprecated_alias("table", "format")
 
 
 def inspect_model(
@@ -560,7 +557,7 @@ def inspect_model(
         dead_gamma, collapsed_std: Thresholds of the two channel flags.
 
     Returns:
-        A `ModelReport` (`.table()`, `.to_json()`, `.ok`). Channel indices of the
+        A `ModelReport` (`.format()`, `.to_json()`, `.ok`). Channel indices of the
         channel flags are in each row's `details`.
     """
     import numpy as np
@@ -654,7 +651,7 @@ class LintFinding:
 
 
 @dataclass
-class LintReport:
+class LintReport(Report):
     """`lint_model`'s result."""
 
     model: str
@@ -675,19 +672,16 @@ class LintReport:
             [head, f"{len(self.findings)} finding(s):"] + [str(f) for f in self.findings]
         )
 
-    __str__ = format
-
     def to_dict(self) -> dict:
-        return {
-            "model": self.model,
-            "batch_size": self.batch_size,
-            "replicas": self.replicas,
-            "ok": self.ok,
-            "findings": [asdict(f) for f in self.findings],
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return json_safe(
+            {
+                "model": self.model,
+                "batch_size": self.batch_size,
+                "replicas": self.replicas,
+                "ok": self.ok,
+                "findings": [asdict(f) for f in self.findings],
+            }
+        )
 
 
 def lint_model(  # noqa: C901 - over the complexity limit, to be split into named steps
