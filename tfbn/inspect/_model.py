@@ -179,76 +179,85 @@ def inspect_model(
         A `ModelReport` (`.format()`, `.to_json()`, `.ok`). Channel indices of the
         channel flags are in each row's `details`.
     """
-    import numpy as np
-
     from tfbn.convert import batch_norm_layers
-    from tfbn.layers.batch_norm import BatchNormalization
 
     model = load_keras_model(model_or_path)
     report = ModelReport(model=model.name)
     for layer in batch_norm_layers(model):
-        mean = np.asarray(layer.moving_mean.numpy(), np.float64).ravel()
-        var = np.asarray(layer.moving_variance.numpy(), np.float64).ravel()
-        gamma = (
-            None
-            if getattr(layer, "gamma", None) is None
-            else np.asarray(layer.gamma.numpy(), np.float64).ravel()
-        )
-        beta = (
-            None
-            if getattr(layer, "beta", None) is None
-            else np.asarray(layer.beta.numpy(), np.float64).ravel()
-        )
-        tfbn_layer = isinstance(layer, BatchNormalization)
-        counter = getattr(layer, "num_batches_tracked", None)
-        skipped = getattr(layer, "num_skipped_updates", None)
-        row = BatchNormRow(
-            name=layer.name,
-            path=getattr(layer, "path", layer.name),
-            kind="tfbn" if tfbn_layer else "keras",
-            channels=int(mean.size),
-            momentum=layer.momentum,
-            epsilon=float(layer.epsilon),
-            estimator=getattr(layer, "moving_variance_estimator", "biased"),
-            batches_tracked=None if counter is None else int(counter.numpy()),
-            skipped_updates=None if skipped is None else int(skipped.numpy()),
-            mean=_summary(mean),
-            variance=_summary(var),
-            gamma=_summary(gamma),
-            beta=_summary(beta),
-        )
-        uses_running_stats = getattr(layer, "track_running_stats", True)
-        if uses_running_stats and np.all(mean == 0) and np.all(var == 1):
-            row.flags.append("never_updated")
-        arrays = [a for a in (mean, var, gamma, beta) if a is not None]
-        if not all(np.all(np.isfinite(a)) for a in arrays):
-            row.flags.append("nonfinite")
-            row.details["nonfinite_channels"] = np.flatnonzero(
-                ~np.isfinite(mean)
-                | ~np.isfinite(var)
-                | (~np.isfinite(gamma) if gamma is not None else False)
-                | (~np.isfinite(beta) if beta is not None else False)
-            ).tolist()
-        if gamma is not None:
-            dead = np.flatnonzero(np.abs(gamma) < dead_gamma)
-            if dead.size:
-                row.flags.append("dead_channels")
-                row.details["dead_channels"] = dead.tolist()
-        if uses_running_stats:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                std = np.sqrt(var / (var + layer.epsilon))
-            collapsed = np.flatnonzero((var >= 0) & (std < collapsed_std))
-            if collapsed.size:
-                row.flags.append("variance_collapse")
-                row.details["collapsed_channels"] = collapsed.tolist()
-            negative = np.flatnonzero(var < 0)
-            if negative.size:
-                row.flags.append("negative_variance")
-                row.details["negative_variance_channels"] = negative.tolist()
-        if row.skipped_updates:
-            row.flags.append("skipped_updates")
-        single = getattr(layer, "num_single_value_batches", None)
-        if single is not None and int(single.numpy()) > 0:
-            row.flags.append("one_value_per_channel")
+        weights = _weights(layer)
+        row = _row(layer, *weights)
+        _flag(row, layer, *weights, dead_gamma=dead_gamma, collapsed_std=collapsed_std)
         report.rows.append(row)
     return report
+
+
+def _weights(layer) -> tuple:
+    """(moving mean, moving variance, gamma or None, beta or None), float64, flat."""
+    import numpy as np
+
+    def flat(name):
+        value = getattr(layer, name, None)
+        return None if value is None else np.asarray(value.numpy(), np.float64).ravel()
+
+    return flat("moving_mean"), flat("moving_variance"), flat("gamma"), flat("beta")
+
+
+def _row(layer, mean, var, gamma, beta) -> BatchNormRow:
+    """The layer's settings, counters and min/median/max summaries (no flags yet)."""
+    from tfbn.layers.batch_norm import BatchNormalization
+
+    counter = getattr(layer, "num_batches_tracked", None)
+    skipped = getattr(layer, "num_skipped_updates", None)
+    return BatchNormRow(
+        name=layer.name,
+        path=getattr(layer, "path", layer.name),
+        kind="tfbn" if isinstance(layer, BatchNormalization) else "keras",
+        channels=int(mean.size),
+        momentum=layer.momentum,
+        epsilon=float(layer.epsilon),
+        estimator=getattr(layer, "moving_variance_estimator", "biased"),
+        batches_tracked=None if counter is None else int(counter.numpy()),
+        skipped_updates=None if skipped is None else int(skipped.numpy()),
+        mean=_summary(mean),
+        variance=_summary(var),
+        gamma=_summary(gamma),
+        beta=_summary(beta),
+    )
+
+
+def _flag(row, layer, mean, var, gamma, beta, *, dead_gamma, collapsed_std) -> None:
+    """Adds the flags (in FLAG_ADVICE's order) and their channel indices to `row`."""
+    import numpy as np
+
+    uses_running_stats = getattr(layer, "track_running_stats", True)
+    if uses_running_stats and np.all(mean == 0) and np.all(var == 1):
+        row.flags.append("never_updated")
+    present = [a for a in (mean, var, gamma, beta) if a is not None]
+    nonfinite = np.logical_or.reduce([~np.isfinite(a) for a in present])
+    if nonfinite.any():
+        row.flags.append("nonfinite")
+        row.details["nonfinite_channels"] = np.flatnonzero(nonfinite).tolist()
+    if gamma is not None:
+        _channels(row, "dead_channels", "dead_channels", np.abs(gamma) < dead_gamma)
+    if uses_running_stats:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            std = np.sqrt(var / (var + layer.epsilon))
+        _channels(
+            row, "variance_collapse", "collapsed_channels", (var >= 0) & (std < collapsed_std)
+        )
+        _channels(row, "negative_variance", "negative_variance_channels", var < 0)
+    if row.skipped_updates:
+        row.flags.append("skipped_updates")
+    single = getattr(layer, "num_single_value_batches", None)
+    if single is not None and int(single.numpy()) > 0:
+        row.flags.append("one_value_per_channel")
+
+
+def _channels(row, flag: str, detail: str, mask) -> None:
+    """Flags `row` with `flag` and lists the channels under `detail` if `mask` has any."""
+    import numpy as np
+
+    channels = np.flatnonzero(mask)
+    if channels.size:
+        row.flags.append(flag)
+        row.details[detail] = channels.tolist()
