@@ -93,7 +93,7 @@ def timed_check(predict, inputs, reference, batch: int) -> float:
     t0 = time.perf_counter()
     report = check_batch_invariance(predict, inputs, reference, batch_sizes=(batch,), orders=1)
     elapsed = time.perf_counter() - t0
-    assert report.passed, report.table()
+    assert report.passed, report.format()
     return len(next(iter(inputs.values()))) / elapsed
 
 

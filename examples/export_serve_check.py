@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         }
     for transport, report in reports.items():
         print(f"\nbatch-size invariance over {transport}: {'PASS' if report.passed else 'FAIL'}")
-        print(report.table())
+        print(report.format())
         assert report.passed and report.reference == "golden", transport
         assert any(r.mode == "concurrent" for r in report.rows)
 

@@ -47,6 +47,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from tfbn.report import Report, deprecated_alias, json_safe
 from tfbn.statistics_signature import (
     ASSET_FILE,
     REFERENCE_SIGNATURE,
@@ -362,7 +363,9 @@ class LayerDrift:
 
 
 @dataclasses.dataclass
-class DriftReport:
+class DriftReport(Report):
+    """`measure_drift`'s result: one `LayerDrift` per BN layer (`ok`: no layer drifts)."""
+
     layers: list[LayerDrift]
     threshold: float
     examples: int
@@ -400,7 +403,8 @@ class DriftReport:
             f"score {worst.score:.3g}) over {self.examples} examples from {self.source}"
         )
 
-    def table(self) -> str:
+    def format(self) -> str:
+        """A markdown table, one line per BN layer, and the verdict."""
         head = (
             "| # | layer | channels | mean abs shift | largest channels (shift) "
             "| mean log var ratio | score | drift |"
@@ -417,22 +421,21 @@ class DriftReport:
             )
         return "\n".join(lines + ["", self.verdict()])
 
-    format = table
-    __str__ = table
+    table = deprecated_alias("table", "format")
 
     def to_dict(self) -> dict:
-        return {
-            "drift": self.drift,
-            "score": self.score,
-            "threshold": self.threshold,
-            "examples": self.examples,
-            "source": self.source,
-            "verdict": self.verdict(),
-            "layers": [dataclasses.asdict(layer) for layer in self.layers],
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+        return json_safe(
+            {
+                "ok": self.ok,
+                "drift": self.drift,
+                "score": self.score,
+                "threshold": self.threshold,
+                "examples": self.examples,
+                "source": self.source,
+                "verdict": self.verdict(),
+                "layers": [dataclasses.asdict(layer) for layer in self.layers],
+            }
+        )
 
     def plot(self, path: str | os.PathLike, title: str | None = None) -> str:
         """A PNG: layers (forward order) across, score up, the threshold drawn; the

@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from tfbn import layout
+from tfbn.report import Report, deprecated_alias, json_safe
 from tfbn.tolerance import Closeness, low_precision_of
 
 __all__ = [
@@ -192,7 +193,9 @@ class InvarianceRow:
 
 
 @dataclasses.dataclass
-class InvarianceReport:
+class InvarianceReport(Report):
+    """`check_batch_invariance`'s result: one `InvarianceRow` per run (`ok`: `passed`)."""
+
     passed: bool
     rows: list[InvarianceRow]
     num_examples: int
@@ -204,6 +207,10 @@ class InvarianceReport:
     compute_dtype: str = "float32"
     tolerance_source: str = "float32 default"
     notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.passed)
 
     def failures(self) -> list[InvarianceRow]:
         return [r for r in self.rows if not r.passed]
@@ -234,7 +241,7 @@ class InvarianceReport:
             )
         return f"FAILED (NaN/Inf answers): {head}; {n} of {total} runs have non-finite outputs"
 
-    def table(self) -> str:
+    def format(self) -> str:
         """A markdown table, one line per run, and a verdict line."""
         head = (
             "| mode | batch | order | requests | max abs dev | max rel dev | worst example "
@@ -253,32 +260,27 @@ class InvarianceReport:
         lines.append(self.summary())
         return "\n".join(lines)
 
+    table = deprecated_alias("table", "format")
+
     def to_dict(self) -> dict:
-        def num(v):
-            return v if np.isfinite(v) else str(v)
-
-        rows = [
-            {k: (num(v) if isinstance(v, float) else v) for k, v in dataclasses.asdict(r).items()}
-            for r in self.rows
-        ]
-        return {
-            "passed": self.passed,
-            "verdict": self.verdict,
-            "summary": self.summary(),
-            "error": None,
-            "num_examples": self.num_examples,
-            "reference": self.reference,
-            "atol": self.atol,
-            "rtol": self.rtol,
-            "tolerance_source": self.tolerance_source,
-            "compute_dtype": self.compute_dtype,
-            "outputs": self.outputs,
-            "notes": self.notes,
-            "rows": rows,
-        }
-
-    def __str__(self) -> str:
-        return self.table()
+        return json_safe(
+            {
+                "ok": self.ok,
+                "passed": self.passed,
+                "verdict": self.verdict,
+                "summary": self.summary(),
+                "error": None,
+                "num_examples": self.num_examples,
+                "reference": self.reference,
+                "atol": self.atol,
+                "rtol": self.rtol,
+                "tolerance_source": self.tolerance_source,
+                "compute_dtype": self.compute_dtype,
+                "outputs": self.outputs,
+                "notes": self.notes,
+                "rows": [dataclasses.asdict(r) for r in self.rows],  # NaN/Inf as "nan"/"inf"
+            }
+        )
 
 
 def _deviation(

@@ -245,6 +245,30 @@ def test_check_json_dash_prints_the_report_as_json(capsys):
     assert json.loads(capsys.readouterr().out) == report
 
 
+@pytest.mark.parametrize("command", ["inspect", "lint"])
+def test_a_closed_pipe_ends_the_command_quietly(command, model_file):
+    """`tfbn inspect --json - m.keras | head -1`: no BrokenPipeError traceback; the exit
+    status of a process killed by SIGPIPE (128 + 13), as `yes | head -1` gives.
+    (`--help` is argparse's: it ignores a closed pipe and exits 0.)"""
+    argv = [command, "--json", "-", model_file]
+    code = "import sys; from tfbn import cli; sys.exit(cli.main(sys.argv[1:]))"
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written: deterministic
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, *argv],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+            env=_env(),
+        )
+    finally:
+        os.close(write)
+    assert done.stderr == ""
+    assert done.returncode == 141
+
+
 def test_missing_path_is_a_usage_error(capsys):
     assert cli.main(["inspect"]) == 2
     assert "PATH is required" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -238,3 +240,26 @@ def test_cli_inspect_exit_codes(keras_exports, capsys, tmp_path):
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] is True and data["findings"] == []
     assert cli.main(["inspect", str(tmp_path / "missing")]) == 2
+
+
+def test_inspect_is_a_package_that_keeps_its_names_and_loads_no_tensorflow():
+    """Issue 10.11: tfbn/inspect.py became tfbn/inspect/ (one module per report); every
+    name callers used is still `tfbn.inspect.X`, and importing it does not load TensorFlow
+    (the SavedModel lint and `tfbn inspect --help` do not need it)."""
+    code = """
+import sys
+import tfbn.inspect as inspect
+names = ["inspect_model", "ModelReport", "BatchNormRow", "FLAG_ADVICE", "DEAD_GAMMA",
+         "COLLAPSED_STD", "lint_model", "LintReport", "LintFinding", "MIN_BATCH",
+         "lint_saved_model", "SavedModelReport", "Finding", "is_saved_model_dir",
+         "resolve_saved_model_dir", "_read_saved_model", "load_keras_model",
+         "is_keras_model_file", "KERAS_MODEL_SUFFIXES", "SAVED_MODEL_FILES"]
+missing = [n for n in names if not hasattr(inspect, n)]
+print(missing, sorted(m for m in ("tensorflow", "keras", "numpy") if m in sys.modules))
+print(sorted(m.rsplit(".", 1)[1] for m in sys.modules if m.startswith("tfbn.inspect.")))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "[] []"
+    assert lines[1] == "['_loading', '_model', '_saved_model', '_wiring']"

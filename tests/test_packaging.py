@@ -154,7 +154,7 @@ def test_wheel_in_a_fresh_venv_installs_tfbn_only_and_answers_without_tensorflow
     assert added == {"tfbn", "tfbn-0.1.0.dist-info"}
     assert sorted(
         p.name for p in (site / "tfbn").iterdir() if p.is_dir() and p.name != "__pycache__"
-    ) == ["layers", "serving"]
+    ) == ["inspect", "layers", "serving"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "TF_"))}
     tfbn = bin_dir / "tfbn"
     assert _run(tfbn, "--help", env=env).stdout.startswith("usage: tfbn")

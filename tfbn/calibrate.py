@@ -42,14 +42,15 @@ import tensorflow as tf
 from tfbn import _compat, distribute, graph, stats
 from tfbn.convert import batch_norm_layers
 from tfbn.layers.batch_norm import BatchNormalization
+from tfbn.report import Report, json_safe
 
 _STATE = ("moving_mean", "moving_variance", "num_batches_tracked", "num_skipped_updates")
 _EXAMPLES = "examples"
 
 
 @dataclasses.dataclass
-class RecalibrationResult:
-    """What `recalibrate` did.
+class RecalibrationResult(Report):
+    """What `recalibrate` did (`ok`: at least one layer was recalibrated).
 
     Attributes:
         layers: Names of the recalibrated BN layers, in forward order.
@@ -68,13 +69,20 @@ class RecalibrationResult:
     passes: int
     replicas: int
 
-    def __str__(self) -> str:
+    @property
+    def ok(self) -> bool:
+        return bool(self.layers)
+
+    def format(self) -> str:
         text = (
             f"recalibrated {len(self.layers)} BatchNormalization layer(s) over {self.batches} "
             f"batch(es) / {self.examples} example(s) in {self.passes} pass(es)"
             f"{f' on {self.replicas} replicas' if self.replicas > 1 else ''}"
         )
         return "\n".join([text] + [f"  skipped {n}: {why}" for n, why in self.skipped.items()])
+
+    def to_dict(self) -> dict:
+        return json_safe({"ok": self.ok, **dataclasses.asdict(self)})
 
 
 def recalibrate(
@@ -125,6 +133,37 @@ def recalibrate(
         - [Wu and Johnson, 2021](https://arxiv.org/abs/2105.07576), "Rethinking
           'Batch' in BatchNorm", section 3 (precise BN).
     """
+    all_layers = _check_arguments(model, steps)
+    strategy = distribute.model_strategy(model)
+    batches_of = _batch_source(dataset, steps, strategy)
+    layers, skipped = _running_statistics_layers(model, all_layers)
+    recorder = _Recorder(layers)
+    snapshot = _snapshot(layers)
+    replicas = distribute.strategy_replicas(strategy)
+    bar = _progress_bar(progress)
+    passes = _Passes(model, batches_of, bar)
+    try:
+        recorder.attach()
+        passes.step = _make_step(model, recorder, strategy)
+        done = _recalibrate_in_forward_order(passes, recorder, layers, skipped, steps)
+    except BaseException:  # an interrupt too: never leave half-recalibrated statistics
+        _restore(snapshot)
+        raise
+    finally:
+        recorder.detach()
+        bar.close()
+    return RecalibrationResult(
+        layers=[layer.name for layer in done],
+        skipped=skipped,
+        batches=passes.batches,
+        examples=passes.examples,
+        passes=len(done),
+        replicas=replicas,
+    )
+
+
+def _check_arguments(model, steps) -> list:
+    """Every BN layer of `model`; ValueError if the model or `steps` cannot be used."""
     _compat.check_not_legacy_keras(model)
     if not isinstance(model, keras.Model):
         raise ValueError(f"Expected a keras.Model. Received: {type(model).__name__}")
@@ -141,8 +180,11 @@ def recalibrate(
         )
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"`steps` must be None or a positive integer. Received: steps={steps!r}")
-    strategy = distribute.model_strategy(model)
-    batches_of = _batch_source(dataset, steps, strategy)
+    return all_layers
+
+
+def _running_statistics_layers(model, all_layers) -> tuple[list, dict[str, str]]:
+    """(the BN layers that use running statistics, `{name: why}` for the others)."""
     skipped = {
         layer.name: "track_running_stats=False (always normalises with batch statistics)"
         for layer in all_layers
@@ -151,63 +193,68 @@ def recalibrate(
     layers = [layer for layer in all_layers if layer.name not in skipped]
     if not layers:
         raise ValueError(f"No BN layer of model '{model.name}' uses running statistics: {skipped}")
-    recorder = _Recorder(layers)
-    snapshot = _snapshot(layers)
-    replicas = distribute.strategy_replicas(strategy)
-    bar = _progress_bar(progress)
-    try:
-        recorder.attach()
-        step = _make_step(model, recorder, strategy)
-        done: list[keras.layers.Layer] = []
-        batches = examples = 0
-        while True:
-            target = None if not done else _next_target(recorder.order, done)
-            if done and target is None:
-                break
-            if not done:
-                bar.set_description("recalibrate: first pass")
-            else:
-                bar.set_description(
-                    f"recalibrate {len(done) + 1}/{len(recorder.order)} '{target.name}'"
-                )
-            totals, batches, examples = _one_pass(model, step, batches_of, bar, first=not done)
-            if not done:
-                if batches == 0:
-                    raise ValueError(
-                        "The dataset is empty: it yielded no batch"
-                        f"{f' in {steps} steps' if steps else ''}, so there is nothing to "
-                        "compute statistics from. Nothing was modified."
-                    )
-                reached = {id(layer) for layer in recorder.order}
-                for layer in layers:
-                    if id(layer) not in reached:
-                        skipped[layer.name] = "not reached by the model's forward pass"
-                if not recorder.order:
-                    raise ValueError(
-                        f"No BN layer of model '{model.name}' was called by its forward pass."
-                    )
-                bar.total = batches * len(recorder.order)
-                bar.refresh()
-                target = recorder.order[0]
-            _assign(target, totals[recorder.key(target)], batches)
-            done.append(target)
-    except BaseException:  # an interrupt too: never leave half-recalibrated statistics
-        _restore(snapshot)
-        raise
-    finally:
-        recorder.detach()
-        bar.close()
-    return RecalibrationResult(
-        layers=[layer.name for layer in done],
-        skipped=skipped,
-        batches=batches,
-        examples=examples,
-        passes=len(done),
-        replicas=replicas,
-    )
+    return layers, skipped
 
 
 # ----------------------------------------------------------------- passes --
+
+
+class _Passes:
+    """Passes over the dataset in inference mode; `batches` and `examples` are the
+    last pass's."""
+
+    def __init__(self, model, batches_of, bar):
+        self.model, self.batches_of, self.bar = model, batches_of, bar
+        self.step = None  # the compiled step, once the recorder is attached
+        self.batches = self.examples = 0
+
+    def run(self, description: str, first: bool = False) -> dict[str, np.ndarray]:
+        """One pass: the float64 moment sums of every recorded layer, by layer key."""
+        self.bar.set_description(description)
+        totals, self.batches, self.examples = _one_pass(
+            self.model, self.step, self.batches_of, self.bar, first=first
+        )
+        return totals
+
+
+def _recalibrate_in_forward_order(passes: _Passes, recorder, layers, skipped, steps) -> list:
+    """The first pass finds the order in which the forward pass reaches the layers
+    and fixes the first one; each later pass fixes the next one, every layer upstream
+    of it already normalising with its new statistics. Returns the layers, in order."""
+    totals = passes.run("recalibrate: first pass", first=True)
+    _check_first_pass(passes, recorder, layers, skipped, steps)
+    passes.bar.total = passes.batches * len(recorder.order)
+    passes.bar.refresh()
+    done: list[keras.layers.Layer] = []
+    target = recorder.order[0]
+    while target is not None:
+        _assign(target, totals[recorder.key(target)], passes.batches)
+        done.append(target)
+        target = _next_target(recorder.order, done)
+        if target is not None:
+            totals = passes.run(
+                f"recalibrate {len(done) + 1}/{len(recorder.order)} '{target.name}'"
+            )
+    return done
+
+
+def _check_first_pass(passes: _Passes, recorder, layers, skipped, steps) -> None:
+    """Raises for an empty dataset or a forward pass that reached no BN layer; adds the
+    layers it did not reach to `skipped`."""
+    if passes.batches == 0:
+        raise ValueError(
+            "The dataset is empty: it yielded no batch"
+            f"{f' in {steps} steps' if steps else ''}, so there is nothing to "
+            "compute statistics from. Nothing was modified."
+        )
+    reached = {id(layer) for layer in recorder.order}
+    for layer in layers:
+        if id(layer) not in reached:
+            skipped[layer.name] = "not reached by the model's forward pass"
+    if not recorder.order:
+        raise ValueError(
+            f"No BN layer of model '{passes.model.name}' was called by its forward pass."
+        )
 
 
 def _next_target(order, done):

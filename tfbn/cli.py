@@ -26,12 +26,13 @@ import contextlib
 import dataclasses
 import importlib.util
 import io
-import json
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable
 
+from tfbn.report import Report, dumps  # TensorFlow-free
 from tfbn.serving import _flags as _serving_flags  # the flag table only: no TensorFlow
 
 # --- argument types (TensorFlow-free) -----------------------------------------
@@ -202,12 +203,13 @@ def _add_command(sub, command: Command, parents) -> None:
 # --- shared helpers for handlers ----------------------------------------------
 
 
-def _emit(report, json_path: str | None) -> None:
-    """Print a report (`format()` or `table()`), and its JSON as `--json` asks."""
+def _emit(report: Report, json_path: str | None) -> None:
+    """Print a report (`tfbn.report.Report`) and its JSON as `--json` asks: '-' prints
+    the JSON instead of the text, a path writes it there too."""
     if json_path == "-":
         print(report.to_json())
         return
-    print(report.format() if hasattr(report, "format") else report.table())
+    print(report.format())
     if json_path:
         with open(json_path, "w", encoding="utf-8") as f:
             f.write(report.to_json())
@@ -561,7 +563,7 @@ def _run_check(args) -> int:
             max_batch_size=args.max_batch_size,
             progress=False if args.quiet else None,
         )
-        code = 0 if report.passed else 1
+        code = 0 if report.ok else 1
     except (TFServingError, invariance.CheckError) as err:
         code, error = 1, f"the server failed: {err}"
     except USAGE_ERRORS as err:
@@ -573,6 +575,7 @@ def _run_check(args) -> int:
             report.to_dict()
             if report is not None
             else {
+                "ok": False,
                 "passed": False,
                 "verdict": "server_error" if code == 1 else "usage_error",
                 "summary": error,
@@ -591,14 +594,14 @@ def _run_check(args) -> int:
             "golden": args.golden,
             "inputs": args.inputs_file,
         }
-        text = json.dumps(doc, indent=1)
+        text = dumps(doc)
         if args.json_path == "-":
             print(text)
             return code
         with open(args.json_path, "w", encoding="utf-8") as f:
             f.write(text)
     if report is not None:
-        print(report.table())
+        print(report.format())
     return code
 
 
@@ -993,7 +996,7 @@ def _run_recalibrate(args) -> int:
     traffic = drift.load_traffic(args.inputs, list(io_specs(model)[0]))
     result = drift.recalibrate_on_traffic(model, traffic, args.batch_size)
     model.save(args.out)
-    print(f"{result}\nsaved {args.out}")
+    print(f"{result.format()}\nsaved {args.out}")
     return 0
 
 
@@ -1124,6 +1127,24 @@ def _quiet_tensorflow() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs `tfbn ARGV`; returns the exit code. A reader that closes the pipe early
+    (`tfbn inspect --json - m.keras | head -1`) ends the command quietly, with the
+    status of a process killed by SIGPIPE (141), as Unix tools do."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+    except BrokenPipeError:
+        # Python's advice: point stdout at /dev/null so the final flush cannot fail again.
+        with contextlib.suppress(OSError, ValueError):  # a stdout without a file descriptor
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     command: Command = args.command_row
     try:

@@ -38,6 +38,7 @@ import numpy as np
 from tfbn import _compat, graph, stats
 from tfbn.layers.batch_norm import COUNTER_NAMES, BatchNormalization
 from tfbn.layers.frozen_batch_norm import FoldedBatchNormalization, FrozenBatchNormalization
+from tfbn.report import Report, json_safe
 
 BN_TYPES = (keras.layers.BatchNormalization, BatchNormalization)
 # Constructor arguments both BN layers share, so a conversion carries them over.
@@ -670,9 +671,13 @@ for _fn in (freeze_batch_norm, unfreeze_batch_norm):
 
 
 @dataclass
-class FoldReport:
+class FoldReport(Report):
     """What `fold_batch_norm` did: `folded` as (bn, into) layer-name pairs, and the
-    BN layers that could not be folded and became FrozenBatchNormalization."""
+    BN layers that could not be folded and became FrozenBatchNormalization.
+
+    `ok` is always True: folding has no failure mode of its own (a BN layer that
+    cannot be folded is frozen, which computes the same thing; errors raise).
+    """
 
     folded: list[tuple[str, str]] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
@@ -681,7 +686,11 @@ class FoldReport:
     def nothing_folded(self) -> bool:
         return not self.folded
 
-    def __str__(self) -> str:
+    @property
+    def ok(self) -> bool:
+        return True
+
+    def format(self) -> str:
         if not self.folded and not self.frozen:
             return "nothing folded: the model has no BatchNormalization layer"
         lines = [f"folded {len(self.folded)} BatchNormalization layer(s)"
@@ -689,6 +698,15 @@ class FoldReport:
         lines += [f"  {bn} -> folded into {into}" for bn, into in self.folded]
         lines += [f"  {bn} -> FrozenBatchNormalization" for bn in self.frozen]
         return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return json_safe(
+            {
+                "ok": self.ok,
+                "folded": [{"batch_norm": bn, "into": into} for bn, into in self.folded],
+                "frozen": self.frozen,
+            }
+        )
 
 
 def _foldable_into(producer, bn, shape: tuple) -> bool:

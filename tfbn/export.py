@@ -69,6 +69,7 @@ from keras.src.models.functional import Functional
 from tfbn import _compat, convert, graph, layout, tolerance
 from tfbn.inspect import FLAG_ADVICE, SavedModelReport, inspect_model, lint_saved_model
 from tfbn.layout import ASSETS_EXTRA, GOLDEN_FILE, TMP_PREFIX, WARMUP_FILE  # noqa: F401
+from tfbn.report import Report, json_safe
 from tfbn.statistics_signature import statistics_signatures, write_asset
 
 SERVING_KEY = "serving_default"
@@ -95,7 +96,7 @@ class ExportGateError(RuntimeError):
 
 
 @dataclass
-class GateReport:
+class GateReport(Report):
     """The checks a SavedModel passed (or not) before it became a version.
 
     `parity[name]`: the export's max rel. error against `reference` ("keras": the
@@ -153,28 +154,28 @@ class GateReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {
-            "ok": self.ok,
-            "compute_dtype": self.compute_dtype,
-            "rtol": self.rtol,
-            "tolerance_source": self.tolerance_source,
-            "reference": self.reference,
-            "parity": self.parity,
-            "truth": self.truth,
-            "invariance": {
-                k: {str(b): e for b, e in v.items()} for k, v in self.invariance.items()
-            },
-            "statistics": self.statistics,
-            "nonfinite_outputs": self.nonfinite,
-            "lint": None if self.lint is None else self.lint.to_dict(),
-            "allowed": self.allowed,
-            "problems": self.problems,
-        }
+        return json_safe(
+            {
+                "ok": self.ok,
+                "compute_dtype": self.compute_dtype,
+                "rtol": self.rtol,
+                "tolerance_source": self.tolerance_source,
+                "reference": self.reference,
+                "parity": self.parity,
+                "truth": self.truth,
+                "invariance": self.invariance,  # batch sizes become string keys
+                "statistics": self.statistics,
+                "nonfinite_outputs": self.nonfinite,
+                "lint": None if self.lint is None else self.lint.to_dict(),
+                "allowed": self.allowed,
+                "problems": self.problems,
+            }
+        )
 
 
 @dataclass
-class ExportResult:
-    """Where the version went, what was folded, and the gate it passed."""
+class ExportResult(Report):
+    """Where the version went, what was folded, and the gate it passed (`ok`: the gate's)."""
 
     path: str
     version: int
@@ -187,8 +188,12 @@ class ExportResult:
     def nothing_folded(self) -> bool:
         return self.fold_report is None or self.fold_report.nothing_folded
 
+    @property
+    def ok(self) -> bool:
+        return self.gate.ok
+
     def format(self) -> str:
-        fold = "not folded (fold=False)" if self.fold_report is None else str(self.fold_report)
+        fold = "not folded (fold=False)" if self.fold_report is None else self.fold_report.format()
         sig = lambda d: ", ".join(f"{k} {list(v)}" for k, v in d.items())  # noqa: E731
         return "\n".join(
             [
@@ -199,7 +204,19 @@ class ExportResult:
             ]
         )
 
-    __str__ = format
+    def to_dict(self) -> dict:
+        return json_safe(
+            {
+                "ok": self.ok,
+                "path": self.path,
+                "version": self.version,
+                "signature": SERVING_KEY,
+                "inputs": self.inputs,  # shapes as lists, None for the batch dimension
+                "outputs": self.outputs,
+                "fold": None if self.fold_report is None else self.fold_report.to_dict(),
+                "gate": self.gate.to_dict(),
+            }
+        )
 
 
 # ----------------------------------------------------------------- helpers --
@@ -440,67 +457,104 @@ def _statistics_findings(model: keras.Model) -> list[tuple[str, str]]:
 
 
 def _gate(
-    export_dir, samples, model_out, truth, out_names, closeness, fold_margin, allow, stat_findings
+    export_dir: str, job: _ExportJob, reference: _Reference, stat_findings
 ) -> tuple[GateReport, dict[str, np.ndarray]]:
     """Runs every check; returns the report and the export's full-batch outputs."""
-    mixed = truth is not None
+    closeness = job.closeness
     report = GateReport(
         rtol=closeness.rtol, compute_dtype=closeness.dtype,
-        reference="float32 truth" if mixed else "keras", tolerance_source=closeness.source,
-        allowed=sorted(allow),
+        reference="keras" if reference.truth is None else "float32 truth",
+        tolerance_source=closeness.source, allowed=sorted(job.allow),
     )  # fmt: skip
-    for flag, message in stat_findings:
-        report.statistics.append(message)
-        if flag not in allow:
-            report.problems.append(f"statistics: {message} (allow with allow=['{flag}'])")
+    _gate_statistics(report, stat_findings, job.allow)
     loaded = tf.saved_model.load(export_dir)
     if SERVING_KEY not in loaded.signatures:
         report.problems.append(f"no '{SERVING_KEY}' signature in the reloaded SavedModel")
         return report, {}
-    fn = loaded.signatures[SERVING_KEY]
+    predict = _predictor(loaded.signatures[SERVING_KEY], job.samples, job.out_names)
+    rows = next(iter(job.samples.values())).shape[0]
+    full = predict(0, rows)
+    allow_nonfinite = NONFINITE_OUTPUTS in job.allow
+    for name in job.out_names:
+        model_out = reference.model[name]
+        _gate_finite(report, name, model_out, full[name], allow_nonfinite)
+        if reference.truth is None:
+            _gate_parity(report, name, full[name], model_out, closeness, allow_nonfinite)
+        else:
+            truth = reference.truth[name]
+            _gate_truth(report, name, full[name], model_out, truth, closeness, job.fold_margin)
+    _gate_invariance(report, predict, full, rows, job.out_names, closeness)
+    report.lint = lint_saved_model(export_dir)
+    report.problems += [f"lint: {f}" for f in report.lint.findings]
+    return report, full
+
+
+def _gate_statistics(report: GateReport, stat_findings, allow) -> None:
+    """(a): the model's running statistics."""
+    for flag, message in stat_findings:
+        report.statistics.append(message)
+        if flag not in allow:
+            report.problems.append(f"statistics: {message} (allow with allow=['{flag}'])")
+
+
+def _predictor(fn, samples, out_names):
+    """predict(lo, hi): the reloaded signature's outputs for sample rows lo:hi."""
 
     def predict(lo, hi):
         result = fn(**{k: tf.constant(v[lo:hi]) for k, v in samples.items()})
         return {k: np.asarray(result[k].numpy()) for k in out_names}
 
-    rows = next(iter(samples.values())).shape[0]
-    full = predict(0, rows)
-    allow_nonfinite = NONFINITE_OUTPUTS in allow
-    for name in out_names:
-        where = [
-            w
-            for w, arr in (("Keras model", model_out[name]), ("export", full[name]))
-            if not np.all(np.isfinite(np.asarray(arr, np.float64)))
-        ]
-        if where:
-            report.nonfinite.append(f"'{name}' ({' and '.join(where)})")
-            if not allow_nonfinite:
-                report.problems.append(
-                    f"output '{name}' has NaN/Inf for finite sample inputs ({' and '.join(where)}):"
-                    f" the model is broken (allow with allow=['{NONFINITE_OUTPUTS}'])"
-                )
-        if not mixed:
-            cmp = closeness.compare(full[name], model_out[name], allow_nonfinite=allow_nonfinite)
-            report.parity[name] = cmp.error
-            if cmp.ratio > 1:
-                report.problems.append(
-                    f"output '{name}' differs from model(x, training=False): max rel. error "
-                    f"{cmp.error:.2e} > {closeness.rtol:.3g}"
-                )
-            continue
-        loose = tolerance.Closeness(rtol=1.0)  # only its error (max rel. error) is used
-        model_err = loose.compare(model_out[name], truth[name], allow_nonfinite=True).error
-        export_err = loose.compare(full[name], truth[name], allow_nonfinite=True).error
-        bound = (1.0 + fold_margin) * model_err + closeness.rtol
-        report.parity[name] = export_err
-        report.truth[name] = {"model": model_err, "export": export_err, "bound": bound}
-        if not export_err <= bound:
-            report.problems.append(
-                f"output '{name}' is {export_err:.2e} from the float32 truth, further than the "
-                f"Keras model's own {model_err:.2e} allows ((1 + {fold_margin:g}) x "
-                f"{model_err:.2e} + rtol {closeness.rtol:.3g} = {bound:.2e}): a wrong fold or "
-                "a graph that does not compute what the model does"
-            )
+    return predict
+
+
+def _gate_finite(report: GateReport, name, model_out, served, allow_nonfinite: bool) -> None:
+    """(b): no NaN/Inf output for the finite samples."""
+    where = [
+        w
+        for w, arr in (("Keras model", model_out), ("export", served))
+        if not np.all(np.isfinite(np.asarray(arr, np.float64)))
+    ]
+    if not where:
+        return
+    report.nonfinite.append(f"'{name}' ({' and '.join(where)})")
+    if not allow_nonfinite:
+        report.problems.append(
+            f"output '{name}' has NaN/Inf for finite sample inputs ({' and '.join(where)}):"
+            f" the model is broken (allow with allow=['{NONFINITE_OUTPUTS}'])"
+        )
+
+
+def _gate_parity(report: GateReport, name, served, model_out, closeness, allow_nonfinite) -> None:
+    """(c), float32/float64: the export matches the Keras model within rtol."""
+    cmp = closeness.compare(served, model_out, allow_nonfinite=allow_nonfinite)
+    report.parity[name] = cmp.error
+    if cmp.ratio > 1:
+        report.problems.append(
+            f"output '{name}' differs from model(x, training=False): max rel. error "
+            f"{cmp.error:.2e} > {closeness.rtol:.3g}"
+        )
+
+
+def _gate_truth(report: GateReport, name, served, model_out, truth, closeness, fold_margin):
+    """(c), mixed precision: the export is no further from the float32 truth than the
+    Keras model is, times 1 + fold_margin, plus rtol."""
+    loose = tolerance.Closeness(rtol=1.0)  # only its error (max rel. error) is used
+    model_err = loose.compare(model_out, truth, allow_nonfinite=True).error
+    export_err = loose.compare(served, truth, allow_nonfinite=True).error
+    bound = (1.0 + fold_margin) * model_err + closeness.rtol
+    report.parity[name] = export_err
+    report.truth[name] = {"model": model_err, "export": export_err, "bound": bound}
+    if not export_err <= bound:
+        report.problems.append(
+            f"output '{name}' is {export_err:.2e} from the float32 truth, further than the "
+            f"Keras model's own {model_err:.2e} allows ((1 + {fold_margin:g}) x "
+            f"{model_err:.2e} + rtol {closeness.rtol:.3g} = {bound:.2e}): a wrong fold or "
+            "a graph that does not compute what the model does"
+        )
+
+
+def _gate_invariance(report: GateReport, predict, full, rows: int, out_names, closeness) -> None:
+    """(d): the same rows in batches of INVARIANCE_BATCH_SIZES as in the full batch."""
     for size in INVARIANCE_BATCH_SIZES:
         parts = [predict(lo, lo + size) for lo in range(0, rows, size)]
         for name in out_names:
@@ -514,9 +568,6 @@ def _gate(
                     f"of {rows} differ by max rel. error {cmp.error:.2e} > {closeness.rtol:.3g} "
                     "(batch statistics in inference?)"
                 )
-    report.lint = lint_saved_model(export_dir)
-    report.problems += [f"lint: {f}" for f in report.lint.findings]
-    return report, full
 
 
 def _golden_arrays(samples, outputs) -> dict[str, np.ndarray]:
@@ -684,151 +735,231 @@ def export_saved_model(
     _check_model(model)
     version = _validate_version(version)
     base_path = os.path.abspath(os.fspath(base_path))
-    if os.path.exists(base_path) and not os.path.isdir(base_path):
-        raise FileExistsError(f"`base_path` {base_path!r} exists and is not a directory")
-    if version is None:
-        version = layout.next_version(base_path)
-    _check_target(base_path, version, overwrite)
-    if not (isinstance(num_samples, int) and num_samples >= 2):
-        raise ValueError(f"`num_samples` must be an integer >= 2. Received: {num_samples!r}")
-    allow = set([allow] if isinstance(allow, str) else allow)
-    unknown = sorted(allow - set(ALLOWABLE))
-    if unknown:
-        raise ValueError(f"`allow` takes {list(ALLOWABLE)}. Received: {unknown}")
-    if not (isinstance(fold_margin, (int, float)) and 0 <= fold_margin < np.inf):
-        raise ValueError(f"`fold_margin` must be a number >= 0. Received: {fold_margin!r}")
+    version = _resolve_target(base_path, version, overwrite)
+    _check_num_samples(num_samples)
+    allow = _check_allow(allow)
+    _check_fold_margin(fold_margin)
     closeness = tolerance.Closeness.for_dtype(tolerance.compute_dtype(model), rtol)
     specs, out_names = io_specs(model)
     _check_shapes(model, specs, sample_inputs is not None)
     samples = _samples(specs, sample_inputs, num_samples, seed)
-    for name, array in samples.items():
-        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-            raise ValueError(f"Sample input '{name}' holds NaN/Inf; the gate needs finite inputs")
-    extra_signatures = dict(extra_signatures or {})
-    if SERVING_KEY in extra_signatures:
-        raise ValueError(f"`extra_signatures` must not redefine '{SERVING_KEY}'")
+    _check_finite(samples)
+    job = _ExportJob(
+        model=model,
+        base_path=base_path,
+        version=version,
+        specs=specs,
+        out_names=out_names,
+        samples=samples,
+        fold=fold,
+        overwrite=overwrite,
+        extra_signatures=_check_extra_signatures(extra_signatures),
+        model_name=model_name or os.path.basename(base_path),
+        closeness=closeness,
+        allow=allow,
+        fold_margin=fold_margin,
+        statistics_signature=statistics_signature,
+    )
 
     from tfbn.progress import progress_bar
 
     with progress_bar(len(EXPORT_STEPS), "tfbn export", progress, unit="step") as bar:
-        return _export(
-            model,
-            base_path,
-            version,
-            specs,
-            out_names,
-            samples,
-            fold,
-            overwrite,
-            extra_signatures,
-            model_name,
-            closeness,
-            allow,
-            fold_margin,
-            bar,
-            statistics_signature,
-        )
+        return _export(job, bar)
 
 
 EXPORT_STEPS = ("statistics", "fold", "reference", "save", "gate", "version")
 
 
-def _export(
-    model,
-    base_path,
-    version,
-    specs,
-    out_names,
-    samples,
-    fold,
-    overwrite,
-    extra_signatures,
-    model_name,
-    closeness,
-    allow,
-    fold_margin,
-    bar,
-    statistics_signature,
-) -> ExportResult:
+# ------------------------------------------------------- export's arguments --
+
+
+def _resolve_target(base_path: str, version: int | None, overwrite: bool) -> int:
+    """The version to write (the next one for None), after checking it can be written."""
+    if os.path.exists(base_path) and not os.path.isdir(base_path):
+        raise FileExistsError(f"`base_path` {base_path!r} exists and is not a directory")
+    if version is None:
+        version = layout.next_version(base_path)
+    _check_target(base_path, version, overwrite)
+    return version
+
+
+def _check_num_samples(num_samples) -> None:
+    if not (isinstance(num_samples, int) and num_samples >= 2):
+        raise ValueError(f"`num_samples` must be an integer >= 2. Received: {num_samples!r}")
+
+
+def _check_allow(allow) -> frozenset[str]:
+    allow = frozenset([allow] if isinstance(allow, str) else allow)
+    unknown = sorted(allow - set(ALLOWABLE))
+    if unknown:
+        raise ValueError(f"`allow` takes {list(ALLOWABLE)}. Received: {unknown}")
+    return allow
+
+
+def _check_fold_margin(fold_margin) -> None:
+    if not (isinstance(fold_margin, (int, float)) and 0 <= fold_margin < np.inf):
+        raise ValueError(f"`fold_margin` must be a number >= 0. Received: {fold_margin!r}")
+
+
+def _check_finite(samples: dict[str, np.ndarray]) -> None:
+    for name, array in samples.items():
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            raise ValueError(f"Sample input '{name}' holds NaN/Inf; the gate needs finite inputs")
+
+
+def _check_extra_signatures(extra_signatures) -> dict[str, Callable]:
+    extra_signatures = dict(extra_signatures or {})
+    if SERVING_KEY in extra_signatures:
+        raise ValueError(f"`extra_signatures` must not redefine '{SERVING_KEY}'")
+    return extra_signatures
+
+
+@dataclass(frozen=True)
+class _ExportJob:
+    """One export, its arguments checked and resolved by `export_saved_model`."""
+
+    model: keras.Model
+    base_path: str  # absolute
+    version: int
+    specs: dict[str, tf.TensorSpec]  # serving_default's inputs
+    out_names: list[str]  # serving_default's outputs
+    samples: dict[str, np.ndarray]  # finite, >= 2 rows, by input name
+    fold: bool
+    overwrite: bool
+    extra_signatures: dict[str, Callable]
+    model_name: str  # in the warm-up requests
+    closeness: tolerance.Closeness
+    allow: frozenset[str]
+    fold_margin: float
+    statistics_signature: bool
+
+    @property
+    def target(self) -> str:
+        return os.path.join(self.base_path, str(self.version))
+
+
+@dataclass
+class _Reference:
+    """What the gate compares the export with: the Keras model's outputs for the
+    samples, and (mixed precision) the float32 truth's."""
+
+    model: dict[str, np.ndarray]
+    truth: dict[str, np.ndarray] | None
+
+
+# ------------------------------------------------------------ export's steps --
+
+
+def _export(job: _ExportJob, bar) -> ExportResult:
     def step(name):
         bar.set_postfix_str(name, refresh=False)
         bar.update(1)
 
-    stat_findings = _statistics_findings(model)
+    stat_findings = _statistics_findings(job.model)
     step("statistics")
     fold_report = None
-    serving_model = model
-    if fold:
-        serving_model, fold_report = convert.fold_batch_norm(model, return_report=True)
+    serving_model = job.model
+    if job.fold:
+        serving_model, fold_report = convert.fold_batch_norm(job.model, return_report=True)
     step("fold")
-    model_out = _call_numpy(model, specs, out_names, samples)
-    truth = None
-    if tolerance.is_low_precision(closeness.dtype):
-        truth = _call_numpy(_float32_twin(model), specs, out_names, samples)
+    reference = _reference_outputs(job)
     step("reference")
+    module, signatures, stats_asset = _serving_module(job, serving_model)
+    gate = _write_version(job, module, signatures, stats_asset, reference, stat_findings, step)
+    serve = signatures[SERVING_KEY]
+    return ExportResult(
+        path=job.target,
+        version=job.version,
+        inputs={k: tuple(s.shape.as_list()) for k, s in job.specs.items()},
+        outputs={k: tuple(serve.structured_outputs[k].shape.as_list()) for k in job.out_names},
+        fold_report=fold_report,
+        gate=gate,
+    )
 
-    module = _ServingModule(serving_model, specs, out_names)
-    serve = module.serve.get_concrete_function()
-    out_specs = {k: serve.structured_outputs[k] for k in out_names}
-    signatures = {SERVING_KEY: serve}
-    for name, fn in extra_signatures.items():
+
+def _reference_outputs(job: _ExportJob) -> _Reference:
+    model_out = _call_numpy(job.model, job.specs, job.out_names, job.samples)
+    truth = None
+    if tolerance.is_low_precision(job.closeness.dtype):
+        truth = _call_numpy(_float32_twin(job.model), job.specs, job.out_names, job.samples)
+    return _Reference(model_out, truth)
+
+
+def _serving_module(job: _ExportJob, serving_model) -> tuple[_ServingModule, dict, dict | None]:
+    """The tf.Module to save, its signatures (serving_default first) and the statistics
+    signature's asset (None without one)."""
+    module = _ServingModule(serving_model, job.specs, job.out_names)
+    signatures = {SERVING_KEY: module.serve.get_concrete_function()}
+    for name, fn in job.extra_signatures.items():
         signatures[name] = _extra_concrete(name, fn, serving_model)
     stats_functions, stats_asset = ({}, None)
-    if statistics_signature:
-        stats_functions, stats_asset = statistics_signatures(model, serving_model, specs)
+    if job.statistics_signature:
+        stats_functions, stats_asset = statistics_signatures(job.model, serving_model, job.specs)
         if set(stats_functions) & set(signatures):
             raise ValueError(f"`extra_signatures` must not redefine {sorted(stats_functions)}")
         signatures.update(stats_functions)
     module.extra_functions = list(signatures.values())[1:]
-    if extra_signatures:
-        module.source_model = model  # extra functions may close over the original model
+    if job.extra_signatures:
+        module.source_model = job.model  # extra functions may close over the original model
+    return module, signatures, stats_asset
 
-    first_created = None  # the highest directory this export creates, removed on failure
-    probe = base_path
-    while not os.path.exists(probe):
-        first_created, probe = probe, os.path.dirname(probe)
-    target = os.path.join(base_path, str(version))
+
+def _write_version(
+    job: _ExportJob, module, signatures, stats_asset, reference: _Reference, stat_findings, step
+) -> GateReport:
+    """Saves into a temporary directory under the base path, gates it, and renames it
+    into the version directory only if the gate passed; on any failure (or an
+    interrupt) nothing is left behind."""
+    first_created = _first_missing_dir(job.base_path)
     with _sigterm_as_interrupt():
-        os.makedirs(base_path, exist_ok=True)
-        _remove_stale_temp_dirs(base_path)
-        tmp = tempfile.mkdtemp(prefix=layout.temp_dir_prefix(), dir=base_path)
+        os.makedirs(job.base_path, exist_ok=True)
+        _remove_stale_temp_dirs(job.base_path)
+        tmp = tempfile.mkdtemp(prefix=layout.temp_dir_prefix(), dir=job.base_path)
         try:
             export_dir = os.path.join(tmp, "model")
-            tf.saved_model.save(module, export_dir, signatures=signatures)
-            extra_dir = os.path.join(export_dir, ASSETS_EXTRA)
-            os.makedirs(extra_dir, exist_ok=True)
-            _write_warmup(
-                os.path.join(extra_dir, WARMUP_FILE),
-                model_name or os.path.basename(base_path),
-                samples,
-            )
-            write_asset(extra_dir, stats_asset)
+            _save(job, module, signatures, stats_asset, export_dir)
             step("save")
-            gate, served = _gate(export_dir, samples, model_out, truth, out_names, closeness,
-                                 fold_margin, allow, stat_findings)  # fmt: skip
+            gate, served = _gate(export_dir, job, reference, stat_findings)
             step("gate")
             if not gate.ok:
                 raise ExportGateError(gate)
-            golden, dtypes = _golden_arrays(samples, served)
-            meta = {"format": GOLDEN_FORMAT, "compute_dtype": closeness.dtype,
-                    "rtol": closeness.rtol, "dtypes": dtypes}  # fmt: skip
-            np.savez(os.path.join(extra_dir, GOLDEN_FILE), meta=np.array(json.dumps(meta)),
-                     **golden)  # fmt: skip
-            _replace_version(export_dir, target, overwrite)
+            _write_golden(job, export_dir, served)
+            _replace_version(export_dir, job.target, job.overwrite)
             step("version")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            _remove_created(base_path, first_created)
+            _remove_created(job.base_path, first_created)
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-    return ExportResult(
-        path=target,
-        version=version,
-        inputs={k: tuple(s.shape.as_list()) for k, s in specs.items()},
-        outputs={k: tuple(s.shape.as_list()) for k, s in out_specs.items()},
-        fold_report=fold_report,
-        gate=gate,
-    )
+    return gate
+
+
+def _first_missing_dir(path: str) -> str | None:
+    """The highest missing directory on the way to `path` (what an export creates and
+    removes again on failure), None if `path` exists."""
+    first_created = None
+    while not os.path.exists(path):
+        first_created, path = path, os.path.dirname(path)
+    return first_created
+
+
+def _save(job: _ExportJob, module, signatures, stats_asset, export_dir: str) -> None:
+    """The SavedModel, its warm-up requests and the statistics signature's asset."""
+    tf.saved_model.save(module, export_dir, signatures=signatures)
+    extra_dir = os.path.join(export_dir, ASSETS_EXTRA)
+    os.makedirs(extra_dir, exist_ok=True)
+    _write_warmup(os.path.join(extra_dir, WARMUP_FILE), job.model_name, job.samples)
+    write_asset(extra_dir, stats_asset)
+
+
+def _write_golden(job: _ExportJob, export_dir: str, served: dict[str, np.ndarray]) -> None:
+    """`assets.extra/tfbn_golden.npz`: the samples and the export's answers (see the
+    module docstring for the contract)."""
+    golden, dtypes = _golden_arrays(job.samples, served)
+    meta = {"format": GOLDEN_FORMAT, "compute_dtype": job.closeness.dtype,
+            "rtol": job.closeness.rtol, "dtypes": dtypes}  # fmt: skip
+    np.savez(os.path.join(export_dir, ASSETS_EXTRA, GOLDEN_FILE), meta=np.array(json.dumps(meta)),
+             **golden)  # fmt: skip
 
 
 def _remove_created(path: str, first_created: str | None) -> None:
