@@ -376,7 +376,7 @@ def check_batch_invariance(
         for "when stderr is a terminal".
 
     Returns:
-      An `InvarianceReport`; `report.passed` is the verdict, `report.table()` the table.
+      An `InvarianceReport`; `report.passed` is the verdict, `report.format()` the table.
 
     Raises:
       ValueError: bad arguments. CheckError: `predict` answered wrongly.

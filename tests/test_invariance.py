@@ -156,18 +156,27 @@ def test_the_full_batch_reference_is_built_within_max_batch_size():
     report = check_batch_invariance(predict, X, max_batch_size=3, orders=1)
     assert report.passed and report.reference == "full-batch"
     assert [r.batch_size for r in report.rows] == [1, 2, 3]
-    assert report.notes == ["note: requests limited to the server's max_batch_size 3 (of 20 examples)"]
+    assert report.notes == [
+        "note: requests limited to the server's max_batch_size 3 (of 20 examples)"
+    ]
     # the reference: one probe for the output names, then the 20 rows in requests of 3
     assert predict.sizes[:8] == [3, 3, 3, 3, 3, 3, 3, 2]
     # batch statistics: the runs of 3 in the natural order are the reference itself
     report = check_batch_invariance(limited(5, batch_stats), X, max_batch_size=5, orders=1)
-    assert [(r.batch_size, r.passed) for r in report.rows] == [(1, False), (2, False), (3, False), (5, True)]
+    assert [(r.batch_size, r.passed) for r in report.rows] == [
+        (1, False),
+        (2, False),
+        (3, False),
+        (5, True),
+    ]
     assert report.verdict == "batch_dependent"
 
 
 @pytest.mark.parametrize("max_batch_size", [None, 3])
 def test_a_predict_that_returns_no_dict_is_the_servers_fault(max_batch_size):
-    with pytest.raises(CheckError, match="^predict must return a dict of named arrays; Received list$"):
+    with pytest.raises(
+        CheckError, match="^predict must return a dict of named arrays; Received list$"
+    ):
         check_batch_invariance(lambda b: [b["x"]], X, max_batch_size=max_batch_size)
 
 
@@ -177,9 +186,15 @@ def test_a_predict_that_returns_no_dict_is_the_servers_fault(max_batch_size):
         ({"max_batch_size": 0}, "max_batch_size must be a positive integer; Received: 0"),
         ({"max_batch_size": 2.5}, "max_batch_size must be a positive integer; Received: 2.5"),
         ({"rtol": -1.0}, "atol and rtol must be >= 0; Received: atol=0.0, rtol=-1.0"),
-        ({"concurrent_rounds": 0}, "concurrent_rounds and max_workers must be >= 1; Received: 0, 32"),
+        (
+            {"concurrent_rounds": 0},
+            "concurrent_rounds and max_workers must be >= 1; Received: 0, 32",
+        ),
         ({"max_workers": 0}, "concurrent_rounds and max_workers must be >= 1; Received: 1, 0"),
-        ({"batch_sizes": (2, None, 2.0)}, r"batch sizes must be positive integers or None \(all\); Received: 2.0"),
+        (
+            {"batch_sizes": (2, None, 2.0)},
+            r"batch sizes must be positive integers or None \(all\); Received: 2.0",
+        ),
     ],
 )
 def test_bad_limits_are_named_with_the_received_value(kwargs, match):
@@ -279,11 +294,23 @@ def test_run_check_uses_the_golden_file(bn):
     [
         ({}, ValueError, "^pass exactly one of a SavedModel path, --rest URL or --grpc target$"),
         ({"model_path": "m", "rest": "http://h"}, ValueError, "exactly one"),
-        ({"model_path": "m", "num_examples": 0}, ValueError, "^--num_examples must be a positive integer; Received: 0$"),
-        ({"model_path": "m", "version": 2}, ValueError, "^--model_version / --model_version_label select versions on a server; for a local SavedModel pass its version directory$"),
+        (
+            {"model_path": "m", "num_examples": 0},
+            ValueError,
+            "^--num_examples must be a positive integer; Received: 0$",
+        ),
+        (
+            {"model_path": "m", "version": 2},
+            ValueError,
+            "^--model_version / --model_version_label select versions on a server; for a local SavedModel pass its version directory$",
+        ),
         ({"model_path": "m", "label": "stable"}, ValueError, "select versions on a server"),
         ({"rest": "http://h"}, ValueError, "^--model_name is required with --rest / --grpc$"),
-        ({"grpc": "h:1", "model_name": "m", "batching": _config.BatchingParameters()}, ValueError, "^batching is the server's business; configure it on the server$"),
+        (
+            {"grpc": "h:1", "model_name": "m", "batching": _config.BatchingParameters()},
+            ValueError,
+            "^batching is the server's business; configure it on the server$",
+        ),
     ],
 )
 def test_run_check_usage_errors_before_any_request(kwargs, error, match):
@@ -302,7 +329,10 @@ def test_run_check_inputs_file_without_a_golden_file(bn, tmp_path):
     model = tmp_path / "frozen"
     shutil.copytree(bn["frozen"], model)
     shutil.rmtree(model / "1" / "assets.extra")
-    np.savez(tmp_path / "x.npz", **{f"inputs/{INPUT}": examples(6)[INPUT], "outputs/ignored": np.zeros(6)})
+    np.savez(
+        tmp_path / "x.npz",
+        **{f"inputs/{INPUT}": examples(6)[INPUT], "outputs/ignored": np.zeros(6)},
+    )
     report = run_check(str(model), inputs_file=str(tmp_path / "x.npz"), orders=1)
     assert report.passed and report.reference == "full-batch" and report.num_examples == 6
     assert report.tolerance_source == "float32 default"
@@ -347,7 +377,10 @@ def test_run_check_retries_within_the_limit_a_server_states(monkeypatch):
     report = run_check(rest="http://fake", model_name="m", num_examples=10, orders=1)
     assert report.passed and [r.batch_size for r in report.rows] == [1, 2, 3, 4]
     assert any("max_batch_size 4" in note for note in report.notes)
-    with pytest.raises(ValueError, match="^--signature_name 'other': the served model has no such signature; it has \\['serving_default'\\]$"):
+    with pytest.raises(
+        ValueError,
+        match="^--signature_name 'other': the served model has no such signature; it has \\['serving_default'\\]$",
+    ):
         run_check(rest="http://fake", model_name="m", signature_name="other")
 
 

@@ -117,7 +117,7 @@ def test_columnar_format_single_value_b64_and_named_inputs():
         (
             {"instances": [{"a": [1.0], "b": 1}, {"a": [2.0]}]},
             TWO,
-            'Failed to process element: 1 of \'instances\' list. JSON object: {"a":[2.0]} '
+            "Failed to process element: 1 of 'instances' list. JSON object: {\"a\":[2.0]} "
             "keys must be equal to: a,b",
         ),
         (
@@ -153,8 +153,7 @@ def test_columnar_format_single_value_b64_and_named_inputs():
         (
             {"inputs": {"a": [1.0], "b": [1], "c": [2]}},
             TWO,
-            "input tensor alias not found in signature: c. Inputs expected to be in the set "
-            "{a,b}.",
+            "input tensor alias not found in signature: c. Inputs expected to be in the set {a,b}.",
         ),
         (
             {"inputs": [1.0, True]},

@@ -309,7 +309,9 @@ def test_grpc_status_codes_of_the_servicers(server, stub, monkeypatch):
     models = model_service_pb2_grpc.ModelServiceStub(channel)
     missing = (grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
     assert _rpc_error(stub.Regress, regression_pb2.RegressionRequest()) == missing
-    assert _rpc_error(models.GetModelStatus, get_model_status_pb2.GetModelStatusRequest()) == missing
+    assert (
+        _rpc_error(models.GetModelStatus, get_model_status_pb2.GetModelStatusRequest()) == missing
+    )
     request = get_model_status_pb2.GetModelStatusRequest()
     request.model_spec.name = "default"
     for raised, expected in [
