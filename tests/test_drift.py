@@ -324,6 +324,10 @@ def test_recalibrate_export_drift_loop(calibrated, tmp_path, capsys):
         == 0
     )
     assert "recalibrated 3 BatchNormalization layer(s)" in capsys.readouterr().out
+    args = ["recalibrate", str(root / "m.keras"), "--inputs", str(root / "shifted.npz")]
+    assert cli.main([*args, "--out", str(tmp_path / "again.keras"), "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["ok"] is True and "saved" in captured.err
     base = tmp_path / "base"
     assert cli.main(["export", str(new), str(base), "--samples", str(root / "shifted.npz")]) == 0
     assert cli.main(["drift", str(base), "--inputs", str(root / "shifted.npz")]) == 0

@@ -1,5 +1,6 @@
 """SavedModel export for TF Serving (`tfbn.export.export_saved_model`, `tfbn export`)."""
 
+import json
 import os
 
 import keras
@@ -281,6 +282,26 @@ def test_cli_export(tmp_path, capsys):
     assert cli.main(["export", path, base, "--version", "two"]) == 2
     assert cli.main(["export", str(tmp_path / "missing.keras"), base]) == 2
     assert cli.main(["inspect", os.path.join(base, "2")]) == 0
+
+
+def test_cli_export_json_on_success_and_on_a_refusal(tmp_path, capsys):
+    """`--json` means the same as on every command: '-' prints the report's JSON
+    instead of the text; a path writes it too. A refused export writes the gate's."""
+    path = str(tmp_path / "model.keras")
+    _cnn(tfbn.BatchNormalization).save(path)
+    base = str(tmp_path / "serving" / "cnn")
+    assert cli.main(["export", path, base, "--model-version", "1", "--json", "-"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is True and doc["version"] == 1 and doc["gate"]["ok"] is True
+    report = tmp_path / "export.json"
+    assert cli.main(["export", path, base, "--model-version", "2", "--json", str(report)]) == 0
+    assert "exported version 2" in capsys.readouterr().out
+    assert json.loads(report.read_text())["version"] == 2
+    args = ["export", path, base, "--rtol", "1e-12", "--json", "-"]  # the fold rounds more
+    assert cli.main(args) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["ok"] is False and "gate failed" in captured.err
+    assert sorted(os.listdir(base)) == ["1", "2"]
 
 
 def test_bench_export_example_runs(capsys):

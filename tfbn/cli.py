@@ -206,11 +206,16 @@ def _add_command(sub, command: Command, parents) -> None:
 def _emit(report: Report, json_path: str | None) -> None:
     """Print a report (`tfbn.report.Report`) and its JSON as `--json` asks: '-' prints
     the JSON instead of the text, a path writes it there too."""
+    if json_path != "-":
+        print(report.format())
+    _write_json(report, json_path)
+
+
+def _write_json(report: Report, json_path: str | None) -> None:
+    """The report's JSON to `json_path` ('-': stdout; None: nowhere)."""
     if json_path == "-":
         print(report.to_json())
-        return
-    print(report.format())
-    if json_path:
+    elif json_path:
         with open(json_path, "w", encoding="utf-8") as f:
             f.write(report.to_json())
 
@@ -815,8 +820,9 @@ def _run_export(args) -> int:
         )  # fmt: skip
     except export.ExportGateError as err:
         print(f"tfbn export: {err}", file=sys.stderr)
+        _write_json(err.report, args.json_path)  # the gate's report: what failed
         return 1
-    print(result.format())
+    _emit(result, args.json_path)
     return 0
 
 
@@ -879,6 +885,7 @@ EXPORT = Command(
             help="leave out the BN statistics probe signatures used by `tfbn drift`",
         ),
         _quiet("the gate's steps"),
+        JSON,
     ),
     run=_run_export,
     validate=_validate_export,
@@ -996,7 +1003,8 @@ def _run_recalibrate(args) -> int:
     traffic = drift.load_traffic(args.inputs, list(io_specs(model)[0]))
     result = drift.recalibrate_on_traffic(model, traffic, args.batch_size)
     model.save(args.out)
-    print(f"{result.format()}\nsaved {args.out}")
+    _emit(result, args.json_path)
+    print(f"saved {args.out}", file=sys.stderr if args.json_path == "-" else sys.stdout)
     return 0
 
 
@@ -1019,6 +1027,7 @@ RECALIBRATE = Command(
             deprecated=("--batch_size",),
             help="examples per batch (default 64)",
         ),
+        JSON,
     ),
     run=_run_recalibrate,
     validate=_validate_recalibrate,
