@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from tfbn import layout
+from tfbn import _validate, layout
 from tfbn.report import Report, deprecated_alias, json_safe
 from tfbn.tolerance import Closeness, low_precision_of
 
@@ -418,20 +418,13 @@ def check_batch_invariance(
 
 def _check_limits(orders, atol, rtol, concurrent_rounds, max_workers, max_batch_size) -> None:
     """ValueError naming the first of check_batch_invariance's counts and tolerances that is out
-    of range."""
-    if orders < 1:
-        raise ValueError(f"orders must be >= 1; Received: {orders}")
+    of range (counts: `tfbn._validate`'s rule, booleans refused)."""
+    _validate.positive_int("orders", orders)
     if atol < 0 or (rtol is not None and rtol < 0):
         raise ValueError(f"atol and rtol must be >= 0; Received: atol={atol}, rtol={rtol}")
-    if concurrent_rounds < 1 or max_workers < 1:
-        raise ValueError(
-            "concurrent_rounds and max_workers must be >= 1; Received: "
-            f"{concurrent_rounds}, {max_workers}"
-        )
-    if max_batch_size is not None and (
-        not isinstance(max_batch_size, int | np.integer) or max_batch_size < 1
-    ):
-        raise ValueError(f"max_batch_size must be a positive integer; Received: {max_batch_size!r}")
+    _validate.positive_int("concurrent_rounds", concurrent_rounds)
+    _validate.positive_int("max_workers", max_workers)
+    _validate.positive_int("max_batch_size", max_batch_size, allow_none=True)
 
 
 def _request_sizes(batch_sizes: Sequence[int | None], limit: int) -> list[int]:

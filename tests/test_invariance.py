@@ -183,14 +183,28 @@ def test_a_predict_that_returns_no_dict_is_the_servers_fault(max_batch_size):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"max_batch_size": 0}, "max_batch_size must be a positive integer; Received: 0"),
-        ({"max_batch_size": 2.5}, "max_batch_size must be a positive integer; Received: 2.5"),
+        (
+            {"max_batch_size": 0},
+            r"`max_batch_size` must be None or a positive integer\. "
+            "Received: max_batch_size=0",
+        ),
+        (
+            {"max_batch_size": 2.5},
+            r"`max_batch_size` must be None or a positive integer\. "
+            "Received: max_batch_size=2.5",
+        ),
+        (
+            {"max_batch_size": True},
+            r"`max_batch_size` must be None or a positive integer\. "
+            "Received: max_batch_size=True",
+        ),
         ({"rtol": -1.0}, "atol and rtol must be >= 0; Received: atol=0.0, rtol=-1.0"),
         (
             {"concurrent_rounds": 0},
-            "concurrent_rounds and max_workers must be >= 1; Received: 0, 32",
+            r"`concurrent_rounds` must be a positive integer\. Received: concurrent_rounds=0",
         ),
-        ({"max_workers": 0}, "concurrent_rounds and max_workers must be >= 1; Received: 1, 0"),
+        ({"max_workers": 0}, r"`max_workers` must be a positive integer\. Received: max_workers=0"),
+        ({"orders": True}, r"`orders` must be a positive integer\. Received: orders=True"),
         (
             {"batch_sizes": (2, None, 2.0)},
             r"batch sizes must be positive integers or None \(all\); Received: 2.0",
