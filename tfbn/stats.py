@@ -54,17 +54,8 @@ def moments(
     dtype = stat_dtype(x.dtype)
     x = tf.cast(x, dtype)
     if mask is None:
-        # TensorFlow's Mean (a sum divided by the count, correctly rounded); an
-        # empty batch, unless its shape says it cannot be, gives 0 instead of NaN.
-        mean = tf.reduce_mean(x, axes, keepdims=True)
-        variance = tf.reduce_mean(tf.square(x - tf.stop_gradient(mean)), axes)
-        mean = tf.squeeze(mean, axes)
-        count = _count_over(x, axes, dtype)
-        if tf.get_static_value(count) is None or tf.get_static_value(count) == 0:
-            nonempty = count > 0
-            mean = tf.where(nonempty, mean, tf.zeros_like(mean))
-            variance = tf.where(nonempty, variance, tf.zeros_like(variance))
-        return mean, variance, tf.broadcast_to(count, tf.shape(mean))
+        mean, variance, count, _ = _centred_moments(x, axes)
+        return mean, variance, count
     weights = tf.broadcast_to(tf.cast(mask, dtype), tf.shape(x))
     # Masked-out values never enter the arithmetic (selected away, not multiplied
     # by 0: NaN * 0 and Inf * 0 are NaN), so whatever they hold cannot reach the
@@ -76,6 +67,51 @@ def moments(
     centred = tf.where(keep, x - tf.stop_gradient(_expand(mean, axes)), tf.zeros_like(x))
     variance = tf.math.divide_no_nan(tf.reduce_sum(weights * tf.square(centred), axes), count)
     return mean, variance, count
+
+
+def _centred_moments(x: tf.Tensor, axes: list[int]):
+    """Unmasked `moments` of `x` (already in the statistics dtype), and `x - mean`
+    with the mean held constant (`(mean, variance, count, centred)`).
+
+    TensorFlow's Mean (a sum divided by the count, correctly rounded); an empty
+    batch, unless its shape says it cannot be, gives 0 instead of NaN.
+    """
+    mean = tf.reduce_mean(x, axes, keepdims=True)
+    centred = x - tf.stop_gradient(mean)
+    variance = tf.reduce_mean(tf.square(centred), axes)
+    mean = tf.squeeze(mean, axes)
+    count = _count_over(x, axes, x.dtype)
+    if tf.get_static_value(count) is None or tf.get_static_value(count) == 0:
+        nonempty = count > 0
+        mean = tf.where(nonempty, mean, tf.zeros_like(mean))
+        variance = tf.where(nonempty, variance, tf.zeros_like(variance))
+    return mean, variance, tf.broadcast_to(count, tf.shape(mean)), centred
+
+
+def normalize_with_batch_moments(
+    x: tf.Tensor,
+    axes: list[int],
+    gamma: tf.Tensor | None,
+    beta: tf.Tensor | None,
+    epsilon: float,
+    shape: list[int],
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Training-mode BN over `axes`: `(y, mean, variance, count)`.
+
+    `moments` and `batch_normalize` in one: the pass that subtracts the mean for
+    the variance is the one the output is scaled from (one pass over `x` fewer;
+    the same values as `batch_normalize` with the moments, gradients through the
+    mean and the variance alike).
+    """
+    mean, variance, count, centred = _centred_moments(tf.cast(x, stat_dtype(x.dtype)), axes)
+    scale = tf.math.rsqrt(variance + tf.cast(epsilon, variance.dtype))
+    if gamma is not None:
+        scale = scale * tf.cast(gamma, scale.dtype)
+    offset = (tf.stop_gradient(mean) - mean) * scale
+    if beta is not None:
+        offset = offset + tf.cast(beta, scale.dtype)
+    y = centred * _per_channel(scale, shape) + _per_channel(offset, shape)
+    return tf.cast(y, x.dtype), mean, variance, count
 
 
 def _count_over(x: tf.Tensor, axes: list[int], dtype: tf.DType) -> tf.Tensor:

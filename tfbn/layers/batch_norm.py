@@ -451,6 +451,11 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
             return restore(y), mean, variance, count
         if self.virtual_batch_size is not None:
             return self._ghost_batch_norm(x, mask)
+        if mask is None and not distributed:
+            return stats.normalize_with_batch_moments(
+                x, self._reduction_axes, *self._gamma_beta(optional=True), self.epsilon,
+                self._broadcast_shape(len(x.shape)),
+            )  # fmt: skip
         mean, variance, count = self._moments(x, mask, distributed)
         y = self._normalize_batch(x, mean, variance, self._gamma_beta(optional=True), mask)
         return y, mean, variance, count
