@@ -100,3 +100,18 @@ def test_profile_needs_a_model():
     from tfbn import cli
 
     assert cli.main(["bench", "--profile"]) == 2
+
+
+def test_timing_nothing_gives_nothing_and_fast_calls_get_more_rounds():
+    """A model bench where every variant failed (all n/a) times nothing instead of
+    crashing; sub-millisecond calls are repeated until timed long enough."""
+    assert bench._interleaved_medians({}, repeats=5) == {}
+    calls = {"a": 0, "b": 0}
+
+    def count(name):
+        calls[name] += 1
+
+    medians = bench._interleaved_medians(
+        {"a": lambda: count("a"), "b": lambda: count("b")}, repeats=3, warmup=0
+    )
+    assert set(medians) == {"a", "b"} and calls["a"] == calls["b"] > 3
