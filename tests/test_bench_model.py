@@ -115,3 +115,21 @@ def test_timing_nothing_gives_nothing_and_fast_calls_get_more_rounds():
         {"a": lambda: count("a"), "b": lambda: count("b")}, repeats=3, warmup=0
     )
     assert set(medians) == {"a", "b"} and calls["a"] == calls["b"] > 3
+
+
+def test_small_inputs_example_times_every_variant(capsys):
+    """examples/bench_small_inputs.py: the README's breakdown of a small training step."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "bench_small_inputs.py"
+    spec = importlib.util.spec_from_file_location("bench_small_inputs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    variant = module.NoUpdate()
+    variant(np.ones((4, 3), "float32"), training=True)
+    np.testing.assert_array_equal(variant.moving_mean, 0)  # the update really is off
+    assert module.main(["--shape", "8,4", "--repeats", "2"]) == 0
+    table = capsys.readouterr().out
+    for name in module.VARIANTS:
+        assert f"| (8, 4) | {name} |" in table
