@@ -524,18 +524,18 @@ def _mobilenetv2(size: int = 32, classes: int = 10) -> keras.Model:
 def _model_spec(name: str) -> tuple[Callable[[], keras.Model], int]:
     """(builder with Keras BN, input size) of a bench model."""
     apps = keras.applications
+
+    def app(build, size):  # logits, as the bench's loss expects (from_logits=True)
+        return lambda: build(
+            weights=None, input_shape=(size, size, 3), classes=10, classifier_activation=None
+        )
+
     specs = {
         "resnet": (lambda: _resnet(32), 32),
         "mobilenetv2": (lambda: _mobilenetv2(32), 32),
-        "resnet50": (lambda: apps.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10), 64),
-        "mobilenetv2_app": (
-            lambda: apps.MobileNetV2(weights=None, input_shape=(96, 96, 3), classes=10),
-            96,
-        ),
-        "efficientnetb0": (
-            lambda: apps.EfficientNetB0(weights=None, input_shape=(64, 64, 3), classes=10),
-            64,
-        ),
+        "resnet50": (app(apps.ResNet50, 64), 64),
+        "mobilenetv2_app": (app(apps.MobileNetV2, 96), 96),
+        "efficientnetb0": (app(apps.EfficientNetB0, 64), 64),
     }
     if name not in specs:
         raise ValueError(f"Unknown bench model {name!r}; accepted: {', '.join(MODEL_NAMES)}")
