@@ -106,6 +106,9 @@ def test_timing_nothing_gives_nothing_and_fast_calls_get_more_rounds():
     """A model bench where every variant failed (all n/a) times nothing instead of
     crashing; sub-millisecond calls are repeated until timed long enough."""
     assert bench._interleaved_medians({}, repeats=5) == {}
+    assert bench._fmt("n/a (InvalidArgumentError: Trying to access ...)", ".1f") == (
+        "n/a (InvalidArgumentError)"  # the table names the error; the JSON keeps it whole
+    )
     calls = {"a": 0, "b": 0}
 
     def count(name):

@@ -686,7 +686,12 @@ def _ms(value):
 
 
 def _fmt(value, spec):
-    return format(value, spec) if isinstance(value, (int, float)) else str(value or "-")
+    """A number as `spec`; a variant's error as "n/a (ErrorType)" (the JSON keeps it whole)."""
+    if isinstance(value, (int, float)):
+        return format(value, spec)
+    if isinstance(value, str) and value.startswith("n/a ("):
+        return value.split(":", 1)[0] + ")"
+    return str(value or "-")
 
 
 def format_model_tables(result: dict) -> str:
