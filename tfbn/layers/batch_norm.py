@@ -156,10 +156,13 @@ class BatchNormalization(BatchNormBase, keras.layers.BatchNormalization):
         skip_nonfinite_updates: If True (default), a batch whose statistics
             contain NaN/Inf leaves the moving statistics unchanged and increments
             `num_skipped_updates` instead of corrupting them.
-        fused: `"auto"` (default) uses TensorFlow's fused kernel wherever it is
-            valid: a single channel axis that is last or `1`, no mask, no virtual
-            batch, float16/bfloat16/float32. `True` requires it (ValueError
-            otherwise); `False` always uses the unfused path.
+        fused: `"auto"` (default) trains on TensorFlow's fused kernel where it is
+            valid (a single channel axis that is last or `1`, no mask, no virtual
+            batch, float16/bfloat16/float32, epsilon >= 1.001e-5) and pays off (an
+            input of at least `FUSED_AUTO_MIN_ELEMENTS` values, or synchronised), and
+            infers without it (Keras's `x * scale + offset` where that is exact).
+            `True` requires the kernel in training and inference (ValueError where it
+            is not valid); `False` always uses the unfused path.
         renorm: If True, batch renormalization (see above).
         renorm_clipping: With `renorm`, a dict with optional keys `"rmax"`,
             `"rmin"`, `"dmax"` bounding the corrections (`r` to [rmin, rmax], `d`
