@@ -23,15 +23,20 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def rss_mib(pid: int | str = "self") -> float:
+NAME = "bench"  # the served model's name
+
+
+def proc_status(pid: int | str = "self", field: str = "VmRSS") -> float:
+    """A /proc/<pid>/status memory field (VmRSS, VmHWM) in MiB."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -65,7 +70,7 @@ def start_server(base: str) -> tuple[subprocess.Popen, str, str]:
             "serve",
             "--port=0",
             f"--rest_api_port={rest_port}",
-            "--model_name=bench",
+            f"--model_name={NAME}",
             f"--model_base_path={base}",
             "--file_system_poll_wait_seconds=0",
         ],
@@ -82,8 +87,11 @@ def start_server(base: str) -> tuple[subprocess.Popen, str, str]:
             break
         if "ready" in line and "gRPC on " in line:
             grpc_target = line.split("gRPC on ")[1].split(",")[0].strip()
+            # Keep reading its log, so a full pipe never blocks the server.
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
             return proc, grpc_target, f"http://127.0.0.1:{rest_port}"
     proc.kill()
+    proc.wait()
     raise RuntimeError("the development server did not start")
 
 
@@ -130,8 +138,8 @@ def main(argv=None) -> int:
         }
         try:
             clients = {
-                "rest": RestClient(rest_url, "bench", timeout=30),
-                "grpc": GrpcClient(grpc_target, "bench", timeout=30),
+                "rest": RestClient(rest_url, NAME, timeout=30),
+                "grpc": GrpcClient(grpc_target, NAME, timeout=30),
             }
             for batch in (1, 64):
                 base_rate = timed_check(local, inputs, reference, batch)
@@ -164,12 +172,12 @@ def main(argv=None) -> int:
             for name, client in clients.items():
                 for _ in range(200):  # warm-up
                     client.predict(row)
-                samples = [(0, rss_mib(proc.pid), rss_mib())]
+                samples = [(0, proc_status(proc.pid), proc_status())]
                 t0 = time.perf_counter()
                 for i in range(1, args.requests + 1):
                     client.predict(row)
                     if i % 1000 == 0 or i == args.requests:
-                        samples.append((i, rss_mib(proc.pid), rss_mib()))
+                        samples.append((i, proc_status(proc.pid), proc_status()))
                 elapsed = time.perf_counter() - t0
                 results["memory"].append(
                     {

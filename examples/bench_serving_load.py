@@ -23,9 +23,7 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,69 +32,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-NAME = "bench"
-
-
-def proc_status(pid: int, field: str) -> float:
-    """A /proc/<pid>/status memory field (VmRSS, VmHWM) in MiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def export_model(root: str) -> str:
-    import keras
-
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((16,), name="features")
-    x = keras.layers.Dense(64, activation="relu")(inp)
-    x = keras.layers.BatchNormalization()(x)
-    model = keras.Model(inp, keras.layers.Dense(4)(x))
-    base = os.path.join(root, "model")
-    model.export(os.path.join(base, "1"), verbose=False)
-    return base
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(base: str) -> tuple[subprocess.Popen, str, str]:
-    rest_port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tfbn.cli",
-            "serve",
-            "--port=0",
-            f"--rest_api_port={rest_port}",
-            f"--model_name={NAME}",
-            f"--model_base_path={base}",
-            "--file_system_poll_wait_seconds=0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if "ready" in line and "gRPC on " in line:
-            grpc_target = line.split("gRPC on ")[1].split(",")[0].strip()
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # drain
-            return proc, grpc_target, f"http://127.0.0.1:{rest_port}"
-    proc.kill()
-    proc.wait()
-    raise RuntimeError("the development server did not start")
+# Run as a script, so its folder is on sys.path: the model, the server start and
+# the /proc reader are bench_serving.py's.
+from bench_serving import NAME, export_model, proc_status, start_server  # noqa: E402
 
 
 def percentiles(latencies: list[float]) -> dict:
