@@ -212,6 +212,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _write_json(json_path: str | None, doc: dict) -> None:
+    """A bench report as JSON at `json_path` (if given), with the versions that ran it."""
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"tf": tf.__version__, "keras": keras.__version__, **doc}, f, indent=2)
+
+
 def main(
     shapes=DEFAULT_SHAPES,
     repeats: int = 20,
@@ -220,9 +227,7 @@ def main(
 ) -> list[dict]:
     rows = run_benchmark(shapes, repeats, progress=progress)
     print(format_table(rows))
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"tf": tf.__version__, "keras": keras.__version__, "rows": rows}, f, indent=2)
+    _write_json(json_path, {"rows": rows})
     return rows
 
 
@@ -446,18 +451,7 @@ def main_sync(
 ) -> list[dict]:
     rows = run_sync_benchmark(shapes, repeats, replicas, progress=progress)
     print(format_sync_table(rows))
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(
-                {
-                    "tf": tf.__version__,
-                    "keras": keras.__version__,
-                    "rows": rows,
-                    "summary": sync_summary(rows),
-                },
-                f,
-                indent=2,
-            )
+    _write_json(json_path, {"rows": rows, "summary": sync_summary(rows)})
     return rows
 
 
@@ -842,10 +836,7 @@ def main_profile(
 ) -> list[dict]:
     results = [profile_model(name, batch=batch, steps=steps) for name in models]
     print("\n\n".join(format_profile_table(r) for r in results))
-    if json_path:
-        with open(json_path, "w") as f:
-            meta = {"tf": tf.__version__, "keras": keras.__version__}
-            json.dump({**meta, "profiles": results}, f, indent=2)
+    _write_json(json_path, {"profiles": results})
     return results
 
 
@@ -862,7 +853,5 @@ def main_model(
         models, batch, repeats, replicas, mirrored=mirrored, progress=progress
     )
     print(format_model_tables(result))
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"tf": tf.__version__, "keras": keras.__version__, **result}, f, indent=2)
+    _write_json(json_path, result)
     return result
