@@ -208,16 +208,16 @@ def _emit(report: Report, json_path: str | None) -> None:
     the JSON instead of the text, a path writes it there too."""
     if json_path != "-":
         print(report.format())
-    _write_json(report, json_path)
+    _write_json(report.to_json(), json_path)
 
 
-def _write_json(report: Report, json_path: str | None) -> None:
-    """The report's JSON to `json_path` ('-': stdout; None: nowhere)."""
+def _write_json(text: str, json_path: str | None) -> None:
+    """JSON text to `json_path` as `--json` says: '-' stdout, None nowhere."""
     if json_path == "-":
-        print(report.to_json())
+        print(text)
     elif json_path:
         with open(json_path, "w", encoding="utf-8") as f:
-            f.write(report.to_json())
+            f.write(text)
 
 
 def _positional_from_json(args, name: str) -> None:
@@ -599,12 +599,9 @@ def _run_check(args) -> int:
             "golden": args.golden,
             "inputs": args.inputs_file,
         }
-        text = dumps(doc)
+        _write_json(dumps(doc), args.json_path)
         if args.json_path == "-":
-            print(text)
             return code
-        with open(args.json_path, "w", encoding="utf-8") as f:
-            f.write(text)
     if report is not None:
         print(report.format())
     return code
@@ -820,7 +817,7 @@ def _run_export(args) -> int:
         )  # fmt: skip
     except export.ExportGateError as err:
         print(f"tfbn export: {err}", file=sys.stderr)
-        _write_json(err.report, args.json_path)  # the gate's report: what failed
+        _write_json(err.report.to_json(), args.json_path)  # the gate's report: what failed
         return 1
     _emit(result, args.json_path)
     return 0
