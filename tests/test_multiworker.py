@@ -14,6 +14,7 @@ Every process binds 127.0.0.1 on free ports, has a bounded timeout and is killed
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -140,6 +141,10 @@ def test_peer_dead_before_connecting_is_named_within_the_connect_timeout(cluster
 
 @pytest.mark.slow
 def test_peer_dying_mid_training_is_named(cluster):
+    """Worker 1 vanishes after its second step. Worker 0 fails in step 2 (its next
+    all-reduce) or already in step 1: a ring all-reduce can end on worker 1 before
+    worker 0 has pulled worker 1's last chunk, so which of the two is a race (CI saw
+    step 1 once). Either way the step and the dead peer are named, quickly."""
     start = time.monotonic()
     cluster.start(0, "--steps", "6")
     cluster.start(1, "--steps", "6", "--die-after-steps", "2")
@@ -148,7 +153,7 @@ def test_peer_dying_mid_training_is_named(cluster):
     code = cluster.wait(0, 120)
     log = cluster.log(0)
     assert code == 1, (code, log[-3000:])
-    assert "training step 2 failed" in log, log[-3000:]
+    assert re.search(r"worker 0: training step [12] failed", log), log[-3000:]
     assert f"worker 1 at {cluster.addresses[1]} is not reachable" in log, log[-3000:]
     assert time.monotonic() - died < 90, time.monotonic() - start
 
