@@ -1,5 +1,7 @@
 """tfbn.stats against float64 NumPy and the worked examples every BatchNorm text uses."""
 
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -168,6 +170,19 @@ def test_inference_form_follows_the_mean_to_spread_ratio(make):
             assert np.abs(y - ref).max() < 2e-6 * np.abs(ref).max()
             assert np.array_equal(y, folded) == expect_folded
     assert not stats.fold_is_exact(np.array([np.nan]), np.array([1.0]), 1e-3)
+
+
+def test_bad_statistics_and_outputs_are_judged_without_numpy_warnings():
+    """A negative variance (Keras's renorm inference test builds one) or an inf in an
+    output is a verdict, not a RuntimeWarning from inside tfbn (CI printed both)."""
+    from tfbn.tolerance import Closeness
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not stats.fold_is_exact(np.array([1.0]), np.array([-2.0]), 1e-3)
+        inf = np.array([[np.inf, 1.0]])
+        assert Closeness(1e-3).compare(inf, inf, allow_nonfinite=True).passed
+        assert not Closeness(1e-3).compare(inf, -inf, allow_nonfinite=True).passed
 
 
 @pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])

@@ -456,7 +456,8 @@ def fold_is_exact(mean, variance, epsilon: float) -> bool:
     these statistics (NumPy arrays): `max |mean| / sqrt(variance + epsilon)` is at
     most `FOLD_EXACT_MAX_RATIO` (False for non-finite statistics)."""
     mean = np.asarray(mean, np.float64)
-    ratio = np.abs(mean) / np.sqrt(np.asarray(variance, np.float64) + epsilon)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a negative variance gives nan: False
+        ratio = np.abs(mean) / np.sqrt(np.asarray(variance, np.float64) + epsilon)
     return bool(ratio.size == 0 or np.max(ratio) <= FOLD_EXACT_MAX_RATIO)
 
 

@@ -170,7 +170,8 @@ class Closeness:
         nonfinite = bool(not g_fin.all() or not r_fin.all())
         same_special = (~g_fin) & (~r_fin) & ((g == r) | (np.isnan(g) & np.isnan(r)))
         both = g_fin & r_fin
-        diff = np.where(both, np.abs(g - r), np.where(same_special, 0.0, np.inf))
+        with np.errstate(invalid="ignore"):  # inf - inf where `both` is False anyway
+            diff = np.where(both, np.abs(g - r), np.where(same_special, 0.0, np.inf))
         scale = float(np.max(np.abs(r[r_fin]), initial=0.0))
         bound = self.atol + self.rtol * scale
         row_diff = diff.max(axis=1) if diff.shape[1] else np.zeros(rows)
