@@ -260,16 +260,16 @@ def _run_bench(args) -> int:
     from tfbn import bench
 
     progress = False if args.quiet else None
+    models = tuple(m for ms in args.models or () for m in ms.split(","))
 
     def run(json_path):
-        if args.models and args.profile:
-            models = tuple(m for ms in args.models for m in ms.split(","))
+        if models and args.profile:
             return bench.main_profile(models, args.batch, json_path=json_path)
-        if args.models:
+        if models:
             if not args.single_only:
                 bench.split_cpu(args.replicas)
             return bench.main_model(
-                tuple(m for ms in args.models for m in ms.split(",")),
+                models,
                 args.batch,
                 args.repeats,
                 args.replicas,
