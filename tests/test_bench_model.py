@@ -136,3 +136,52 @@ def test_small_inputs_example_times_every_variant(capsys):
     table = capsys.readouterr().out
     for name in module.VARIANTS:
         assert f"| (8, 4) | {name} |" in table
+
+
+def test_xla_variants_example_computes_batch_norm_and_times_every_design(capsys):
+    """examples/bench_xla_variants.py times designs the README compares with tfbn's:
+    they must compute what tfbn computes for the comparison to mean anything."""
+    import importlib.util
+    from pathlib import Path
+
+    from tfbn import stats
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "bench_xla_variants.py"
+    spec = importlib.util.spec_from_file_location("bench_xla_variants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    x = tf.random.stateless_normal((6, 3, 5), seed=(3, 4)) * 2.0 + 1.0
+    upstream = tf.random.stateless_normal(x.shape, seed=(5, 6))
+    results = []
+    for layer in (module.XlaUnfused(), tfbn.BatchNormalization()):
+        layer.build(x.shape)
+        layer.gamma.assign(tf.linspace(0.5, 1.5, 5))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, training=True) * upstream)
+        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        results.append([loss, *grads, layer.moving_mean, layer.moving_variance])
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    x4 = tf.random.stateless_normal((2, 3, 4, 5), seed=(7, 8)) + 3.0
+    for got, want in zip(
+        module._xla_moments(tf.reshape(x4, [-1, 5])), stats.fused_moments(x4, "NHWC")
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    fns = module._grad_sum_fns(x4)
+    for got, want in zip(fns["xla one pass"](), fns["tfbn (fused grad kernel)"]()):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    shipped, tried = (
+        tf.nest.flatten(step(), expand_composites=True)
+        for step in module._sync_step_fns(x4).values()
+    )
+    for got, want in zip(tried, shipped):  # the step's input, gamma and beta gradients
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    args = ["--shape", "8,4", "--moment-shape", "2,3,3,4", "--repeats", "2"]
+    assert module.main(args) == 0
+    out = capsys.readouterr().out
+    for row in ("| (8, 4) | keras |", "| (8, 4) | tfbn |", "| (8, 4) | xla unfused |"):
+        assert row in out
+    for row in ("tfbn (fused kernel)", "xla one pass", "tfbn (fused grad kernel)"):
+        assert f"| (2, 3, 3, 4) | {row} |" in out
+    assert out.count("| (2, 3, 3, 4) | xla one pass |") == 3  # moments, sums, sync step

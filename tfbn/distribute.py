@@ -113,8 +113,9 @@ def sync_fused_batch_norm(
     all-reduce merges them (`all_reduce_moments`), and one XLA-fused pass
     normalises with the global statistics (`tfbn.stats.normalize_with_moments`):
     two passes over the data, as in local BN, plus the per-channel all-reduce.
-    Backward (as PyTorch's SyncBatchNorm): one XLA-fused pass gives the local
-    sums `sum(dy)`, `sum(dy * xhat)` (`tfbn.stats.batch_norm_grad_sums`); ONE
+    Backward (as PyTorch's SyncBatchNorm): the fused kernel's fixed-statistics
+    gradient gives the local sums `sum(dy)`, `sum(dy * xhat)` in one pass
+    (`tfbn.stats.batch_norm_grad_sums`); ONE
     all-reduce of those two sums; then one fused pass computes the input
     gradient including the terms that flow through the global mean and variance
     (`tfbn.stats.sync_batch_norm_input_grad`). gamma/beta gradients stay local

@@ -274,21 +274,30 @@ def batch_norm_grad_sums(
 
     The sums over every axis but the channel of a 4D `dy`/`x` in `data_format`:
     the local gamma and beta gradients, and, all-reduced, what
-    `sync_batch_norm_input_grad` needs. One XLA-fused pass over `dy` and `x` in
-    float32 (channels last as a `[values, C]` matrix), reading the data once and
-    writing nothing per element: 1.3x faster on 2 CPU cores than the fused
-    kernel's fixed-statistics gradient (FusedBatchNormGradV3), which also writes
-    an input gradient this use discards.
+    `sync_batch_norm_input_grad` needs. Channels last, from the fused kernel's
+    gradient with the statistics held fixed (FusedBatchNormGradV3,
+    `is_training=False`; it also writes an input gradient, which is discarded).
+    On 2 CPU cores that is faster than one XLA pass computing only the two sums,
+    alone and in a synchronised training step on 4 logical replicas (`python
+    examples/bench_xla_variants.py`). Channels first, where the CPU kernel would
+    need two transposes, one XLA-fused pass in float32. The kernel does not read
+    `reserve_space_3` here, so an empty one is passed.
     """
-    r = tf.math.rsqrt(variance + tf.cast(epsilon, variance.dtype))
     if data_format == "NCHW":
         sum_dy_xc, sum_dy = _grad_sums_pass(dy, x, mean[:, None, None], [0, 2, 3])
-    else:
-        channels = x.shape[-1]
-        sum_dy_xc, sum_dy = _grad_sums_pass(
-            tf.reshape(dy, [-1, channels]), tf.reshape(x, [-1, channels]), mean, [0]
-        )
-    return sum_dy_xc * r, sum_dy
+        return sum_dy_xc * tf.math.rsqrt(variance + tf.cast(epsilon, variance.dtype)), sum_dy
+    _, sum_dy_xhat, sum_dy, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+        y_backprop=dy,
+        x=x,
+        scale=tf.ones_like(mean),
+        reserve_space_1=mean,
+        reserve_space_2=variance,
+        reserve_space_3=tf.zeros([0], tf.float32),
+        epsilon=epsilon,
+        data_format="NHWC",
+        is_training=False,
+    )
+    return sum_dy_xhat, sum_dy
 
 
 @tf.function(jit_compile=True, reduce_retracing=True)
