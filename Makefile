@@ -18,7 +18,7 @@ OLD_STAMP := $(OLD_VENV)/.installed
 CONSTRAINTS_OLDEST := .ci/constraints-oldest.txt
 SOURCES := tfbn serving tests examples
 # Test processes (pytest-xdist; tests grouped by file, so a module's fixtures stay in one
-# process): on 2 cores the whole suite takes about 6 minutes instead of 10-11.
+# process): on 2 cores one end of the suite took about 6 minutes instead of 10-11 (measured on one machine; 8 on a slower one).
 PYTEST_WORKERS ?= 2
 PYTEST := -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 # prints the versions a test run uses: $(PY) $(VERSIONS) LABEL
