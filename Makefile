@@ -21,7 +21,8 @@ OLD_STAMP := $(OLD_VENV)/.installed
 CONSTRAINTS_OLDEST := .ci/constraints-oldest.txt
 SOURCES := tfbn serving tests examples
 # Test processes (pytest-xdist; tests grouped by file, so a module's fixtures stay in one
-# process): on 2 cores one end of the suite took about 6 minutes instead of 10-11 (measured on one machine; 8 on a slower one).
+# process): on 2 cores one end of the suite took about 6 minutes instead of 10-11
+# (measured on one machine; 8 on a slower one).
 PYTEST_WORKERS ?= 2
 PYTEST := -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 # prints the versions a test run uses: $(PY) $(VERSIONS) LABEL
@@ -59,12 +60,10 @@ test-newest: $(STAMP)
 	$(PY) -m ruff format --check $(SOURCES)
 	$(PY) $(PYTEST)
 
-# The tests that build their own virtual environments (marker `venv`) run once, above.
-test-oldest: $(OLD_STAMP)
-	$(OLD_PY) $(VERSIONS) oldest
-	$(OLD_PY) $(PYTEST) -m "not venv"
+# The oldest end in two halves: `make test` runs the first, CI (test-ci) and test-oldest
+# both. The tests that build their own virtual environments (marker `venv`) run once, above.
+test-oldest: test-oldest-fast test-oldest-slow
 
-# test-oldest in two halves: `make test` runs the first, CI (test-ci) both.
 test-oldest-fast: $(OLD_STAMP)
 	$(OLD_PY) $(VERSIONS) oldest
 	$(OLD_PY) $(PYTEST) -m "not venv and not slow"
