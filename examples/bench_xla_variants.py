@@ -116,6 +116,10 @@ def _moment_fns(x: tf.Tensor) -> dict:
     }
 
 
+def time_moments(shapes, repeats: int) -> list[dict]:
+    return _timed(shapes, repeats, _moment_fns, "tfbn (fused kernel)")
+
+
 def _xla_grad_sums(dy, x, mean, variance, epsilon, data_format="NHWC"):
     """`(sum(dy * xhat), sum(dy))` of a 4D NHWC `dy`/`x` in one XLA pass."""
     channels = x.shape[-1]
@@ -185,10 +189,6 @@ def _timed(shapes, repeats: int, make_fns, reference: str) -> list[dict]:
     return rows
 
 
-def time_moments(shapes, repeats: int) -> list[dict]:
-    return _timed(shapes, repeats, _moment_fns, "tfbn (fused kernel)")
-
-
 def table(rows: list[dict], title: str, unit: str) -> str:
     lines = [title, "", f"| shape | variant | {unit} us | x tfbn |", "|---|---|---:|---:|"]
     for r in rows:
@@ -213,13 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     layers = time_layers(args.shapes or LAYER_SHAPES, args.repeats)
     print(table(layers, "Layer training step (forward, backward, update)", "train step"))
     print()
-    moments = time_moments(args.moment_shapes or MOMENT_SHAPES, args.repeats)
+    shapes = args.moment_shapes or MOMENT_SHAPES
+    moments = time_moments(shapes, args.repeats)
     print(table(moments, "Synchronised BN's local moments (forward only)", "moments"))
     print()
-    sums = time_grad_sums(args.moment_shapes or MOMENT_SHAPES, args.repeats)
+    sums = time_grad_sums(shapes, args.repeats)
     print(table(sums, "Synchronised BN's backward sums alone, one device", "sums"))
     print()
-    steps = time_sync_steps(args.moment_shapes or MOMENT_SHAPES, args.repeats)
+    steps = time_sync_steps(shapes, args.repeats)
     title = "Synchronised BN's training step on 4 replicas, by source of its backward sums"
     print(table(steps, title, "train step"))
     return 0
